@@ -1,0 +1,46 @@
+# make run   : set up .venv, fetch the embedded models, run the whole pipeline on config.yaml
+# make test  : set up .venv if needed, run the test suite (what .ci/run calls)
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+CORES  ?= all
+
+.PHONY: run test test-all bench lint dry-run report clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/snakemake --cores $(CORES) --workflow-profile profiles/default
+	@echo
+	@echo "Figures:  $$(ls results/figures/*.pdf | tr '\n' ' ')"
+	@echo "Tables:   $$(ls results/tables/*.csv | tr '\n' ' ')"
+	@echo "Per-stage times: results/benchmarks/; logs: results/logs/"
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -q -m ""
+
+bench: $(STAMP)
+	$(BIN)/python bench/cache_throughput.py
+	$(BIN)/python bench/spectrum_throughput.py
+
+lint: $(STAMP)
+	$(BIN)/snakemake --lint
+
+dry-run: $(STAMP)
+	$(BIN)/snakemake -n --configfile config/paper.yaml
+
+report: $(STAMP)
+	$(BIN)/snakemake --report results/report.zip
+
+clean:
+	rm -rf results .snakemake

