@@ -6,6 +6,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 CORES  ?= all
+# Rules call the `attnspace` CLI: put the venv first on PATH.
+export PATH := $(abspath $(BIN)):$(PATH)
 
 .PHONY: run test test-all bench lint dry-run report clean
 

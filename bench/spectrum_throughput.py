@@ -11,7 +11,7 @@ Writes synthetic float32 stores (low-rank signal plus noise, a BOS row every
   sampled every 5 ms) during compute_spectrum, at each size (should be flat in n).
 
 Prints one JSON line per measurement and a short summary. Timings are the best of
-``--repeats`` runs; the store is read through the OS page cache after the first run.
+``--repeats`` runs, baseline and candidate interleaved; the store is read through the OS page cache after the first run.
 
     python bench/spectrum_throughput.py                    # d=576, n=20k and 200k, 2 threads
     python bench/spectrum_throughput.py --rows 100000 1000000 --threads 4
@@ -85,16 +85,6 @@ class RssPeak:
         self.peak = max(self.peak, self.proc.memory_info().rss)
 
 
-def best_of(repeats: int, fn) -> tuple[float, object]:
-    """(best seconds, last result) of ``repeats`` calls."""
-    best, out = float("inf"), None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t0)
-    return best, out
-
-
 def emit(record: dict) -> dict:
     print(json.dumps(record), flush=True)
     return record
@@ -120,22 +110,25 @@ def main() -> None:
                                      bytes_on_disk=sum(p.stat().st_size for p in path.rglob("*") if p.is_file()))))
             store = open_store(path)
 
-            x64 = None
-
-            def to_f64():
-                nonlocal x64
-                x64 = np.ascontiguousarray(x[keep], dtype=np.float64)
-
-            t_conv, _ = best_of(1, to_f64)
-            t_np, G = best_of(args.repeats, lambda: x64.T @ x64)
             n_kept = int(keep.sum())
+            t0 = time.perf_counter()
+            x64 = np.ascontiguousarray(x[keep], dtype=np.float64)
+            t_conv = time.perf_counter() - t0
+            del x
+            # Interleave baseline and candidate so that load from other processes hits both alike.
+            t_np = t_sp = float("inf")
+            for _ in range(args.repeats):
+                t0 = time.perf_counter()
+                x64.T @ x64
+                t_np = min(t_np, time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                spec = compute_spectrum(store, "attn_out", threads=args.threads)
+                t_sp = min(t_sp, time.perf_counter() - t0)
+            del x64
+            gc.collect()
+            assert spec.n_tokens == n_kept
             rec_np = emit(dict(kind="numpy_gram", n_rows=n, n_kept=n_kept, d=args.d, seconds=t_np,
                                rows_per_s=n_kept / t_np, f64_convert_seconds=t_conv))
-            del x64, G, x
-            gc.collect()
-
-            t_sp, spec = best_of(args.repeats, lambda: compute_spectrum(store, "attn_out", threads=args.threads))
-            assert spec.n_tokens == n_kept
             rec_sp = emit(dict(kind="compute_spectrum", n_rows=n, n_kept=n_kept, d=args.d, threads=args.threads,
                                seconds=t_sp, rows_per_s=n_kept / t_sp,
                                id_099=intrinsic_dimension(spec.singular_values, 0.99)))

@@ -164,3 +164,25 @@ def test_intrinsic_dim_rows():
         {"model": "m", "dataset": "d", "layer": 2, "site": "attn_out", "d": D, "n_tokens": N, "threshold": 0.99,
          "k": 8, "fraction": 8 / D, "n_sv_above_5pct": R},
     ]
+
+
+def test_gram_memory_flat_in_rows():
+    import tracemalloc
+
+    d, rows = 256, 256
+    block = np.random.default_rng(0).standard_normal((rows, d)).astype(np.float32)
+    b64 = block.astype(np.float64)
+    peaks = []
+    for n_blocks in (16, 256):
+        x = da.concatenate([da.from_array(block, chunks=(rows, d))] * n_blocks)  # no memory per block
+        keep = np.ones(n_blocks * rows, bool)
+        tracemalloc.start()
+        G, _, n = gram(x, keep, threads=2)
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+        assert n == n_blocks * rows
+        np.testing.assert_allclose(G, n_blocks * (b64.T @ b64), rtol=1e-10)
+    # 16x the rows may cost a few partial sums more, not a growing tree of them
+    # (one dask tree over all 256 blocks adds about 14 of them here).
+    moment_bytes = (d + 1) ** 2 * 8
+    assert peaks[1] - peaks[0] < 4 * moment_bytes, (peaks, moment_bytes)

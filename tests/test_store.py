@@ -30,7 +30,7 @@ def _batch(rng, rows, dtype, start=0):
 
 
 def _write(path, sizes, dtype, *, chunk_rows=8, shard_rows=32, seed=0, config_hash="h1"):
-    """Write a store from batches of ``sizes`` rows; return (manifest, expected arrays)."""
+    """Write a store from batches of ``sizes`` rows; return the expected arrays by name."""
     rng = np.random.default_rng(seed)
     n = sum(sizes)
     expected = {s: [] for s in SITES} | {"token_id": [], "doc": [], "pos": [], "keep": []}
@@ -143,6 +143,7 @@ def test_killed_writer_is_not_accepted_and_cleaned_on_rerun(tmp_path):
     w = StoreWriter(path, model="m", dataset="ds", layer=3, split="train", n_rows=101, sites=SITES,
                     logical_dtype="float32", chunk_rows=8, shard_rows=32)
     w.append(*_batch(np.random.default_rng(0), 64, torch.float32))
+    w._wait()  # a killed process writes nothing more; here its background thread must finish first
     # Simulate a kill: no close, no __exit__. A stray temp dir from another pid too.
     (tmp_path / "L3.zarr.tmp-999999").mkdir()
     with pytest.raises(StoreError, match="no manifest"):

@@ -159,9 +159,11 @@ def tokenize_documents(documents: Iterator[str], tokenizer, *, max_doc_tokens: i
                                  f"tokens but {sum(budgets.values())} are configured ({budgets}). "
                                  "Fix: lower tokens.train_tokens / tokens.heldout_tokens.")
             body = tokenizer(text, add_special_tokens=False)["input_ids"][: max_doc_tokens - 1]
-            doc = np.asarray([bos, *body], dtype=np.int32)[: budgets[split] - count]
-            if len(doc) < 8:  # too short to carry context
+            if len(body) < 8:  # too short to carry context
                 continue
+            # The split's last document is cut to fill the budget exactly (it may be a lone BOS,
+            # which no statistic sees).
+            doc = np.asarray([bos, *body], dtype=np.int32)[: budgets[split] - count]
             chunks.append(doc)
             count += len(doc)
         starts = np.concatenate([[0], np.cumsum([len(d) for d in chunks])]).astype(np.int64)

@@ -56,44 +56,30 @@ def _block_moments(x: np.ndarray, keep: np.ndarray | None = None) -> np.ndarray:
     Packed as [[X^T X, colsum], [colsum^T, n]] over the kept rows, so that summing
     packed blocks sums all three at once.
     """
-    x = np.asarray(x)
+    x = np.array(x, dtype=np.float64)  # always a fresh copy: we write into it
+    n = x.shape[0]
     if keep is not None:
         keep = np.asarray(keep, dtype=bool)
-        if not keep.all():
-            x = x[keep]
-    x = np.asarray(x, dtype=np.float64)
+        # Zeroed rows add nothing to X^T X or the column sums; one copy instead of two.
+        x[~keep] = 0.0
+        n = int(keep.sum())
     d = x.shape[1]
     out = np.empty((1, d + 1, d + 1), dtype=np.float64)
     out[0, :d, :d] = x.T @ x  # numpy dispatches A^T A to BLAS syrk
     s = x.sum(axis=0)
     out[0, :d, d] = s
     out[0, d, :d] = s
-    out[0, d, d] = x.shape[0]
+    out[0, d, d] = n
     return out
 
 
-def gram(x, keep=None, threads: int = 1, split_every: int = 8) -> tuple[np.ndarray, np.ndarray, int]:
-    """One float64 pass over rows: (G [d, d], colsum [d], n) of the kept rows of x.
-
-    x: dask array [n_rows, d] (any float dtype, any row blocks); keep: bool [n_rows]
-    (numpy or dask) or None for all rows. Runs on the threaded scheduler with
-    ``threads`` workers; partial sums are combined ``split_every`` at a time.
-    """
+def _moments(x, keep):
+    """Lazy packed moments per row block: x [r, d] dask, keep [r] dask or None -> [blocks, d+1, d+1]."""
     import dask.array as da
 
-    if x.ndim != 2:
-        raise ValueError(f"x must be 2-D [rows, d], got shape {x.shape}")
-    x = x.rechunk({1: -1})
     d = x.shape[1]
-    args = [x, "ij"]
-    if keep is not None:
-        if keep.shape != (x.shape[0],):
-            raise ValueError(f"keep has shape {keep.shape}, expected ({x.shape[0]},)")
-        keep = keep.rechunk((x.chunks[0],)) if isinstance(keep, da.Array) else da.from_array(
-            np.asarray(keep, dtype=bool), chunks=(x.chunks[0],)
-        )
-        args += [keep, "i"]
-    moments = da.blockwise(
+    args = [x, "ij"] + ([keep, "i"] if keep is not None else [])
+    return da.blockwise(
         _block_moments,
         "ijk",
         *args,
@@ -102,7 +88,39 @@ def gram(x, keep=None, threads: int = 1, split_every: int = 8) -> tuple[np.ndarr
         dtype=np.float64,
         meta=np.empty((0, 0, 0), dtype=np.float64),
     )
-    total = moments.sum(axis=0, split_every=split_every).compute(scheduler="threads", num_workers=max(1, threads))
+
+
+def gram(
+    x, keep=None, threads: int = 1, split_every: int = 4, blocks_per_step: int | None = None
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """One float64 pass over rows: (G [d, d], colsum [d], n) of the kept rows of x.
+
+    x: dask array [n_rows, d] (any float dtype, any row blocks); keep: bool [n_rows]
+    (numpy or dask) or None for all rows. Runs on the threaded scheduler with
+    ``threads`` workers. Rows are consumed ``blocks_per_step`` blocks at a time
+    (default 8 per thread), each step tree-reduced ``split_every`` at a time and added
+    to one running total, so memory stays flat in the number of rows (a single tree
+    over all blocks holds O(log blocks) partial sums of size d^2).
+    """
+    import dask.array as da
+
+    if x.ndim != 2:
+        raise ValueError(f"x must be 2-D [rows, d], got shape {x.shape}")
+    threads = max(1, int(threads))
+    x = x.rechunk({1: -1})
+    d = x.shape[1]
+    if keep is not None:
+        if keep.shape != (x.shape[0],):
+            raise ValueError(f"keep has shape {keep.shape}, expected ({x.shape[0]},)")
+        if isinstance(keep, da.Array):
+            keep = keep.astype(bool).rechunk((x.chunks[0],))
+        else:
+            keep = da.from_array(np.asarray(keep, dtype=bool), chunks=(x.chunks[0],))
+    step = blocks_per_step or 8 * threads
+    total = np.zeros((d + 1, d + 1), dtype=np.float64)
+    for b in range(0, x.numblocks[0], step):
+        part = _moments(x.blocks[b : b + step], None if keep is None else keep.blocks[b : b + step])
+        total += part.sum(axis=0, split_every=split_every).compute(scheduler="threads", num_workers=threads)
     return np.ascontiguousarray(total[:d, :d]), total[:d, d].copy(), int(round(total[d, d]))
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -49,7 +50,7 @@ _META_DTYPE = {"token_id": "int32", "doc": "int32", "pos": "int32", "keep": "boo
 # NaN fill values: a region that was never written reads as NaN, not as zeros.
 _FILL = {"float32": float("nan"), "float16": float("nan"), "bfloat16": 0x7FC0}
 _META_FILL = {"token_id": -1, "doc": -1, "pos": -1, "keep": False}
-_BLOCK_BYTES = 64 * 2**20  # default Dask block: about 64 MiB once widened to float64
+_BLOCK_BYTES = 32 * 2**20  # default Dask block: about 32 MiB once widened to float64 (at least one chunk)
 
 
 class StoreError(RuntimeError):
@@ -174,7 +175,7 @@ class StoreWriter:
                 w.append(acts, token_id, doc, pos, keep)
         # leaving the block calls close(); an exception removes the temporary store
 
-    Memory: one shard of rows per site is buffered (``shard_rows * width`` values).
+    Memory: two shards of rows per site are buffered (``2 * shard_rows * width`` values).
     """
 
     def __init__(
@@ -236,6 +237,11 @@ class StoreWriter:
                 group, name, (self.n_rows,), _META_DTYPE[name], _META_FILL[name], dict(self.info, n_tokens=self.n_rows)
             )
             self._buffers[name] = np.empty((self.shard_rows,), dtype=_META_DTYPE[name])
+        # Double buffering: a full shard is written by this writer's one background
+        # thread (still one writer per array) while the next shard fills.
+        self._spare = {name: np.empty_like(b) for name, b in self._buffers.items()}
+        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"zarr-{self.path.name}")
+        self._pending: Future | None = None
         self._group = group
         self._filled = 0  # rows in the buffers
         self._written = 0  # rows flushed to the store (always a multiple of shard_rows until close)
@@ -300,12 +306,23 @@ class StoreWriter:
                 self._flush()
 
     def _flush(self) -> None:
-        """Write the buffered rows as one whole shard (the last one may be short)."""
-        stop = self._written + self._filled
-        for name, arr in self._arrays.items():
-            arr[self._written : stop] = self._buffers[name][: self._filled]
+        """Hand the buffered rows to the background thread as one whole shard (the last may be short)."""
+        self._wait()
+        start, stop = self._written, self._written + self._filled
+        full, self._buffers, self._spare = self._buffers, self._spare, self._buffers
+        self._pending = self._io.submit(self._write, full, start, stop)
         self._written = stop
         self._filled = 0
+
+    def _write(self, buffers: dict[str, np.ndarray], start: int, stop: int) -> None:
+        for name, arr in self._arrays.items():
+            arr[start:stop] = buffers[name][: stop - start]
+
+    def _wait(self) -> None:
+        """Block until the shard in flight is written; re-raise its error here."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
 
     def close(self) -> dict:
         """Flush, check the row count, publish the store, write the manifest; return it."""
@@ -314,6 +331,8 @@ class StoreWriter:
         try:
             if self._filled:
                 self._flush()
+            self._wait()
+            self._io.shutdown()
             if self._written != self.n_rows:
                 raise StoreError(
                     f"{self.tmp}: {self._written} rows written, n_rows={self.n_rows}; "
@@ -347,9 +366,11 @@ class StoreWriter:
 
     def abort(self) -> None:
         """Drop everything written so far; nothing that :func:`open_store` accepts remains."""
+        self._pending = None
+        self._io.shutdown(wait=True, cancel_futures=True)
         _remove(self.manifest_file)
         _remove(self.tmp)
-        self._buffers = {}
+        self._buffers = self._spare = {}
         self._state = "aborted"
 
     def __enter__(self) -> "StoreWriter":
@@ -424,7 +445,7 @@ class Store:
         """Lazy float32 [n_rows, width] of ``site`` (all rows; use :meth:`keep` to mask).
 
         Blocks are ``block_rows`` rows, a multiple of the stored chunk rows; by default
-        about 64 MiB once widened to float64. bfloat16 is decoded exactly.
+        about 32 MiB once widened to float64 (at least one chunk). bfloat16 is decoded exactly.
         """
         import dask.array as da
 

@@ -1,0 +1,83 @@
+"""The cache driver: stores hold exactly what a direct capture of each document
+gives, BOS rows are flagged, both splits are written, and a job killed midway
+leaves nothing that open_store accepts; rerunning completes it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from attnspace import SITES
+from attnspace.cache import cache_activations, store_path
+from attnspace.corpora import tokenize_documents
+from attnspace.models import load_model
+from attnspace.sites import capture
+from attnspace.store import StoreError, open_store
+
+from test_corpora import synthetic_docs
+
+LAYERS = [1, 3]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_llama):
+    model, tok = load_model(tiny_llama)
+    splits = tokenize_documents(iter(synthetic_docs(0)), tok, max_doc_tokens=40,
+                                budgets={"train": 300, "heldout": 90})
+    return model, tok, splits
+
+
+def run(model, tok, splits, out):
+    return cache_activations(model, splits, out, model_name="tiny", dataset="synthetic", layers=LAYERS,
+                             sites=list(SITES), logical_dtype="float32",
+                             special_ids={tok.bos_token_id, tok.eos_token_id}, chunk_rows=64, shard_rows=128,
+                             config_hash="abc")
+
+
+def test_stores_equal_a_direct_capture(tiny, tmp_path):
+    model, tok, splits = tiny
+    manifests = run(model, tok, splits, tmp_path)
+    assert len(manifests) == 2 * len(LAYERS)
+    for split, tokens in splits.items():
+        direct = [capture(model, torch.as_tensor(d, dtype=torch.long)[None], LAYERS, list(SITES))
+                  for d in tokens.documents()]
+        for layer in LAYERS:
+            store = open_store(store_path(tmp_path, layer, split), expect_hash="abc")
+            assert store.n_rows == tokens.n_tokens
+            assert np.array_equal(store.meta("token_id"), tokens.ids)
+            assert np.array_equal(store.meta("pos"), tokens.positions())
+            assert np.array_equal(store.meta("doc"), tokens.doc_index())
+            assert np.array_equal(store.keep(), tokens.ids != tok.bos_token_id)
+            for site in SITES:
+                expected = np.concatenate([acts[layer, site][0].numpy() for acts in direct])
+                got = store.rows(site, 0, store.n_rows, kept_only=False)
+                assert np.array_equal(got, expected), (split, layer, site)
+
+
+def test_killed_job_leaves_nothing_accepted_and_rerun_completes(tiny, tmp_path, monkeypatch):
+    model, tok, splits = tiny
+    import attnspace.cache as cache_mod
+
+    calls = {"n": 0}
+    real = cache_mod.capture
+
+    def dying_capture(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt("killed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cache_mod, "capture", dying_capture)
+    with pytest.raises(KeyboardInterrupt):
+        run(model, tok, splits, tmp_path)
+    for split in splits:
+        for layer in LAYERS:
+            with pytest.raises(StoreError):
+                open_store(store_path(tmp_path, layer, split))
+    monkeypatch.setattr(cache_mod, "capture", real)
+    run(model, tok, splits, tmp_path)
+    for split in splits:
+        for layer in LAYERS:
+            assert open_store(store_path(tmp_path, layer, split)).n_rows == splits[split].n_tokens
+    assert not list(tmp_path.rglob("*.tmp-*"))
