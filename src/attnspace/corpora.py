@@ -19,7 +19,6 @@ rows that enter statistics: BOS and EOS never do.
 from __future__ import annotations
 
 import ast
-import os
 import random
 import sysconfig
 from dataclasses import dataclass
@@ -27,6 +26,8 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+
+from attnspace.files import write_npz
 
 SPLITS = ("train", "heldout")
 
@@ -173,17 +174,13 @@ def tokenize_documents(documents: Iterator[str], tokenizer, *, max_doc_tokens: i
 
 def save_tokens(splits: dict[str, TokenSplit], path: Path | str, **meta) -> None:
     """One .npz with ids and doc_starts per split, written atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     arrays = {}
     for name, s in splits.items():
         arrays[f"{name}_ids"] = s.ids
         arrays[f"{name}_doc_starts"] = s.doc_starts
     for key, value in meta.items():
         arrays[f"meta_{key}"] = np.asarray(value)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    write_npz(path, **arrays)
 
 
 def load_tokens(path: Path | str) -> tuple[dict[str, TokenSplit], dict]:

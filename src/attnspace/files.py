@@ -1,4 +1,4 @@
-"""Atomic writes for the small files each stage leaves (JSON records, CSV tables).
+"""Atomic writes for the files each stage leaves (JSON records, CSV tables, .npz arrays).
 
 A job killed mid-write leaves a ``*.tmp`` file, never a half-written output that
 a downstream rule would accept.
@@ -10,22 +10,45 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 
-def write_json(record: dict, path: Path | str) -> Path:
-    path = Path(path)
+def _tmp(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    return path.with_name(f"{path.name}.tmp-{os.getpid()}")
+
+
+def write_json(record: dict, path: Path | str) -> Path:
+    """JSON (sorted keys), flushed to disk before it is renamed into place."""
+    path = Path(path)
+    tmp = _tmp(path)
+    with open(tmp, "w") as f:
+        f.write(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def _c_order(value) -> np.ndarray:
+    a = np.asarray(value)
+    return a if a.flags.c_contiguous else a.copy(order="C")
+
+
+def write_npz(path: Path | str, **arrays) -> Path:
+    """An uncompressed .npz of contiguous arrays (see the safetensors pitfall in REFERENCE.md)."""
+    path = Path(path)
+    tmp = _tmp(path)
+    with open(tmp, "wb") as f:
+        np.savez(f, **{k: _c_order(v) for k, v in arrays.items()})
     os.replace(tmp, path)
     return path
 
 
 def write_csv(frame: pd.DataFrame, path: Path | str) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = _tmp(path)
     frame.to_csv(tmp, index=False)
     os.replace(tmp, path)
     return path

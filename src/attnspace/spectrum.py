@@ -17,12 +17,12 @@ Definitions (one function each, used everywhere else):
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
+from attnspace.files import write_npz
 from attnspace.store import Store
 
 FORMAT = "attnspace-spectrum/1"
@@ -172,18 +172,9 @@ def compute_spectrum(
 
 def save_spectrum(spec: Spectrum, path: Path) -> None:
     """Write ``spec`` to ``path`` (.npz, uncompressed, atomically)."""
-    path = Path(path)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        np.savez(
-            f,
-            format=np.array(FORMAT),
-            singular_values=np.ascontiguousarray(spec.singular_values, dtype=np.float64),
-            mean=np.ascontiguousarray(spec.mean, dtype=np.float64),
-            components=np.ascontiguousarray(spec.components, dtype=np.float64),
-            n_tokens=np.array(spec.n_tokens, dtype=np.int64),
-        )
-    os.replace(tmp, path)
+    write_npz(path, format=np.array(FORMAT), singular_values=spec.singular_values.astype(np.float64),
+              mean=spec.mean.astype(np.float64), components=spec.components.astype(np.float64),
+              n_tokens=np.array(spec.n_tokens, dtype=np.int64))
 
 
 def load_spectrum(path: Path) -> Spectrum:

@@ -36,6 +36,8 @@ import torch
 import zarr
 from zarr.codecs import Crc32cCodec
 
+from attnspace.files import write_json
+
 LOGICAL_DTYPES = ("float32", "float16", "bfloat16")
 """Activation dtypes a store holds losslessly."""
 
@@ -135,17 +137,6 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path)
     elif path.exists() or path.is_symlink():
         path.unlink()
-
-
-def _write_json_atomic(path: Path, obj: dict) -> None:
-    """Write JSON to ``path`` via a temporary file and ``os.replace``."""
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def clamp_layout(n_rows: int, chunk_rows: int, shard_rows: int) -> tuple[int, int]:
@@ -357,7 +348,7 @@ class StoreWriter:
             )
             _remove(self.path)
             os.replace(self.tmp, self.path)
-            _write_json_atomic(self.manifest_file, manifest)
+            write_json(manifest, self.manifest_file)
         except BaseException:
             self.abort()
             raise
