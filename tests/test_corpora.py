@@ -92,3 +92,33 @@ def test_a_small_remainder_still_fills_the_budget_exactly():
                                     budgets={"train": train, "heldout": 301})
         assert splits["train"].n_tokens == train
         assert splits["heldout"].n_tokens == 301
+
+
+def test_hub_documents_stream_shuffled_text(monkeypatch):
+    """The hub path asks `datasets` for a streaming, shuffled split and reads the text field."""
+    import sys
+    import types
+
+    calls = {}
+
+    class FakeStream:
+        def __init__(self, rows):
+            self.rows = rows
+
+        def shuffle(self, seed, buffer_size):
+            calls["shuffle"] = (seed, buffer_size)
+            return FakeStream(list(reversed(self.rows)))
+
+        def __iter__(self):
+            return iter(self.rows)
+
+    def load_dataset(path, name, split, revision, streaming):
+        calls["load"] = (path, name, split, revision, streaming)
+        return FakeStream([{"content": f"row {i}"} for i in range(3)])
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    src = {"kind": "hub", "path": "org/corpus", "name": "github", "split": "train", "text_field": "content",
+           "revision": "abc123"}
+    assert list(documents(src, seed=7)) == ["row 2", "row 1", "row 0"]
+    assert calls["load"] == ("org/corpus", "github", "train", "abc123", True)
+    assert calls["shuffle"][0] == 7

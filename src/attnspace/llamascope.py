@@ -1,0 +1,149 @@
+"""Read any SAE in the released LlamaScope layout, for inference.
+
+A folder holds ``hyperparams.json`` and ``checkpoints/final.safetensors`` with
+``encoder.weight [d_sae, d_model]``, ``encoder.bias [d_sae]``,
+``decoder.weight [d_model, d_sae]`` (column i = feature i), ``decoder.bias [d_model]``.
+Only JSON and safetensors are read.
+
+Inference (He et al. 2024; REFERENCE.md), for raw activations x [B, d]:
+
+    f_in = sqrt(d_model) / dataset_average_activation_norm["in"]      (1 without dataset-wise norm)
+    x_n  = f_in * x   (minus decoder.bias if apply_decoder_bias_to_pre_encoder)
+    pre  = W_enc x_n + b_enc
+    score_i = pre_i * ||dec_i||  if sparsity_include_decoder_norm  else  pre_i
+    jumprelu: feature i is active where score_i > jump_relu_threshold * f_in
+              (the threshold is on the raw activation scale); its value is pre_i
+    topk:     the top_k scores per token are kept, their values ReLU(pre_i)
+    x_hat = (W_dec acts + b_dec) / f_out,   f_out from dataset_average_activation_norm["out"]
+
+Decoder columns whose norm is not 1 are folded on load (dec_i / n_i, enc row and
+bias times n_i); the per-feature threshold absorbs the factor where the rule does not
+already include the decoder norm, so activations x decoder and the firing set are unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import Tensor
+
+ACT_FNS = ("jumprelu", "topk")
+TENSORS = {"encoder.weight": ("d_sae", "d_model"), "encoder.bias": ("d_sae",),
+           "decoder.weight": ("d_model", "d_sae"), "decoder.bias": ("d_model",)}
+
+
+class LlamaScopeError(ValueError):
+    """A folder that is not a valid LlamaScope SAE; the message names what is wrong."""
+
+
+@dataclass
+class LlamaScopeSAE:
+    """A LlamaScope SAE with unit-norm decoder columns (folded on load)."""
+
+    W_enc: Tensor  # [d_sae, d_model]
+    b_enc: Tensor  # [d_sae]
+    W_dec: Tensor  # [d_model, d_sae], unit-norm columns
+    b_dec: Tensor  # [d_model]
+    act_fn: str
+    threshold: Tensor | None  # [d_sae] on the normalised scale (jumprelu), compared with pre
+    top_k: int | None
+    f_in: float
+    f_out: float
+    apply_decoder_bias_to_pre_encoder: bool
+    hyperparams: dict
+    decoder_norms_folded: bool
+
+    @property
+    def d_model(self) -> int:
+        return self.W_enc.shape[1]
+
+    @property
+    def d_sae(self) -> int:
+        return self.W_enc.shape[0]
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Feature activations [B, d_sae] (zero where inactive) of raw activations x [B, d_model]."""
+        x_n = x.to(self.W_enc.dtype) * self.f_in
+        if self.apply_decoder_bias_to_pre_encoder:
+            x_n = x_n - self.b_dec
+        pre = x_n @ self.W_enc.T + self.b_enc
+        if self.act_fn == "jumprelu":
+            return torch.where(pre > self.threshold, pre, torch.zeros_like(pre))
+        top = pre.topk(self.top_k, dim=-1)
+        return torch.zeros_like(pre).scatter_(-1, top.indices, top.values.clamp(min=0))
+
+    def decode(self, acts: Tensor) -> Tensor:
+        """Reconstruction on the raw scale [B, d_model] of activations [B, d_sae]."""
+        return (acts @ self.W_dec.T + self.b_dec) / self.f_out
+
+
+def _read_tensors(path: Path) -> dict[str, Tensor]:
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def load_llamascope(folder: Path | str, d_model: int | None = None, dtype=torch.float32) -> LlamaScopeSAE:
+    """Load and check a LlamaScope folder; ``d_model`` (if given) must match the activations."""
+    folder = Path(folder)
+    hyper_path, weights_path = folder / "hyperparams.json", folder / "checkpoints" / "final.safetensors"
+    for path in (hyper_path, weights_path):
+        if not path.is_file():
+            raise LlamaScopeError(f"{folder} is not a LlamaScope SAE: {path.relative_to(folder)} is missing.")
+    hyper = json.loads(hyper_path.read_text())
+    act_fn = hyper.get("act_fn")
+    if act_fn not in ACT_FNS:
+        raise LlamaScopeError(f"{hyper_path}: act_fn {act_fn!r} is not supported; expected one of {ACT_FNS}.")
+    for key in ("d_model", "d_sae"):
+        if not isinstance(hyper.get(key), int):
+            raise LlamaScopeError(f"{hyper_path}: {key} is missing or not an integer.")
+    dims = {"d_model": hyper["d_model"], "d_sae": hyper["d_sae"]}
+    if d_model is not None and d_model != dims["d_model"]:
+        raise LlamaScopeError(f"{folder}: the SAE has d_model={dims['d_model']} but the activations have "
+                              f"width {d_model}. Fix: pair it with the site and model it was trained on.")
+    tensors = _read_tensors(weights_path)
+    for name, shape_names in TENSORS.items():
+        if name not in tensors:
+            raise LlamaScopeError(f"{weights_path}: tensor {name!r} is missing (has {sorted(tensors)}).")
+        want = tuple(dims[s] for s in shape_names)
+        if tuple(tensors[name].shape) != want:
+            raise LlamaScopeError(f"{weights_path}: {name} has shape {tuple(tensors[name].shape)}, "
+                                  f"expected {want} ({', '.join(shape_names)}).")
+    W_enc, b_enc, W_dec, b_dec = (tensors[n].to(dtype) for n in TENSORS)
+
+    norms_cfg = hyper.get("dataset_average_activation_norm") or {}
+    dataset_wise = hyper.get("norm_activation") == "dataset-wise"
+    if dataset_wise and not {"in", "out"} <= set(norms_cfg):
+        raise LlamaScopeError(f"{hyper_path}: norm_activation is dataset-wise but "
+                              "dataset_average_activation_norm lacks 'in'/'out'.")
+    f_in = math.sqrt(dims["d_model"]) / norms_cfg["in"] if dataset_wise else 1.0
+    f_out = math.sqrt(dims["d_model"]) / norms_cfg["out"] if dataset_wise else 1.0
+    include_norm = bool(hyper.get("sparsity_include_decoder_norm", True))
+
+    n = W_dec.norm(dim=0)  # [d_sae]
+    folded = not torch.allclose(n, torch.ones_like(n), atol=1e-4)
+    if folded:
+        if (n == 0).any():
+            raise LlamaScopeError(f"{weights_path}: {int((n == 0).sum())} decoder columns are zero.")
+        W_dec, W_enc, b_enc = W_dec / n, W_enc * n[:, None], b_enc * n
+    threshold, top_k = None, None
+    if act_fn == "jumprelu":
+        if "jump_relu_threshold" not in hyper:
+            raise LlamaScopeError(f"{hyper_path}: act_fn jumprelu needs jump_relu_threshold.")
+        # After folding, pre' = pre * n. Rule with decoder norm: pre * n > theta f_in -> pre' > theta f_in.
+        # Rule without: pre > theta f_in -> pre' > theta f_in * n.
+        base = torch.full((dims["d_sae"],), float(hyper["jump_relu_threshold"]) * f_in, dtype=dtype)
+        threshold = base * n if (folded and not include_norm) else base
+    else:
+        if not isinstance(hyper.get("top_k"), int) or hyper["top_k"] < 1:
+            raise LlamaScopeError(f"{hyper_path}: act_fn topk needs a positive integer top_k.")
+        if not include_norm and folded:
+            raise LlamaScopeError(f"{hyper_path}: topk without sparsity_include_decoder_norm and non-unit "
+                                  "decoder norms cannot be folded exactly.")
+        top_k = hyper["top_k"]
+    return LlamaScopeSAE(W_enc.contiguous(), b_enc, W_dec.contiguous(), b_dec, act_fn, threshold, top_k,
+                         f_in, f_out, bool(hyper.get("apply_decoder_bias_to_pre_encoder", False)), hyper, folded)
