@@ -1,0 +1,134 @@
+"""SAE files: the LlamaScope layout for trained SAEs, and training checkpoints. Safetensors + JSON only.
+
+A trained SAE is a folder::
+
+    hyperparams.json                 LlamaScope keys (act_fn "topk", top_k, dataset-wise norm, ...)
+    checkpoints/final.safetensors    encoder.weight [d_sae, d_model], encoder.bias [d_sae],
+                                     decoder.weight [d_model, d_sae], decoder.bias [d_model]
+    metrics.json                     evaluation (see attnspace.sae.evaluate) and training settings
+
+Weights act on normalised inputs, as in LlamaScope: x_n = x sqrt(d) / avg_norm,
+z = ReLU(TopK(W_enc x_n + b_enc)), x_hat = (W_dec z + b_dec) avg_norm / sqrt(d), with
+avg_norm = ``dataset_average_activation_norm["in"]`` (= ``["out"]``: input and target are one site).
+
+A training checkpoint is one safetensors file whose header metadata holds a JSON
+record (key ``"attnspace"``); written to a temporary name, fsynced and renamed, so a
+killed job leaves the previous checkpoint or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from attnspace.files import write_json
+from attnspace.sae.model import TopKSAE
+
+FORMAT = "attnspace-sae/1"
+"""Tag in hyperparams.json."""
+
+WEIGHTS = Path("checkpoints") / "final.safetensors"
+"""Weights file inside an SAE folder."""
+
+
+def hook_point(layer: int | None, site: str) -> str:
+    """TransformerLens-style hook name used by LlamaScope, e.g. ``blocks.15.hook_attn_out``."""
+    return f"blocks.{layer}.hook_{site}" if layer is not None else f"hook_{site}"
+
+
+def write_safetensors(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str] | None = None) -> Path:
+    """Contiguous CPU copies of ``tensors`` to ``path``, atomically (tmp, fsync, rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    # Contiguous copies: a transposed view would be refused (torch) or silently
+    # scrambled (numpy), see REFERENCE.md.
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """(tensors, header metadata) of a safetensors file."""
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+
+
+def save_sae(sae: TopKSAE, folder: Path, *, metrics: dict | None = None, **info) -> Path:
+    """Write ``sae`` to ``folder`` in the LlamaScope layout; ``metrics`` (if given) to metrics.json, last.
+
+    info: extra hyperparams (e.g. model, dataset, layer, site); ``layer`` and ``site``
+    also set ``hook_point_in`` / ``hook_point_out``.
+    """
+    if sae.dataset_norm is None:
+        raise ValueError("an SAE is saved with its dataset-wise norm; set sae.dataset_norm")
+    folder = Path(folder)
+    hook = hook_point(info.get("layer"), info.get("site", "attn_out"))
+    hyper = dict(
+        d_model=sae.d_model,
+        d_sae=sae.d_sae,
+        expansion_factor=sae.d_sae / sae.d_model,
+        hook_point_in=hook,
+        hook_point_out=hook,
+        act_fn="topk",
+        top_k=sae.k,
+        norm_activation="dataset-wise",
+        dataset_average_activation_norm={"in": sae.dataset_norm, "out": sae.dataset_norm},
+        sparsity_include_decoder_norm=False,
+        apply_decoder_bias_to_pre_encoder=False,
+        use_decoder_bias=True,
+        format=FORMAT,
+        **info,
+    )
+    write_safetensors(
+        {
+            "encoder.weight": sae.W_enc,  # [d_sae, d_model]
+            "encoder.bias": sae.b_enc,  # [d_sae]
+            "decoder.weight": sae.W_dec.T,  # [d_model, d_sae]; column i = latent i
+            "decoder.bias": sae.b_dec,  # [d_model]
+        },
+        folder / WEIGHTS,
+    )
+    write_json(hyper, folder / "hyperparams.json")
+    if metrics is not None:
+        write_json(metrics, folder / "metrics.json")
+    return folder
+
+
+def load_sae(folder: Path, device: torch.device | str = "cpu") -> TopKSAE:
+    """Read a TopK SAE folder written by :func:`save_sae` (or any LlamaScope folder with act_fn "topk")."""
+    folder = Path(folder)
+    hyper = json.loads((folder / "hyperparams.json").read_text())
+    if hyper.get("act_fn") != "topk":
+        raise ValueError(f"{folder}: act_fn {hyper.get('act_fn')!r}; this loader reads TopK SAEs only")
+    for key, want in (("apply_decoder_bias_to_pre_encoder", False), ("sparsity_include_decoder_norm", False)):
+        if hyper.get(key, want) != want:
+            raise ValueError(f"{folder}: {key}={hyper[key]!r} is a TopK variant this SAE class does not implement")
+    tensors, _ = read_safetensors(folder / WEIGHTS)
+    norm = hyper["dataset_average_activation_norm"]["in"] if hyper.get("norm_activation") == "dataset-wise" else None
+    sae = TopKSAE(int(hyper["d_model"]), int(hyper["d_sae"]), int(hyper["top_k"]), dataset_norm=norm)
+    with torch.no_grad():
+        sae.W_enc.copy_(tensors["encoder.weight"])
+        sae.b_enc.copy_(tensors["encoder.bias"])
+        sae.W_dec.copy_(tensors["decoder.weight"].T)
+        sae.b_dec.copy_(tensors["decoder.bias"])
+    return sae.to(device)
+
+
+def save_checkpoint(path: Path, tensors: dict[str, Tensor], record: dict) -> Path:
+    """One atomic safetensors file: ``tensors`` plus the JSON ``record`` in its header."""
+    return write_safetensors(tensors, path, metadata={"attnspace": json.dumps(record, sort_keys=True)})
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, Tensor], dict]:
+    """(tensors, record) of a file written by :func:`save_checkpoint`."""
+    tensors, meta = read_safetensors(path)
+    return tensors, json.loads(meta["attnspace"])
