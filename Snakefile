@@ -5,7 +5,9 @@
 #   snakemake --cores all results/figures/fig2a.pdf
 #   snakemake --workflow-profile profiles/slurm --configfile config/paper.yaml
 #
-# Stages, in order: rules/models.smk -> tokens.smk -> cache.smk -> spectra.smk -> figures.smk
+# Stages, in order: rules/models.smk -> tokens.smk -> cache.smk -> spectra.smk -> figures.smk,
+# then interventions.smk (loss recovered, Figure 2B), wo.smk (W^O decomposition, Figure 3),
+# sae.smk (SAE training, Figure 5), dead_features.smk (Figure 4) and lorsa.smk (Table 1)
 
 import os
 
@@ -30,10 +32,16 @@ include: "rules/tokens.smk"
 include: "rules/cache.smk"
 include: "rules/spectra.smk"
 include: "rules/figures.smk"
+include: "rules/interventions.smk"
+include: "rules/wo.smk"
+include: "rules/sae.smk"
+include: "rules/dead_features.smk"
+include: "rules/lorsa.smk"
 
 
 rule all:
     input:
         figure_targets(),
+        "results/tables/table1_lorsa.md",
     default_target: True
     localrule: True

@@ -25,7 +25,7 @@ rule cache_activations:
         "results/benchmarks/cache_activations/{model}/{dataset}.tsv"
     threads: 2
     resources:
-        gpu=1,
+        gpu=GPU,
         mem_mb=16000,
         runtime=720,
     conda:

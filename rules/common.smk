@@ -1,9 +1,14 @@
 # Input functions and target builders; no other logic lives here.
 
 import json
+import shutil
 from pathlib import Path
 
 from attnspace.config import config_hash, focus_layers
+
+# Jobs that use a GPU when there is one ask for the `gpu` resource only where a GPU exists, so
+# that on a CPU-only machine they run side by side (profiles/default caps gpu at 1).
+GPU = 1 if shutil.which("nvidia-smi") else 0
 
 # Library sources that some cheap rules take as inputs, so editing them reruns those rules.
 CODE = Path(workflow.basedir) / "src" / "attnspace"
@@ -58,3 +63,129 @@ def figure_targets():
 
 
 FOCUS_LAYERS = json.dumps(focus_layers(config))
+
+
+def intervention_spectra(wildcards):
+    """Spectra (mean and principal directions) of the sites replaced at the intervention's layer."""
+    return [
+        f"results/spectra/{wildcards.model}/{wildcards.dataset}/L{wildcards.layer}/{site}.npz"
+        for site in config["interventions"]["sites"]
+    ]
+
+
+def loss_recovered_curves():
+    """One loss-recovered curve per model: the focus dataset at the model's focus layer."""
+    dataset = config["focus"]["dataset"]
+    return [
+        f"results/interventions/{model}/{dataset}/L{layer}/loss_recovered.csv"
+        for model, layer in focus_layers(config).items()
+    ]
+
+
+def wo_outputs(name):
+    """One W^O decomposition table ``name`` per (model, dataset), in the config's order."""
+    return [f"results/wo/{model}/{dataset}/{name}.csv" for model in config["models"] for dataset in config["datasets"]]
+
+
+# ---- sparse dictionaries: SAEs (Fig 5), the dead-feature suite (Fig 4), Lorsa (Table 1)
+
+import os
+
+from attnspace.sae.runs import run_name
+
+SAE = config["sae"]
+FOCUS_MODEL, FOCUS_DATASET = config["focus"]["model"], config["focus"]["dataset"]
+
+
+def d_sae(model):
+    return SAE["expansion"] * config["models"][model]["d_model"]
+
+
+def sae_settings(wildcards):
+    """Training settings shared by every SAE run (the run name carries init, d_init, optimizer, size, k)."""
+    aux = SAE["auxk"]
+    return (
+        f"--batch-size {SAE['batch_size']} --train-tokens {SAE['train_tokens']} "
+        f"--buffer-rows {SAE['buffer_rows']} --lr {SAE['lr']} --eval-tokens {SAE['eval_tokens']} "
+        f"--lm-eval-tokens {SAE['lm_eval_tokens']} --k-aux {aux['k_aux']} --auxk-alpha {aux['alpha']} "
+        f"--dead-threshold-tokens {aux['dead_threshold_tokens']} --seed {SAE['seed']}"
+    )
+
+
+def fig5_runs():
+    """Base init as the reference, then ASI and the random-subspace control at each d_init."""
+    model, layer, site = FOCUS_MODEL, config["focus"]["layer"], config["fig5"]["site"]
+    n, k, opt = d_sae(model), SAE["k"], SAE["optimizer"]
+    names = [run_name("base", None, opt, n, k)] + [
+        run_name(init, d_init, opt, n, k)
+        for d_init in config["fig5"]["d_init"]
+        for init in ("asi", "random_subspace")
+    ]
+    return [f"results/saes/{model}/{FOCUS_DATASET}/L{layer}/{site}/{name}/metrics.json" for name in names]
+
+
+def suite_runs():
+    """The LlamaScope-style suite: one base-init SAE per configured layer and suite site (focus model/dataset)."""
+    model = FOCUS_MODEL
+    name = run_name("base", None, SAE["optimizer"], d_sae(model), SAE["k"])
+    return {
+        (layer, site): f"results/saes/{model}/{FOCUS_DATASET}/L{layer}/{site}/{name}/metrics.json"
+        for layer in config["models"][model]["layers"]
+        for site in config["suite"]["sites"]
+    }
+
+
+def all_sae_runs():
+    runs = fig5_runs()
+    if config["suite"]["source"] == "pipeline":
+        runs += [r for r in suite_runs().values() if r not in runs]
+    return runs
+
+
+def fig5_focus_args():
+    return (
+        f"--model {FOCUS_MODEL} --dataset {FOCUS_DATASET} --layer {config['focus']['layer']} "
+        f"--site {config['fig5']['site']} --d-sae {d_sae(FOCUS_MODEL)} --k {SAE['k']}"
+    )
+
+
+def suite_sae(wildcards):
+    """hyperparams/metrics file of the suite SAE for one (layer, site)."""
+    if config["suite"]["source"] == "llamascope":
+        return f"resources/llamascope/{wildcards.model}/L{wildcards.layer}/{wildcards.site}/hyperparams.json"
+    return suite_runs()[(int(wildcards.layer), wildcards.site)]
+
+
+def llamascope_repo(wildcards):
+    return config["suite"]["llamascope"]["repos"][wildcards.site]
+
+
+def llamascope_folder(wildcards):
+    letter = config["suite"]["llamascope"]["letters"][wildcards.site]
+    return config["suite"]["llamascope"]["folder"].format(layer=wildcards.layer, letter=letter)
+
+
+def all_dead_feature_records():
+    return [
+        f"results/dead_features/{FOCUS_MODEL}/{FOCUS_DATASET}/L{layer}/{site}.json"
+        for layer in config["models"][FOCUS_MODEL]["layers"]
+        for site in config["suite"]["sites"]
+    ]
+
+
+def lorsa_settings(wildcards):
+    lo = config["lorsa"]
+    return (
+        f"--n-ov-heads {lo['expansion'] * config['models'][wildcards.model]['d_model']} "
+        f"--n-qk-heads {lo['n_qk_heads']} --d-qk {lo['d_qk']} --k {lo['k']} --d-init {lo['d_init']} "
+        f"--lr {lo['lr']} --epochs {lo['epochs']} --batch-tokens {lo['batch_tokens']} --seed {lo['seed']}"
+    )
+
+
+def all_lorsa_runs():
+    focus = focus_layers(config)
+    return [
+        f"results/lorsa/{model}/{FOCUS_DATASET}/L{focus[model]}/{init}/metrics.json"
+        for model in config["lorsa"]["models"]
+        for init in ("vanilla", "asi")
+    ]

@@ -56,4 +56,10 @@ def tiny_config(model_dir: Path) -> dict:
         "tokens": {"max_doc_tokens": 128, "train_tokens": 1536, "heldout_tokens": 384, "seed": 0},
         "cache": {"chunk_rows": 256, "shard_rows": 512},
         "focus": {"model": "tiny", "dataset": "pydocs", "layer": 2},
+        "interventions": {"heldout_tokens": 128},
+        "sae": {"expansion": 2, "k": 4, "batch_size": 128, "train_tokens": 512, "buffer_rows": 256,
+                "eval_tokens": 256, "lm_eval_tokens": 64},
+        "fig5": {"d_init": [4, 8]},
+        "lorsa": {"expansion": 2, "n_qk_heads": 4, "d_qk": 8, "k": 4, "d_init": 8, "epochs": 1,
+                  "batch_tokens": 128},
     }

@@ -19,7 +19,7 @@ def test_shipped_configs_pass_and_get_defaults():
     for name in ("config.yaml", "config/paper.yaml"):
         cfg = check_config(load(name))
         assert cfg["spectrum"]["thresholds"] == [0.5, 0.9, 0.99, 0.999, 0.9999]
-        assert set(cfg["figures"]) == {"fig1", "fig2a", "fig8", "fig9"}
+        assert {"fig1", "fig2a", "fig2b", "fig3", "fig8", "fig9"} <= set(cfg["figures"])
 
 
 def test_defaults_fill_missing_sections(tiny_llama):
@@ -27,6 +27,9 @@ def test_defaults_fill_missing_sections(tiny_llama):
     assert cfg["cache"]["sites"] == ["attn_out", "mlp_out", "resid_post", "attn_z", "attn_in"]
     assert cfg["models"]["tiny"]["dtype"] == "float32"
     assert cfg["tokens"]["seed"] == 0
+    assert cfg["interventions"]["k_grid"] == {"dense": 4, "log_points": 8, "linear_points": 10}
+    assert cfg["interventions"]["recovery_target"] == 0.95
+    assert cfg["wo_decomposition"]["threshold"] == 0.99
 
 
 def _set(cfg, path, value):

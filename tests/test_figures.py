@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from matplotlib.figure import Figure
 
-from attnspace.figures import SITE_LABELS, SITE_ORDER, fig1, fig2a, fig8, fig9, save_figure
+from attnspace.figures import SITE_LABELS, SITE_ORDER, fig1, fig2a, fig2b, fig3, fig8, fig9, save_figure
 
 MODELS = ("tiny-llama", "tiny-gemma")
 DATASETS = ("web", "code")
@@ -183,3 +183,97 @@ def test_save_figure_writes_three_files_atomically(tmp_path, idim, spectra):
 
     with pytest.raises(ValueError, match=r"\.pdf"):
         save_figure(*fig1(idim), tmp_path / "fig1.png")
+
+
+# ---------------------------------------------------------------- figures 2b and 3
+
+K_GRID = (0, 1, 2, 4, 8, 16, 32, 64, 128, 192, 256)
+# Planted curves: recovered = 1 - exp(-k / scale); attention saturates first.
+SCALE = {"attn_out": 10.0, "mlp_out": 40.0, "resid_post": 70.0}
+
+
+@pytest.fixture(scope="module")
+def curves() -> pd.DataFrame:
+    rows = []
+    for model, layer in (("tiny-llama", 1), ("tiny-gemma", 2)):
+        for site, scale in SCALE.items():
+            for k in K_GRID:
+                rec = 1 - np.exp(-k / scale) if k < D else 1.0
+                rows.append({"model": model, "dataset": "web", "layer": layer, "site": site, "k": k,
+                             "k_fraction": k / D, "loss": 4.0 - 2.0 * rec, "loss_clean": 2.0,
+                             "loss_zero": 4.0, "recovered": rec})
+    return pd.DataFrame(rows)
+
+
+def test_fig2b_one_panel_per_model_and_the_95_percent_marks(curves):
+    from attnspace.interventions import recovery_summary
+
+    summary = recovery_summary(curves, 0.95)
+    fig, data = fig2b(curves, summary)
+    assert isinstance(fig, Figure)
+    assert len(data) == len(curves) and list(data.columns) == list(curves.columns)
+    assert len(fig.axes) == 2
+    for ax, model in zip(fig.axes, ("tiny-llama", "tiny-gemma")):
+        assert model in ax.get_title()
+        texts = [t.get_text() for t in ax.get_legend().get_texts()]
+        marks = summary[summary["model"] == model].set_index("site")["k_fraction"]
+        for site in SITE_ORDER:
+            assert f"{SITE_LABELS[site]}: {100 * marks[site]:.1f}% of dims" in texts
+        dashed = [line for line in ax.get_lines() if line.get_linestyle() == "--"]
+        assert len(dashed) == 1 and set(dashed[0].get_ydata()) == {0.95}
+        dotted = sorted(line.get_xdata()[0] for line in ax.get_lines() if line.get_linestyle() == ":")
+        assert dotted == pytest.approx(sorted(marks))
+    # the planted order survives: attention reaches 95% with the fewest dimensions
+    m = summary[summary["model"] == "tiny-llama"].set_index("site")["k_fraction"]
+    assert m["attn_out"] < m["mlp_out"] < m["resid_post"]
+
+
+def test_fig2b_says_when_a_curve_never_reaches_the_target(curves):
+    from attnspace.interventions import recovery_summary
+
+    capped = curves.assign(recovered=np.minimum(curves["recovered"], 0.9))
+    fig, _ = fig2b(capped, recovery_summary(capped, 0.95))
+    texts = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert f"{SITE_LABELS['attn_out']}: not reached" in texts
+    with pytest.raises(ValueError, match="recovered"):
+        fig2b(curves.drop(columns="recovered"), recovery_summary(curves, 0.95))
+
+
+@pytest.fixture(scope="module")
+def wo_table() -> pd.DataFrame:
+    rows = []
+    i = np.arange(1, D + 1)
+    for model in MODELS:
+        for dataset in DATASETS:
+            for layer in LAYERS:
+                z = np.exp(-0.01 * i)
+                wo = 2.0 / (1 + np.exp((i - 200) / 10))  # W^O collapses at the tail
+                rows.append(pd.DataFrame({"model": model, "dataset": dataset, "layer": layer, "i": i,
+                                          "var_o": z * wo, "wo_contrib": wo, "z_contrib": z}))
+    return pd.concat(rows, ignore_index=True)
+
+
+def test_fig3_draws_each_models_focus_layer_normalised_at_the_first_direction(wo_table):
+    fig, data = fig3(wo_table, {"tiny-llama": 2, "tiny-gemma": 1}, "code")
+    assert list(data.columns) == list(wo_table.columns)
+    assert len(data) == 2 * D
+    assert set(map(tuple, data[["model", "layer"]].drop_duplicates().to_numpy())) == {
+        ("tiny-llama", 2), ("tiny-gemma", 1)}
+    assert (data["dataset"] == "code").all()
+    assert len(fig.axes) == 2
+    for ax in fig.axes:
+        assert ax.get_yscale() == "log"
+        lines = {line.get_label(): line.get_ydata() for line in ax.get_lines()}
+        assert len(lines) == 3
+        for y in lines.values():
+            assert y[0] == pytest.approx(1.0)
+        o, z, w = (lines[label] for label in (
+            "Var(O $e_i$): attention output", "Var(Z $v_i$): Z contribution", "‖W$^O e_i$‖²: W$^O$ contribution"))
+        np.testing.assert_allclose(o, z * w)  # the identity survives the normalisation
+
+
+def test_fig3_names_what_is_available(wo_table):
+    with pytest.raises(ValueError, match=r"layer=7.*available: \(web, 0\)"):
+        fig3(wo_table, {"tiny-llama": 7}, "web")
+    with pytest.raises(ValueError, match="none of the models"):
+        fig3(wo_table, {"nope": 0}, "web")

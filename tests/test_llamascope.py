@@ -79,6 +79,7 @@ def test_hand_worked_threshold_scale(tmp_path):
     dict(act_fn="jumprelu", jump_relu_threshold=0.3, apply_decoder_bias_to_pre_encoder=True),
     dict(act_fn="jumprelu", jump_relu_threshold=0.2, sparsity_include_decoder_norm=False),
     dict(act_fn="topk", top_k=5),
+    dict(act_fn="topk", top_k=5, sparsity_include_decoder_norm=False),
 ])
 def test_matches_the_published_rule(tmp_path, hyper):
     rng = np.random.default_rng(0)
@@ -161,3 +162,46 @@ def test_dead_feature_evaluation_counts_independently(tmp_path):
     assert rec["nmse"] == pytest.approx(nmse, rel=1e-4)
     limited = evaluate_dead_features(load_llamascope(folder), store, "attn_out", n_tokens=50)
     assert limited["n_tokens"] == 50
+
+
+def test_dead_features_table_joins_intrinsic_dimension_and_correlates():
+    import pandas as pd
+    from scipy.stats import spearmanr
+
+    from attnspace.dead_features import DEAD_FEATURES_COLUMNS, dead_features_table, dead_vs_dimension
+
+    records, idim = [], []
+    for layer, (dead, frac) in enumerate([(0.8, 0.2), (0.5, 0.5), (0.1, 0.9)]):
+        records.append(dict(model="m", dataset="d", layer=layer, site="attn_out", d_sae=10, n_tokens=100,
+                            dead=int(dead * 10), dead_fraction=dead))
+        for tau in (0.9, 0.99):
+            idim.append(dict(model="m", dataset="d", layer=layer, site="attn_out", threshold=tau,
+                             fraction=frac if tau == 0.99 else 0.0))
+    table = dead_features_table(records, pd.DataFrame(idim))
+    assert list(table.columns) == DEAD_FEATURES_COLUMNS
+    assert table["intrinsic_dim_fraction"].tolist() == [0.2, 0.5, 0.9]
+    corr = dead_vs_dimension(table)
+    assert corr["spearman_rho"] == pytest.approx(spearmanr([0.8, 0.5, 0.1], [0.2, 0.5, 0.9]).statistic)
+    assert corr["spearman_rho"] == pytest.approx(-1.0) and corr["n"] == 3
+    with pytest.raises(ValueError, match="no intrinsic dimension"):
+        dead_features_table(records, pd.DataFrame(idim).iloc[:2])
+
+
+def test_reads_back_the_pipelines_own_topk_saes_exactly(tmp_path):
+    """An SAE saved by attnspace.sae.io (free decoder norms, ranking on pre) gives the same
+    reconstruction through this loader as through the training library."""
+    from attnspace.sae.io import save_sae
+    from attnspace.sae.model import TopKSAE, reconstruct
+
+    torch.manual_seed(0)
+    sae = TopKSAE(16, 64, 6, dataset_norm=3.0)
+    with torch.no_grad():
+        sae.W_enc.normal_()
+        sae.W_dec.normal_().mul_(torch.rand(64, 1) * 2 + 0.2)  # non-unit decoder rows
+        sae.b_enc.normal_(0, 0.1)
+        sae.b_dec.normal_(0, 0.1)
+    save_sae(sae, tmp_path / "sae", layer=3, site="attn_out")
+    loaded = load_llamascope(tmp_path / "sae", d_model=16)
+    x = torch.randn(50, 16) * 2
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.decode(loaded.encode(x)), reconstruct(sae, x), rtol=1e-4, atol=1e-5)

@@ -103,7 +103,7 @@ def test_killed_run_resumes_to_the_same_result_bitwise(stores, tmp_path, optimiz
     b = load_file(str(tmp_path / "resumed" / "checkpoints" / "final.safetensors"))
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    drop = {"train_seconds_this_run"}
+    drop = {"train_seconds_this_run", "tokens_per_second"}  # wall-clock dependent
     assert {k: v for k, v in straight.items() if k not in drop} == {k: v for k, v in resumed.items() if k not in drop}
     assert straight["dead_for_auxk_at_end"] > 0  # AuxK had dead latents to work with
 

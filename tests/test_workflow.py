@@ -14,7 +14,7 @@ import yaml
 
 from conftest import REPO, tiny_config
 
-FIGURES = ("fig1", "fig2a", "fig8", "fig9")
+FIGURES = ("fig1", "fig2a", "fig2b", "fig3", "fig4", "fig5", "fig8", "fig9")
 
 
 def dry_run(targets=(), configfile: Path | None = None, workdir: Path | None = None) -> None:
@@ -97,6 +97,43 @@ def test_tiny_end_to_end_run_produces_every_figure(tiny_llama, tmp_path):
         for layer in (1, 2):
             assert (tmp_path / f"results/activations/tiny/pydocs/{split_dir}L{layer}.manifest.json").is_file()
     assert (tmp_path / "results/benchmarks/cache_activations/tiny/pydocs.tsv").is_file()
+    # loss recovered at the focus (pydocs, layer 2): every site, k from 0 to d; k = d is the clean model
+    lr = pd.read_csv(tmp_path / "results/tables/loss_recovered.csv")
+    assert list(lr.columns) == ["model", "dataset", "layer", "site", "k", "k_fraction", "loss", "loss_clean",
+                                "loss_zero", "recovered"]
+    assert set(lr["site"]) == {"attn_out", "mlp_out", "resid_post"}
+    assert set(lr["dataset"]) == {"pydocs"} and set(lr["layer"]) == {2}
+    full = lr[lr["k"] == 48]
+    assert len(full) == 3 and ((full["loss"] - full["loss_clean"]).abs() < 1e-5 * full["loss_clean"]).all()
+    assert (lr.groupby("site")["k"].min() == 0).all()
+    summary = pd.read_csv(tmp_path / "results/tables/loss_recovered_summary.csv")
+    assert len(summary) == 3 and (summary["target"] == 0.95).all()
+    # the W^O decomposition at every layer and dataset; Var(O e_i) = Var(Z v_i) ||W^O e_i||^2
+    wo = pd.read_csv(tmp_path / "results/tables/wo_decomposition.csv")
+    assert list(wo.columns) == ["model", "dataset", "layer", "i", "var_o", "wo_contrib", "z_contrib"]
+    assert len(wo) == 2 * 2 * 48
+    assert ((wo["var_o"] - wo["z_contrib"] * wo["wo_contrib"]).abs() <= 1e-4 * wo["var_o"] + 1e-7 * wo["var_o"].max()).all()
+    wo_summary = pd.read_csv(tmp_path / "results/tables/wo_summary.csv")
+    assert len(wo_summary) == 4 and (wo_summary["o_rel_error"] < 1e-5).all()
+    # SAEs: fig5's runs (base, then ASI and random subspace at d_init 4 and 8) and the suite
+    runs = pd.read_csv(tmp_path / "results/tables/sae_runs.csv")
+    fig5_runs = runs[(runs["layer"] == 2) & (runs["site"] == "attn_out")]
+    assert sorted(fig5_runs["run"]) == sorted(["base-d0-adam-n96-k4", "asi-d4-adam-n96-k4", "asi-d8-adam-n96-k4",
+                                               "random_subspace-d4-adam-n96-k4",
+                                               "random_subspace-d8-adam-n96-k4"])
+    assert (runs["status"] == "ok").all() and runs["delta_lm_loss"].notna().all()
+    assert (runs["tokens_per_second"] > 0).all()
+    saved = tmp_path / "results/saes/tiny/pydocs/L1/mlp_out/base-d0-adam-n96-k4"
+    assert (saved / "hyperparams.json").is_file() and (saved / "checkpoints/final.safetensors").is_file()
+    # the suite: one SAE per (layer, site), evaluated by the dead-features command
+    dead = pd.read_csv(tmp_path / "results/tables/dead_features.csv")
+    assert list(dead.columns) == ["model", "dataset", "layer", "site", "d_sae", "n_tokens", "dead",
+                                  "dead_fraction", "intrinsic_dim_fraction"]
+    assert len(dead) == 2 * 3 and (dead["d_sae"] == 96).all()
+    # Table 1: vanilla and ASI Lorsa at the focus layer
+    table1 = pd.read_csv(tmp_path / "results/tables/table1_lorsa.csv")
+    assert sorted(table1["init"]) == ["asi", "vanilla"] and (table1["n_ov_heads"] == 96).all()
+    assert (tmp_path / "results/tables/table1_lorsa.md").read_text().strip()
     # nothing left to do: a second run is a no-op
     again = snakemake_cli("-n", "--configfile", "config.yaml", cwd=tmp_path)
     assert "Nothing to be done" in again.stdout + again.stderr

@@ -152,6 +152,7 @@ def _check_semantics(config: dict) -> None:
     if focus["layer"] not in config["models"][focus["model"]]["layers"]:
         raise ConfigError(f"focus.layer = {focus['layer']} is not among models.{focus['model']}.layers "
                           f"{config['models'][focus['model']]['layers']}. Fix: add it there or pick one of them.")
+    _check_dictionaries(config)
     fig9 = config["figures"].get("fig9")
     if fig9 is not None:
         absent = set(fig9.get("thresholds", [])) - set(config["spectrum"]["thresholds"])
@@ -162,6 +163,51 @@ def _check_semantics(config: dict) -> None:
     if fig1 is not None and fig1.get("threshold", 0.99) not in config["spectrum"]["thresholds"]:
         raise ConfigError(f"figures.fig1.threshold = {fig1['threshold']} is not in spectrum.thresholds. "
                           "Fix: add it there.")
+
+
+def _check_dictionaries(config: dict) -> None:
+    """SAE, suite and Lorsa settings against the models they run on."""
+    focus = config["focus"]
+    d = config["models"][focus["model"]]["d_model"]
+    for i, d_init in enumerate(config["fig5"]["d_init"]):
+        if d_init > d:
+            raise ConfigError(f"fig5.d_init[{i}] = {d_init} exceeds d_model = {d} of {focus['model']}. "
+                              f"Fix: use subspace sizes up to {d}.")
+    sae = config["sae"]
+    if sae["buffer_rows"] < 2 * sae["batch_size"]:
+        raise ConfigError(f"sae.buffer_rows = {sae['buffer_rows']} is below 2 x sae.batch_size = "
+                          f"{2 * sae['batch_size']}. Fix: raise buffer_rows or lower batch_size.")
+    if sae["train_tokens"] < sae["batch_size"]:
+        raise ConfigError(f"sae.train_tokens = {sae['train_tokens']} is less than one batch "
+                          f"({sae['batch_size']}). Fix: raise train_tokens.")
+    missing = {config["fig5"]["site"], *config["suite"]["sites"]} - set(config["spectrum"]["sites"])
+    if missing:
+        raise ConfigError(f"SAE sites {sorted(missing)} have no spectrum (ASI and Fig 4 need one). "
+                          "Fix: add them to spectrum.sites.")
+    suite = config["suite"]
+    if suite["source"] == "llamascope":
+        ls = suite.get("llamascope") or {}
+        for key in ("repos", "letters", "folder"):
+            if key not in ls:
+                raise ConfigError(f"suite.llamascope.{key} is required when suite.source is llamascope. "
+                                  "Fix: see config/paper.yaml.")
+        absent = set(suite["sites"]) - set(ls["repos"]) | set(suite["sites"]) - set(ls["letters"])
+        if absent:
+            raise ConfigError(f"suite.llamascope has no repos/letters for {sorted(absent)}. Fix: add them.")
+    lorsa = config["lorsa"]
+    lorsa.setdefault("models", [focus["model"]])
+    for i, name in enumerate(lorsa["models"]):
+        if name not in config["models"]:
+            raise ConfigError(f"lorsa.models[{i}] = {name!r} is not configured. Fix: use one of "
+                              f"{sorted(config['models'])}.")
+        width = config["models"][name]["d_model"]
+        if lorsa["d_init"] > width:
+            raise ConfigError(f"lorsa.d_init = {lorsa['d_init']} exceeds d_model = {width} of {name}. "
+                              f"Fix: use at most {width}.")
+        if lorsa["expansion"] * width % lorsa["n_qk_heads"]:
+            raise ConfigError(f"lorsa: n_ov_heads = expansion x d_model = {lorsa['expansion'] * width} ({name}) is "
+                              f"not a multiple of lorsa.n_qk_heads = {lorsa['n_qk_heads']}. "
+                              "Fix: pick n_qk_heads dividing it.")
 
 
 def config_hash(*parts: Any) -> str:

@@ -50,3 +50,32 @@ def evaluate_dead_features(sae: LlamaScopeSAE, store: Store, site: str, n_tokens
     for limit_freq in FREQUENCY_BUCKETS:
         record[f"frequency_below_{limit_freq:g}"] = int((freq < limit_freq).sum())
     return record
+
+
+DEAD_FEATURES_COLUMNS = ["model", "dataset", "layer", "site", "d_sae", "n_tokens", "dead", "dead_fraction",
+                         "intrinsic_dim_fraction"]
+
+
+def dead_features_table(records: list[dict], idim, threshold: float = 0.99):
+    """results/tables/dead_features.csv: each suite SAE's dead count beside its site's intrinsic dimension.
+
+    records: dicts of :func:`evaluate_dead_features` plus model, dataset, layer, site;
+    idim: the intrinsic_dim table (fraction at ``threshold`` is joined).
+    """
+    import pandas as pd
+
+    ids = idim[idim["threshold"] == threshold][["model", "dataset", "layer", "site", "fraction"]]
+    frame = pd.DataFrame(records).merge(ids, on=["model", "dataset", "layer", "site"], how="left")
+    if frame["fraction"].isna().any():
+        missing = frame[frame["fraction"].isna()][["model", "dataset", "layer", "site"]].to_dict("records")
+        raise ValueError(f"no intrinsic dimension at {threshold} for {missing}")
+    frame = frame.rename(columns={"fraction": "intrinsic_dim_fraction"})
+    return frame[DEAD_FEATURES_COLUMNS].sort_values(["model", "dataset", "site", "layer"]).reset_index(drop=True)
+
+
+def dead_vs_dimension(table) -> dict:
+    """Spearman rank correlation of dead fraction and intrinsic dimension across layers and sites."""
+    from scipy.stats import spearmanr
+
+    result = spearmanr(table["dead_fraction"], table["intrinsic_dim_fraction"])
+    return {"spearman_rho": float(result.statistic), "p_value": float(result.pvalue), "n": int(len(table))}

@@ -13,7 +13,8 @@ Inference (He et al. 2024; REFERENCE.md), for raw activations x [B, d]:
     score_i = pre_i * ||dec_i||  if sparsity_include_decoder_norm  else  pre_i
     jumprelu: feature i is active where score_i > jump_relu_threshold * f_in
               (the threshold is on the raw activation scale); its value is pre_i
-    topk:     the top_k scores per token are kept, their values ReLU(pre_i)
+    topk:     the top_k scores per token are kept, their values ReLU(pre_i)  (so the
+              trained suite of this pipeline, which ranks on pre, reads back exactly)
     x_hat = (W_dec acts + b_dec) / f_out,   f_out from dataset_average_activation_norm["out"]
 
 Decoder columns whose norm is not 1 are folded on load (dec_i / n_i, enc row and
@@ -52,6 +53,7 @@ class LlamaScopeSAE:
     act_fn: str
     threshold: Tensor | None  # [d_sae] on the normalised scale (jumprelu), compared with pre
     top_k: int | None
+    rank_scale: Tensor | None  # [d_sae] (topk): rank features by pre * rank_scale (undoes folding where needed)
     f_in: float
     f_out: float
     apply_decoder_bias_to_pre_encoder: bool
@@ -74,8 +76,9 @@ class LlamaScopeSAE:
         pre = x_n @ self.W_enc.T + self.b_enc
         if self.act_fn == "jumprelu":
             return torch.where(pre > self.threshold, pre, torch.zeros_like(pre))
-        top = pre.topk(self.top_k, dim=-1)
-        return torch.zeros_like(pre).scatter_(-1, top.indices, top.values.clamp(min=0))
+        score = pre if self.rank_scale is None else pre * self.rank_scale
+        top = score.topk(self.top_k, dim=-1).indices
+        return torch.zeros_like(pre).scatter_(-1, top, pre.gather(-1, top).clamp(min=0))
 
     def decode(self, acts: Tensor) -> Tensor:
         """Reconstruction on the raw scale [B, d_model] of activations [B, d_sae]."""
@@ -130,7 +133,7 @@ def load_llamascope(folder: Path | str, d_model: int | None = None, dtype=torch.
         if (n == 0).any():
             raise LlamaScopeError(f"{weights_path}: {int((n == 0).sum())} decoder columns are zero.")
         W_dec, W_enc, b_enc = W_dec / n, W_enc * n[:, None], b_enc * n
-    threshold, top_k = None, None
+    threshold, top_k, rank_scale = None, None, None
     if act_fn == "jumprelu":
         if "jump_relu_threshold" not in hyper:
             raise LlamaScopeError(f"{hyper_path}: act_fn jumprelu needs jump_relu_threshold.")
@@ -141,9 +144,26 @@ def load_llamascope(folder: Path | str, d_model: int | None = None, dtype=torch.
     else:
         if not isinstance(hyper.get("top_k"), int) or hyper["top_k"] < 1:
             raise LlamaScopeError(f"{hyper_path}: act_fn topk needs a positive integer top_k.")
-        if not include_norm and folded:
-            raise LlamaScopeError(f"{hyper_path}: topk without sparsity_include_decoder_norm and non-unit "
-                                  "decoder norms cannot be folded exactly.")
         top_k = hyper["top_k"]
-    return LlamaScopeSAE(W_enc.contiguous(), b_enc, W_dec.contiguous(), b_dec, act_fn, threshold, top_k,
+        # Ranking on pre (without the decoder norm) after folding: pre = pre' / n.
+        rank_scale = 1.0 / n if (folded and not include_norm) else None
+    return LlamaScopeSAE(W_enc.contiguous(), b_enc, W_dec.contiguous(), b_dec, act_fn, threshold, top_k, rank_scale,
                          f_in, f_out, bool(hyper.get("apply_decoder_bias_to_pre_encoder", False)), hyper, folded)
+
+
+def fetch_llamascope(repo: str, folder: str, out_dir: Path, revision: str | None = None) -> Path:
+    """Download ``folder`` (hyperparams.json, checkpoints/final.safetensors) of a hub repo into ``out_dir``."""
+    import shutil
+    import tempfile
+
+    from huggingface_hub import snapshot_download
+
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir.parent) as tmp:
+        snapshot_download(repo_id=repo, revision=revision, local_dir=tmp,
+                          allow_patterns=[f"{folder}/hyperparams.json", f"{folder}/checkpoints/final.safetensors"])
+        load_llamascope(Path(tmp) / folder)  # refuse anything that is not a valid SAE folder
+        shutil.rmtree(out_dir, ignore_errors=True)
+        shutil.move(str(Path(tmp) / folder), str(out_dir))
+    return out_dir

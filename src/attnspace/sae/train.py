@@ -123,6 +123,7 @@ def train_sae(
         auxk_alpha=config.auxk_alpha, batch_size=config.batch_size, tokens_trained=config.n_steps * config.batch_size,
         seed=config.seed, site=config.site, dataset_average_activation_norm=sae.dataset_norm,
         dead_for_auxk_at_end=int(tracker.dead().sum()), train_seconds_this_run=round(train_seconds, 3),
+        tokens_per_second=round((config.n_steps - start) * config.batch_size / max(train_seconds, 1e-9), 1),
         nmse=None, explained_variance=None, l0=None, dead_fraction=None, dead_window_tokens=None, n_dead=None,
         delta_lm_loss=None,
     )

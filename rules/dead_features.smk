@@ -1,0 +1,99 @@
+# Dead features of a LlamaScope-format SAE suite (one SAE per layer and site) against
+# the intrinsic dimension of those sites: Figure 4. The embedded default trains its own
+# suite (rules/sae.smk, base init); the paper config fetches the released LlamaScope SAEs.
+
+
+rule fetch_llamascope:
+    output:
+        "resources/llamascope/{model}/L{layer}/{site}/hyperparams.json",
+    params:
+        repo=lambda w: llamascope_repo(w),
+        folder=lambda w: llamascope_folder(w),
+        out_dir=lambda w, output: os.path.dirname(output[0]),
+    log:
+        "results/logs/fetch_llamascope/{model}/L{layer}/{site}.log",
+    benchmark:
+        "results/benchmarks/fetch_llamascope/{model}/L{layer}/{site}.tsv"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    conda:
+        "../envs/attnspace.yaml"
+    shell:
+        "attnspace fetch-llamascope --repo {params.repo} --folder {params.folder} "
+        "--out-dir {params.out_dir} > {log} 2>&1"
+
+
+rule dead_features:
+    input:
+        sae=suite_sae,
+        cache="results/activations/{model}/{dataset}/cache.json",
+    output:
+        "results/dead_features/{model}/{dataset}/L{layer}/{site}.json",
+    params:
+        sae_dir=lambda w, input: os.path.dirname(input.sae),
+        store="results/activations/{model}/{dataset}/heldout/L{layer}.zarr",
+        tokens=(
+            f"--tokens {config['suite']['eval_tokens']}" if config["suite"].get("eval_tokens") else ""
+        ),
+    log:
+        "results/logs/dead_features/{model}/{dataset}/L{layer}/{site}.log",
+    benchmark:
+        "results/benchmarks/dead_features/{model}/{dataset}/L{layer}/{site}.tsv"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    conda:
+        "../envs/attnspace.yaml"
+    shell:
+        "attnspace dead-features {params.sae_dir} {params.store} --site {wildcards.site} {params.tokens} "
+        "--out {output} > {log} 2>&1"
+
+
+rule dead_features_table:
+    input:
+        records=all_dead_feature_records(),
+        idim="results/tables/intrinsic_dim.csv",
+        code=CODE / "dead_features.py",
+    output:
+        "results/tables/dead_features.csv",
+    log:
+        "results/logs/dead_features_table.log",
+    benchmark:
+        "results/benchmarks/dead_features_table.tsv"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    conda:
+        "../envs/attnspace.yaml"
+    shell:
+        "attnspace dead-features-table --records {input.records} --idim {input.idim} --out {output} > {log} 2>&1"
+
+
+rule fig4:
+    input:
+        table="results/tables/dead_features.csv",
+        code=CODE / "figures.py",
+    output:
+        pdf=report(
+            "results/figures/fig4.pdf",
+            category="5 Active subspace initialisation",
+            caption="../docs/captions/fig4.rst",
+        ),
+        png="results/figures/fig4.png",
+        csv="results/figures/fig4.csv",
+    log:
+        "results/logs/figures/fig4.log",
+    benchmark:
+        "results/benchmarks/figures/fig4.tsv"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    conda:
+        "../envs/attnspace.yaml"
+    shell:
+        "attnspace figure fig4 --table {input.table} --out {output.pdf} > {log} 2>&1"

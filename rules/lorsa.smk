@@ -1,0 +1,53 @@
+# Lorsa (low-rank sparse attention) at the focus layer: vanilla init vs active-subspace
+# init of its output vectors, same data order; Table 1.
+
+
+rule train_lorsa:
+    input:
+        cache="results/activations/{model}/{dataset}/cache.json",
+        spectrum="results/spectra/{model}/{dataset}/L{layer}/attn_out.npz",
+        model=prepared_model,
+    output:
+        "results/lorsa/{model}/{dataset}/L{layer}/{init}/metrics.json",
+    params:
+        store="results/activations/{model}/{dataset}/L{layer}.manifest.json",
+        heldout="results/activations/{model}/{dataset}/heldout/L{layer}.manifest.json",
+        model_dir="resources/models/{model}/hf",
+        settings=lorsa_settings,
+        out_dir=lambda w, output: os.path.dirname(output[0]),
+    log:
+        "results/logs/train_lorsa/{model}/{dataset}/L{layer}/{init}.log",
+    benchmark:
+        "results/benchmarks/train_lorsa/{model}/{dataset}/L{layer}/{init}.tsv"
+    threads: 1
+    resources:
+        gpu=GPU,
+        mem_mb=8000,
+        runtime=240,
+    conda:
+        "../envs/attnspace.yaml"
+    shell:
+        "attnspace train-lorsa --store {params.store} --heldout {params.heldout} --spectrum {input.spectrum} "
+        "--model-dir {params.model_dir} --init {wildcards.init} {params.settings} --threads {threads} "
+        "--out-dir {params.out_dir} > {log} 2>&1"
+
+
+rule table1:
+    input:
+        runs=all_lorsa_runs(),
+        code=CODE / "lorsa.py",
+    output:
+        csv=report("results/tables/table1_lorsa.csv", category="5.4 Lorsa"),
+        md="results/tables/table1_lorsa.md",
+    log:
+        "results/logs/table1.log",
+    benchmark:
+        "results/benchmarks/table1.tsv"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    conda:
+        "../envs/attnspace.yaml"
+    shell:
+        "attnspace lorsa-table --metrics {input.runs} --csv {output.csv} --md {output.md} > {log} 2>&1"

@@ -1,0 +1,91 @@
+# Where the low rank comes from (Figure 3): O = Z W^O decomposed along the principal
+# directions of O, from the cached attn_z / attn_out of every configured layer and the
+# model's o_proj weights; plus W^O's own spectrum and a per-layer summary.
+
+
+rule wo_decomposition:
+    input:
+        model=prepared_model,
+        cache="results/activations/{model}/{dataset}/cache.json",
+    output:
+        decomposition="results/wo/{model}/{dataset}/decomposition.csv",
+        spectrum="results/wo/{model}/{dataset}/wo_spectrum.csv",
+        summary="results/wo/{model}/{dataset}/summary.csv",
+    params:
+        model_dir="resources/models/{model}/hf",
+        dtype=lambda w: model_cfg(w)["dtype"],
+        stores=lambda w: [
+            f"results/activations/{w.model}/{w.dataset}/L{layer}.manifest.json"
+            for layer in model_cfg(w)["layers"]
+        ],
+        threshold=config["wo_decomposition"]["threshold"],
+    log:
+        "results/logs/wo_decomposition/{model}/{dataset}.log",
+    benchmark:
+        "results/benchmarks/wo_decomposition/{model}/{dataset}.tsv"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    conda:
+        "../envs/attnspace.yaml"
+    shell:
+        "attnspace wo-decomposition --model-dir {params.model_dir} --dtype {params.dtype} "
+        "--stores {params.stores} --model {wildcards.model} --dataset {wildcards.dataset} "
+        "--threshold {params.threshold} --threads {threads} --decomposition {output.decomposition} "
+        "--spectrum {output.spectrum} --summary {output.summary} > {log} 2>&1"
+
+
+rule wo_tables:
+    input:
+        decomposition=wo_outputs("decomposition"),
+        spectrum=wo_outputs("wo_spectrum"),
+        summary=wo_outputs("summary"),
+    output:
+        decomposition="results/tables/wo_decomposition.csv",
+        spectrum="results/tables/wo_spectrum.csv",
+        summary="results/tables/wo_summary.csv",
+    log:
+        "results/logs/wo_tables.log",
+    benchmark:
+        "results/benchmarks/wo_tables.tsv"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    conda:
+        "../envs/attnspace.yaml"
+    shell:
+        "attnspace concat-tables --inputs {input.decomposition} --out {output.decomposition} "
+        "--inputs {input.spectrum} --out {output.spectrum} "
+        "--inputs {input.summary} --out {output.summary} > {log} 2>&1"
+
+
+rule fig3:
+    input:
+        table="results/tables/wo_decomposition.csv",
+        code=CODE / "figures.py",
+    output:
+        pdf=report(
+            "results/figures/fig3.pdf",
+            category="5 Origin of the low rank",
+            caption="../docs/captions/fig3.rst",
+        ),
+        png="results/figures/fig3.png",
+        csv="results/figures/fig3.csv",
+    params:
+        dataset=config["focus"]["dataset"],
+        focus_layers=FOCUS_LAYERS,
+    log:
+        "results/logs/figures/fig3.log",
+    benchmark:
+        "results/benchmarks/figures/fig3.tsv"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    conda:
+        "../envs/attnspace.yaml"
+    shell:
+        "attnspace figure fig3 --table {input.table} --dataset {params.dataset} "
+        "--focus-layers {params.focus_layers:q} --out {output.pdf} > {log} 2>&1"
