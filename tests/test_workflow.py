@@ -64,6 +64,11 @@ def test_paper_dry_run_plans_every_model_and_dataset(tmp_path):
         for dataset in ("slimpajama", "redpajama-github", "cci3"):
             assert f"results/activations/{model}/{dataset}/cache.json" in out
     assert "smollm2" not in out  # the paper config is not merged with the embedded default
+    # Figure 4 from the released LlamaScope suite, Table 1's Lorsa on Llama-3.1-8B layer 15
+    for site in ("attn_out", "mlp_out", "resid_post"):
+        assert f"resources/llamascope/llama-3.1-8b/L15/{site}/hyperparams.json" in out
+    for init in ("vanilla", "asi"):
+        assert f"results/lorsa/llama-3.1-8b/slimpajama/L15/{init}/metrics.json" in out
 
 
 def test_bad_config_stops_before_any_job(tmp_path):
@@ -134,6 +139,10 @@ def test_tiny_end_to_end_run_produces_every_figure(tiny_llama, tmp_path):
     table1 = pd.read_csv(tmp_path / "results/tables/table1_lorsa.csv")
     assert sorted(table1["init"]) == ["asi", "vanilla"] and (table1["n_ov_heads"] == 96).all()
     assert (tmp_path / "results/tables/table1_lorsa.md").read_text().strip()
+    # the browsable report builds from this run
+    report = snakemake_cli("--configfile", "config.yaml", "--report", "report.zip", cwd=tmp_path)
+    assert report.returncode == 0, report.stderr[-3000:]
+    assert (tmp_path / "report.zip").stat().st_size > 0
     # nothing left to do: a second run is a no-op
     again = snakemake_cli("-n", "--configfile", "config.yaml", cwd=tmp_path)
     assert "Nothing to be done" in again.stdout + again.stderr
@@ -142,3 +151,11 @@ def test_tiny_end_to_end_run_produces_every_figure(tiny_llama, tmp_path):
 def test_dry_run_of_unknown_target_fails(tmp_path):
     with pytest.raises(Exception):
         dry_run(targets=["fig99"], workdir=tmp_path)
+
+
+def test_every_report_caption_exists():
+    import re
+
+    for rule_file in (REPO / "rules").glob("*.smk"):
+        for caption in re.findall(r'caption="([^"]+)"', rule_file.read_text()):
+            assert (rule_file.parent / caption).resolve().is_file(), (rule_file.name, caption)

@@ -12,18 +12,11 @@ import logging
 import re
 from pathlib import Path
 
+from attnspace.cli import _threads
+
 log = logging.getLogger("attnspace")
 
 DEAD_RECORD_PATH = re.compile(r"(?P<model>[^/]+)/(?P<dataset>[^/]+)/L(?P<layer>\d+)/(?P<site>[a-z_]+)\.json$")
-
-
-def _threads(n: int) -> None:
-    import torch
-
-    from attnspace.store import configure_io
-
-    torch.set_num_threads(max(1, n))
-    configure_io(max(1, n))
 
 
 def _device() -> str:
