@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from attnspace.corpora import TokenSplit, keep_mask
-from attnspace.sites import _first_tensor, _site_module, decoder_layers
+from attnspace.sites import first_tensor, site_module, decoder_layers
 
 SITES = ("attn_out", "mlp_out", "resid_post")
 """Sites that can be replaced (each is a module's output in ``attnspace.sites``)."""
@@ -190,7 +190,7 @@ def _final_hidden(model, input_ids: torch.Tensor, layer: int, group: Sequence[Va
         chosen = [group[j] for j in rows]
 
         def hook(module, args, output):
-            x = _first_tensor(output).clone()
+            x = first_tensor(output).clone()
             x[index] = _replace(x[index], chosen, bases.get(site), keep)
             return (x, *output[1:]) if isinstance(output, tuple) else x
 
@@ -203,7 +203,7 @@ def _final_hidden(model, input_ids: torch.Tensor, layer: int, group: Sequence[Va
     handles = [blocks[layer].register_forward_pre_hook(fan_out, with_kwargs=True)]
     try:
         for site in dict.fromkeys(v.site for v in group if v.site is not None):
-            handles.append(_site_module(model, layer, site).register_forward_hook(replace(site)))
+            handles.append(site_module(model, layer, site).register_forward_hook(replace(site)))
         handles.append(model.get_output_embeddings().register_forward_pre_hook(stop))
         try:
             with torch.no_grad():

@@ -96,7 +96,8 @@ def n_layers(model) -> int:
     return len(decoder_layers(model))
 
 
-def _site_module(model, layer: int, site: str) -> torch.nn.Module:
+def site_module(model, layer: int, site: str) -> torch.nn.Module:
+    """The module whose output (input, for attn_z) is ``site`` at ``layer``: the table above."""
     block = decoder_layers(model)[layer]
     paths = _PATHS[family_of(model)]
     name = {
@@ -113,7 +114,7 @@ def site_width(model, site: str) -> int:
     """Last-axis width of ``site``: ``n_heads * head_dim`` for attn_z, else ``d_model``."""
     _check_sites([site])
     if site == "attn_z":
-        return _site_module(model, 0, "attn_z").in_features
+        return site_module(model, 0, "attn_z").in_features
     return model.config.get_text_config().hidden_size
 
 
@@ -133,7 +134,7 @@ def _check_layers(model, layers) -> None:
         )
 
 
-def _first_tensor(output) -> torch.Tensor:
+def first_tensor(output) -> torch.Tensor:
     """A module's output tensor; decoder layers of older transformers return tuples."""
     return output[0] if isinstance(output, tuple) else output
 
@@ -163,7 +164,7 @@ def capture(
 
     def save_output(key):
         def hook(module, args, output):
-            found[key] = _first_tensor(output).detach().clone()
+            found[key] = first_tensor(output).detach().clone()
 
         return hook
 
@@ -180,7 +181,7 @@ def capture(
     try:
         for layer in sorted(set(layers)):
             for site in dict.fromkeys(sites):
-                module = _site_module(model, layer, site)
+                module = site_module(model, layer, site)
                 if site == "attn_z":
                     handles.append(module.register_forward_pre_hook(save_input((layer, site))))
                 else:

@@ -213,12 +213,12 @@ def analyse(model, stores: list[Store], *, model_name: str, dataset: str, thread
     z_contrib), W^O spectrum (model, dataset, layer, j, sv, rel_sv, z_var_fraction) and
     summary (:class:`LayerSummary`).
     """
-    from attnspace.sites import _site_module
+    from attnspace.sites import site_module
 
     n_heads = model.config.get_text_config().num_attention_heads
     decs, specs, sums = [], [], []
     for store in stores:
-        proj = _site_module(model, store.layer, "attn_out")
+        proj = site_module(model, store.layer, "attn_out")
         w = proj.weight.detach().double().cpu().numpy()
         bias = None if proj.bias is None else proj.bias.detach().double().cpu().numpy()
         dec, spec, summary = analyse_layer(store, w, bias, n_heads, threads=threads, tau=tau)
