@@ -18,11 +18,14 @@ log = logging.getLogger("attnspace")
 
 
 def _threads(n: int) -> None:
+    """Cap torch, BLAS, zarr and Dask at the rule's ``threads`` so parallel jobs do not oversubscribe."""
     import torch
+    from threadpoolctl import threadpool_limits
 
     from attnspace.store import configure_io
 
     torch.set_num_threads(max(1, n))
+    threadpool_limits(limits=max(1, n))
     configure_io(max(1, n))
 
 

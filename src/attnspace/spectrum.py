@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from attnspace.files import write_npz
 from attnspace.store import Store
@@ -118,9 +119,12 @@ def gram(
             keep = da.from_array(np.asarray(keep, dtype=bool), chunks=(x.chunks[0],))
     step = blocks_per_step or 8 * threads
     total = np.zeros((d + 1, d + 1), dtype=np.float64)
-    for b in range(0, x.numblocks[0], step):
-        part = _moments(x.blocks[b : b + step], None if keep is None else keep.blocks[b : b + step])
-        total += part.sum(axis=0, split_every=split_every).compute(scheduler="threads", num_workers=threads)
+    # Dask's workers already use the rule's threads; BLAS inside each block gets one, or
+    # threads x threads would oversubscribe the machine.
+    with threadpool_limits(limits=1 if threads > 1 else None):
+        for b in range(0, x.numblocks[0], step):
+            part = _moments(x.blocks[b : b + step], None if keep is None else keep.blocks[b : b + step])
+            total += part.sum(axis=0, split_every=split_every).compute(scheduler="threads", num_workers=threads)
     return np.ascontiguousarray(total[:d, :d]), total[:d, d].copy(), int(round(total[d, d]))
 
 
