@@ -41,6 +41,16 @@ def save_tiny_llama(folder: Path, n_layers: int = 4, hidden: int = 48, seed: int
     return folder
 
 
+def randomise_norms(model, std: float = 0.5):
+    """Random norm gains (Gemma initialises them to zero, gain 1 + w), so that a missing or
+    misplaced norm cannot pass a test unnoticed. Returns the model."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(0.0, std)
+    return model
+
+
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     return save_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama")

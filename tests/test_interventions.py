@@ -37,6 +37,8 @@ from attnspace.interventions import (
 )
 from attnspace.sites import decoder_layers
 
+from conftest import randomise_norms
+
 VOCAB, HIDDEN, LAYERS, BOS, EOS = 64, 32, 3, 1, 2
 SPECIAL = {BOS, EOS}
 SMALL = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=LAYERS)
@@ -58,12 +60,7 @@ def _build(family: str):
 
 @pytest.fixture(scope="module", params=["llama", "gemma2", "gemma3", "gpt_neox"])
 def model(request):
-    m = _build(request.param)
-    with torch.no_grad():  # non-trivial norm gains (Gemma initialises them to zero)
-        for name, p in m.named_parameters():
-            if "norm" in name:
-                p.normal_(0.0, 0.5)
-    return m
+    return randomise_norms(_build(request.param))
 
 
 @pytest.fixture(scope="module")

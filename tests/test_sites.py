@@ -19,6 +19,8 @@ from transformers import (
 )
 
 from attnspace import SITES
+from conftest import randomise_norms
+
 from attnspace.sites import (
     SUPPORTED_MODEL_TYPES,
     UnsupportedModelError,
@@ -70,14 +72,7 @@ FAMILIES = ["llama", "gemma2", "gemma3", "qwen3", "gpt_neox"]
 @pytest.fixture(scope="module", params=FAMILIES)
 def model(request):
     torch.manual_seed(0)
-    m = _build(request.param).eval()
-    # Gemma initialises its norm weights to 0 (gain 1 + w); randomise every norm gain
-    # so a missing or misplaced norm cannot pass unnoticed.
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if "norm" in name:
-                p.normal_(0.0, 0.5)
-    return m
+    return randomise_norms(_build(request.param).eval())
 
 
 @pytest.fixture(scope="module")

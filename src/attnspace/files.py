@@ -1,4 +1,5 @@
-"""Atomic writes for the files each stage leaves (JSON records, CSV tables, .npz arrays).
+"""Atomic writes for the files each stage leaves (JSON records, CSV tables, .npz arrays,
+safetensors weights), and the safetensors reader that goes with them.
 
 A job killed mid-write leaves a ``*.tmp`` file, never a half-written output that
 a downstream rule would accept.
@@ -52,3 +53,26 @@ def write_csv(frame: pd.DataFrame, path: Path | str) -> Path:
     frame.to_csv(tmp, index=False)
     os.replace(tmp, path)
     return path
+
+
+def write_safetensors(tensors: dict, path: Path | str, metadata: dict[str, str] | None = None) -> Path:
+    """Contiguous CPU copies of torch ``tensors`` to ``path``, atomically (tmp, fsync, rename)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tmp = _tmp(path)
+    # Contiguous copies: a transposed view would be refused (torch) or silently
+    # scrambled (numpy), see REFERENCE.md.
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def read_safetensors(path: Path | str) -> tuple[dict, dict[str, str]]:
+    """(torch tensors, header metadata) of a safetensors file. Never pickle."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})

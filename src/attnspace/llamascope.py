@@ -30,8 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import Tensor
+
+from attnspace.files import read_safetensors
 
 ACT_FNS = ("jumprelu", "topk")
 TENSORS = {"encoder.weight": ("d_sae", "d_model"), "encoder.bias": ("d_sae",),
@@ -85,11 +86,6 @@ class LlamaScopeSAE:
         return (acts @ self.W_dec.T + self.b_dec) / self.f_out
 
 
-def _read_tensors(path: Path) -> dict[str, Tensor]:
-    with safe_open(str(path), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}
-
-
 def load_llamascope(folder: Path | str, d_model: int | None = None, dtype=torch.float32) -> LlamaScopeSAE:
     """Load and check a LlamaScope folder; ``d_model`` (if given) must match the activations."""
     folder = Path(folder)
@@ -108,7 +104,7 @@ def load_llamascope(folder: Path | str, d_model: int | None = None, dtype=torch.
     if d_model is not None and d_model != dims["d_model"]:
         raise LlamaScopeError(f"{folder}: the SAE has d_model={dims['d_model']} but the activations have "
                               f"width {d_model}. Fix: pair it with the site and model it was trained on.")
-    tensors = _read_tensors(weights_path)
+    tensors, _ = read_safetensors(weights_path)
     for name, shape_names in TENSORS.items():
         if name not in tensors:
             raise LlamaScopeError(f"{weights_path}: tensor {name!r} is missing (has {sorted(tensors)}).")

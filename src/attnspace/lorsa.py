@@ -68,7 +68,7 @@ from torch import Tensor, nn
 from attnspace.files import write_json
 from attnspace.sae.data import mean_norm
 from attnspace.sae.init import active_basis, subspace_directions
-from attnspace.sae.io import read_safetensors, write_safetensors
+from attnspace.files import read_safetensors, write_safetensors
 from attnspace.sae.losses import ReconstructionStats
 from attnspace.spectrum import Spectrum
 from attnspace.store import Store

@@ -19,15 +19,12 @@ killed job leaves the previous checkpoint or the new one, never half of one.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 
-from attnspace.files import write_json
+from attnspace.files import read_safetensors, write_json, write_safetensors
 from attnspace.sae.model import TopKSAE
 
 FORMAT = "attnspace-sae/1"
@@ -40,26 +37,6 @@ WEIGHTS = Path("checkpoints") / "final.safetensors"
 def hook_point(layer: int | None, site: str) -> str:
     """TransformerLens-style hook name used by LlamaScope, e.g. ``blocks.15.hook_attn_out``."""
     return f"blocks.{layer}.hook_{site}" if layer is not None else f"hook_{site}"
-
-
-def write_safetensors(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str] | None = None) -> Path:
-    """Contiguous CPU copies of ``tensors`` to ``path``, atomically (tmp, fsync, rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    # Contiguous copies: a transposed view would be refused (torch) or silently
-    # scrambled (numpy), see REFERENCE.md.
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
-
-
-def read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """(tensors, header metadata) of a safetensors file."""
-    with safe_open(str(path), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
 
 
 def save_sae(sae: TopKSAE, folder: Path, *, metrics: dict | None = None, **info) -> Path:
