@@ -1,10 +1,12 @@
 # Input functions and target builders; no other logic lives here.
 
 import json
+import os
 import shutil
 from pathlib import Path
 
 from attnspace.config import config_hash, focus_layers
+from attnspace.sae.runs import run_name
 
 # Jobs that use a GPU when there is one ask for the `gpu` resource only where a GPU exists, so
 # that on a CPU-only machine they run side by side (profiles/default caps gpu at 1).
@@ -62,7 +64,8 @@ def figure_targets():
     return [f"results/figures/{name}.pdf" for name in config["figures"]]
 
 
-FOCUS_LAYERS = json.dumps(focus_layers(config))
+FOCUS_LAYER_OF = focus_layers(config)  # {model: the layer at the focus layer's relative depth}
+FOCUS_LAYERS = json.dumps(FOCUS_LAYER_OF)
 
 
 def intervention_spectra(wildcards):
@@ -78,7 +81,7 @@ def loss_recovered_curves():
     dataset = config["focus"]["dataset"]
     return [
         f"results/interventions/{model}/{dataset}/L{layer}/loss_recovered.csv"
-        for model, layer in focus_layers(config).items()
+        for model, layer in FOCUS_LAYER_OF.items()
     ]
 
 
@@ -88,10 +91,6 @@ def wo_outputs(name):
 
 
 # ---- sparse dictionaries: SAEs (Fig 5), the dead-feature suite (Fig 4), Lorsa (Table 1)
-
-import os
-
-from attnspace.sae.runs import run_name
 
 SAE = config["sae"]
 FOCUS_MODEL, FOCUS_DATASET = config["focus"]["model"], config["focus"]["dataset"]
@@ -183,7 +182,7 @@ def lorsa_settings(wildcards):
 
 
 def all_lorsa_runs():
-    focus = focus_layers(config)
+    focus = FOCUS_LAYER_OF
     return [
         f"results/lorsa/{model}/{FOCUS_DATASET}/L{focus[model]}/{init}/metrics.json"
         for model in config["lorsa"]["models"]
