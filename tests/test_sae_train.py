@@ -134,3 +134,34 @@ def test_asi_leaves_fewer_dead_latents_than_base_on_a_planted_subspace(stores, t
     assert results["asi"]["dead_fraction"] < results["base"]["dead_fraction"]
     assert results["asi"]["dead_fraction"] < results["random_subspace"]["dead_fraction"]
     assert results["asi"]["nmse"] < results["base"]["nmse"]
+
+
+class PoisonedStream:
+    """A ready training stream whose batches turn NaN from batch ``poison_at`` on (a diverging run)."""
+
+    def __init__(self, poison_at: int, batch: int = 128) -> None:
+        self.data = torch.from_numpy(planted(4096, 5))
+        self.poison_at, self.batch, self.calls = poison_at, batch, 0
+
+    def sample(self, n: int) -> torch.Tensor:
+        return self.data[:n]
+
+    def next_batch(self) -> torch.Tensor:
+        self.calls += 1
+        x = self.data[torch.randint(0, len(self.data), (self.batch,), generator=torch.Generator().manual_seed(self.calls))]
+        return x * float("nan") if self.calls >= self.poison_at else x
+
+
+def test_a_diverged_run_is_recorded_as_failed_not_dropped(stores, tmp_path):
+    from attnspace.sae.runs import runs_table
+
+    _, heldout = stores
+    out = tmp_path / "smollm" / "pydocs" / "L3" / "attn_out" / "base-d0-adam-n256-k8"
+    m = train_sae(small_config(log_every=2), PoisonedStream(poison_at=3), heldout, out)
+    assert m["status"] == "failed" and "step 4" in m["failure"] and m["nmse"] is None
+    assert json.loads((out / "metrics.json").read_text())["status"] == "failed"
+    assert not (out / "sae_weights.safetensors").exists() and not (out / "checkpoints").exists()
+    row = runs_table([out / "metrics.json"]).iloc[0]
+    assert row["status"] == "failed" and "not finite" in row["failure"]
+    ok = train_sae(small_config(train_tokens=128 * 2), PoisonedStream(poison_at=99), heldout, tmp_path / "ok")
+    assert ok["status"] == "ok" and ok["failure"] is None

@@ -72,6 +72,9 @@ def cmd_train_sae(a):
     metrics = train_sae(config, train, heldout, Path(a.out_dir),
                         spectrum=load_spectrum(a.spectrum) if a.spectrum else None, lm_eval=lm_eval,
                         info=dict(model=train.model, dataset=train.dataset, layer=train.layer, run=a.run))
+    if metrics["status"] != "ok":
+        log.error("%s: failed (%s); recorded in metrics.json", a.run, metrics["failure"])
+        return
     log.info("%s: nmse %.4f, dead %.3f, l0 %.1f, %.0f tok/s", a.run, metrics["nmse"], metrics["dead_fraction"],
              metrics["l0"], metrics["tokens_per_second"])
 

@@ -20,7 +20,7 @@ RUN_PATH = re.compile(r"(?P<model>[^/]+)/(?P<dataset>[^/]+)/L(?P<layer>\d+)/(?P<
 
 RUN_COLUMNS = ["model", "dataset", "layer", "site", "run", "init", "d_init", "optimizer", "auxk", "d_sae", "k",
                "tokens_trained", "nmse", "explained_variance", "l0", "dead_fraction", "n_dead",
-               "dead_window_tokens", "delta_lm_loss", "lm_loss_recovered", "tokens_per_second", "status"]
+               "dead_window_tokens", "delta_lm_loss", "lm_loss_recovered", "tokens_per_second", "status", "failure"]
 
 
 def run_name(init: str, d_init: int | None, optimizer: str, d_sae: int, k: int, auxk: bool = False) -> str:
@@ -48,6 +48,7 @@ def runs_table(metrics_paths: list[str | Path]) -> pd.DataFrame:
         metrics = json.loads(Path(path).read_text())
         row = {**m.groupdict(), "layer": int(m["layer"]), **parse_run_name(m["run"]), **metrics}
         nmse = row.get("nmse")
-        row["status"] = "ok" if isinstance(nmse, (int, float)) and nmse == nmse and nmse != float("inf") else "failed"
+        finite = isinstance(nmse, (int, float)) and nmse == nmse and abs(nmse) != float("inf")
+        row["status"] = "ok" if finite and metrics.get("status", "ok") == "ok" else "failed"
         rows.append({c: row.get(c) for c in RUN_COLUMNS})
     return pd.DataFrame(rows, columns=RUN_COLUMNS)

@@ -10,6 +10,12 @@
 4. evaluation on held-out tokens, the SAE folder (LlamaScope layout) and metrics.json;
    the checkpoint is removed once they are written.
 
+A run whose loss becomes NaN or infinite stops there: metrics.json records
+``status: failed`` with the step and the reason, the metric fields stay None, and no
+SAE is saved (a diverged run is reported as failed, never dropped or replaced).
+Finiteness is checked on the device every step and read back every ``log_every``
+steps (and at the end), so the check adds no per-step synchronisation.
+
 Resumption: if ``out_dir/train_state.safetensors`` exists (a killed run), training
 continues from it: weights, both moments and step counts, dead-latent counters, the
 shuffle buffer's rows, read cursor and RNG state. On one device with the same
@@ -26,6 +32,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from attnspace.files import write_json
 from attnspace.sae.config import SAETrainConfig
 from attnspace.sae.data import StoreStream, heldout_batches, mean_norm
 from attnspace.sae.evaluate import LMEval, evaluate
@@ -99,15 +106,23 @@ def train_sae(
 
     f = sae.norm_factor
     t0 = time.perf_counter()
+    finite = torch.ones((), dtype=torch.bool, device=device)  # all losses so far finite (stays on the device)
+    failure = None
+    check_every = config.log_every or 100
     for step in range(start, config.n_steps):
         x = stream.next_batch().to(device, non_blocking=True) * f  # [B, d]
         out = sae(x, dead=tracker.dead() if config.auxk else None, k_aux=config.k_aux)
         loss = out.nmse + config.auxk_alpha * out.auxk_loss if config.auxk else out.nmse
+        finite &= torch.isfinite(loss.detach())
+        done = step + 1
+        if (done % check_every == 0 or done == config.n_steps) and not bool(finite):
+            failure = f"loss not finite (NaN or inf) by step {done} of {config.n_steps}"
+            log.error("%s: %s; the run is recorded as failed", out_dir.name, failure)
+            break
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         tracker.update(out.values.detach(), out.indices)
-        done = step + 1
         if config.log_every and done % config.log_every == 0:
             log.info("step %d/%d nmse %.4f auxk %.4f dead %d", done, config.n_steps, float(out.nmse.detach()),
                      float(out.auxk_loss.detach()), int(tracker.dead().sum()))
@@ -125,8 +140,14 @@ def train_sae(
         dead_for_auxk_at_end=int(tracker.dead().sum()), train_seconds_this_run=round(train_seconds, 3),
         tokens_per_second=round((config.n_steps - start) * config.batch_size / max(train_seconds, 1e-9), 1),
         nmse=None, explained_variance=None, l0=None, dead_fraction=None, dead_window_tokens=None, n_dead=None,
-        delta_lm_loss=None,
+        delta_lm_loss=None, status="ok" if failure is None else "failed", failure=failure,
     )
+    if failure is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_json(metrics, out_dir / "metrics.json")
+        if ckpt_path.exists():
+            ckpt_path.unlink()
+        return metrics
     sae.eval()
     if heldout_store is not None:
         batches = (heldout_batches(heldout_store, config.site, config.batch_size, config.eval_tokens)
