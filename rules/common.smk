@@ -2,11 +2,12 @@
 
 import json
 import os
+import shlex
 import shutil
 from pathlib import Path
 
 from attnspace.config import config_hash, focus_layers
-from attnspace.sae.runs import run_name
+from attnspace.sae.runs import parse_run_name, run_name, variant_run
 
 # Jobs that use a GPU when there is one ask for the `gpu` resource only where a GPU exists, so
 # that on a CPU-only machine they run side by side (profiles/default caps gpu at 1).
@@ -101,26 +102,52 @@ def d_sae(model):
 
 
 def sae_settings(wildcards):
-    """Training settings shared by every SAE run (the run name carries init, d_init, optimizer, size, k)."""
+    """Training settings shared by every SAE run (the run name carries init, d_init, optimizer, size, k);
+    the learning rate is the run's optimizer's; a live source adds the documents to run the model on."""
     aux = SAE["auxk"]
-    return (
+    lr = SAE["lr"][parse_run_name(wildcards.run)["optimizer"]]
+    settings = (
         f"--batch-size {SAE['batch_size']} --train-tokens {SAE['train_tokens']} "
-        f"--buffer-rows {SAE['buffer_rows']} --lr {SAE['lr']} --eval-tokens {SAE['eval_tokens']} "
+        f"--buffer-rows {SAE['buffer_rows']} --lr {lr} --eval-tokens {SAE['eval_tokens']} "
         f"--lm-eval-tokens {SAE['lm_eval_tokens']} --k-aux {aux['k_aux']} --auxk-alpha {aux['alpha']} "
         f"--dead-threshold-tokens {aux['dead_threshold_tokens']} --seed {SAE['seed']}"
     )
+    if SAE["source"] == "live":
+        source = shlex.quote(json.dumps(dataset_cfg(wildcards)["source"]))
+        settings += (f" --live-source {source} --live-seed {config['tokens']['seed']} "
+                     f"--live-batch-docs {SAE['live_batch_docs']}")
+    return settings
+
+
+def focus_run(site, name):
+    """metrics.json of run ``name`` at the focus model, dataset and layer."""
+    return f"results/saes/{FOCUS_MODEL}/{FOCUS_DATASET}/L{config['focus']['layer']}/{site}/{name}/metrics.json"
 
 
 def fig5_runs():
     """Base init as the reference, then ASI and the random-subspace control at each d_init."""
-    model, layer, site = FOCUS_MODEL, config["focus"]["layer"], config["fig5"]["site"]
-    n, k, opt = d_sae(model), SAE["k"], SAE["optimizer"]
+    n, k, opt = d_sae(FOCUS_MODEL), SAE["k"], SAE["optimizer"]
     names = [run_name("base", None, opt, n, k)] + [
         run_name(init, d_init, opt, n, k)
         for d_init in config["fig5"]["d_init"]
         for init in ("asi", "random_subspace")
     ]
-    return [f"results/saes/{model}/{FOCUS_DATASET}/L{layer}/{site}/{name}/metrics.json" for name in names]
+    return [focus_run(config["fig5"]["site"], name) for name in names]
+
+
+def fig6_runs():
+    """Figure 6: every variant at every k, at the fixed size fig6.expansion x d_model."""
+    f6 = config["fig6"]
+    n = f6["expansion"] * config["models"][FOCUS_MODEL]["d_model"]
+    return [focus_run(f6["site"], variant_run(v, n, k, f6["d_init"])) for v in f6["variants"] for k in f6["k"]]
+
+
+def fig7_runs():
+    """Figure 7: every variant at every size (expansion x d_model), at fixed k."""
+    f7 = config["fig7"]
+    d = config["models"][FOCUS_MODEL]["d_model"]
+    return [focus_run(f7["site"], variant_run(v, e * d, f7["k"], f7["d_init"]))
+            for v in f7["variants"] for e in f7["expansion"]]
 
 
 def suite_runs():
@@ -135,10 +162,23 @@ def suite_runs():
 
 
 def all_sae_runs():
-    runs = fig5_runs()
+    """Every SAE the configured figures need, each once (runs shared between figures are trained once)."""
+    runs = fig5_runs() + fig6_runs() + fig7_runs()
     if config["suite"]["source"] == "pipeline":
-        runs += [r for r in suite_runs().values() if r not in runs]
-    return runs
+        runs += list(suite_runs().values())
+    return list(dict.fromkeys(runs))
+
+
+def sweep_args(name):
+    """The figure command's selection for fig6 / fig7: focus model, dataset, layer and the sweep grid."""
+    sweep = config[name]
+    grid = sweep["k"] if name == "fig6" else sweep["expansion"]
+    return (
+        f"--model {FOCUS_MODEL} --dataset {FOCUS_DATASET} --layer {config['focus']['layer']} "
+        f"--site {sweep['site']} --d-model {config['models'][FOCUS_MODEL]['d_model']} "
+        f"--grid {' '.join(map(str, grid))} --fixed {sweep['expansion'] if name == 'fig6' else sweep['k']} "
+        f"--d-init {sweep['d_init']} --variants {' '.join(sweep['variants'])}"
+    )
 
 
 def fig5_focus_args():

@@ -81,3 +81,59 @@ rule fig5:
         "../envs/attnspace.yaml"
     shell:
         "attnspace figure fig5 --table {input.table} {params.focus} --out {output.pdf} > {log} 2>&1"
+
+
+rule fig6:
+    input:
+        runs=fig6_runs(),
+        code=CODE / "figures.py",
+    output:
+        pdf=report(
+            "results/figures/fig6.pdf",
+            category="5 Active subspace initialisation",
+            caption="../docs/captions/fig6.rst",
+        ),
+        png="results/figures/fig6.png",
+        csv="results/figures/fig6.csv",
+    params:
+        sweep=sweep_args("fig6"),
+    log:
+        "results/logs/figures/fig6.log",
+    benchmark:
+        "results/benchmarks/figures/fig6.tsv"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    conda:
+        "../envs/attnspace.yaml"
+    shell:
+        "attnspace figure fig6 --metrics {input.runs} {params.sweep} --out {output.pdf} > {log} 2>&1"
+
+
+rule fig7:
+    input:
+        runs=fig7_runs(),
+        code=CODE / "figures.py",
+    output:
+        pdf=report(
+            "results/figures/fig7.pdf",
+            category="5 Active subspace initialisation",
+            caption="../docs/captions/fig7.rst",
+        ),
+        png="results/figures/fig7.png",
+        csv="results/figures/fig7.csv",
+    params:
+        sweep=sweep_args("fig7"),
+    log:
+        "results/logs/figures/fig7.log",
+    benchmark:
+        "results/benchmarks/figures/fig7.tsv"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    conda:
+        "../envs/attnspace.yaml"
+    shell:
+        "attnspace figure fig7 --metrics {input.runs} {params.sweep} --out {output.pdf} > {log} 2>&1"

@@ -70,6 +70,8 @@ def tiny_config(model_dir: Path) -> dict:
         "sae": {"expansion": 2, "k": 4, "batch_size": 128, "train_tokens": 512, "buffer_rows": 256,
                 "eval_tokens": 256, "lm_eval_tokens": 64},
         "fig5": {"d_init": [4, 8]},
+        "fig6": {"expansion": 2, "k": [2, 4], "d_init": 8},
+        "fig7": {"expansion": [1, 2], "k": 4, "d_init": 8},
         "lorsa": {"expansion": 2, "n_qk_heads": 4, "d_qk": 8, "k": 4, "d_init": 8, "epochs": 1,
                   "batch_tokens": 128},
     }

@@ -65,6 +65,13 @@ BAD = [
     (("figures", "fig9", "thresholds"), [0.95], ["figures.fig9.thresholds", "0.95", "spectrum.thresholds"]),
     (("spectrum", "sites"), ["attn_out", "attn_q"], ["spectrum.sites[1]", "attn_q"]),
     (("models", "smollm2-135m", "dtype"), "int8", ["models.smollm2-135m.dtype", "int8", "bfloat16"]),
+    (("sae", "lr"), 0.001, ["sae.lr", "object"]),
+    (("sae", "lr", "sgd"), 0.1, ["sae.lr", "sgd", "unknown key"]),
+    (("sae", "source"), "disk", ["sae.source", "disk", "live"]),
+    (("fig7", "k"), 4000, ["fig7", "k = 4000", "smallest size", "Fix"]),
+    (("fig6", "d_init"), 600, ["fig6.d_init", "600", "d_model = 576"]),
+    (("fig6", "variants"), ["topk", "magic"], ["fig6.variants[1]", "magic", "asi_sparseadam"]),
+    (("fig7", "expansion"), [8], ["fig7.expansion", "[8]"]),
 ]
 
 

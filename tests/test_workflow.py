@@ -14,7 +14,7 @@ import yaml
 
 from conftest import REPO, tiny_config
 
-FIGURES = ("fig1", "fig2a", "fig2b", "fig3", "fig4", "fig5", "fig8", "fig9")
+FIGURES = ("fig1", "fig2a", "fig2b", "fig3", "fig4", "fig5", "fig6", "fig7", "fig8", "fig9")
 
 
 def dry_run(targets=(), configfile: Path | None = None, workdir: Path | None = None) -> None:
@@ -71,6 +71,55 @@ def test_paper_dry_run_plans_every_model_and_dataset(tmp_path):
         assert f"results/lorsa/llama-3.1-8b/slimpajama/L15/{init}/metrics.json" in out
 
 
+def planned_sae_runs(*targets, cwd: Path, configfile: Path | None = None) -> dict[str, str]:
+    """{run folder: its shell command} of every train_sae job a dry run plans for ``targets``."""
+    args = ["-n", "-p", *targets] + (["--configfile", str(configfile)] if configfile else [])
+    r = snakemake_cli(*args, cwd=cwd)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    runs = {}
+    for line in r.stdout.splitlines():
+        if "attnspace train-sae " in line:
+            out_dir = line.split("--out-dir ")[1].split()[0]
+            runs[out_dir.split("results/saes/")[1]] = line
+    return runs
+
+
+def expected_sweep(sweep: dict, d_model: int, figure: str, prefix: str) -> set[str]:
+    """The run folders a sweep must expand to, written out here independently of rules/common.smk."""
+    names = {"topk": "base-d0-adam-n{n}-k{k}", "topk_auxk": "base-d0-adam-n{n}-k{k}-auxk",
+             "asi": "asi-d{d}-adam-n{n}-k{k}", "asi_sparseadam": "asi-d{d}-sparse_adam-n{n}-k{k}"}
+    if figure == "fig6":
+        grid = [(sweep["expansion"] * d_model, k) for k in sweep["k"]]
+    else:
+        grid = [(e * d_model, sweep["k"]) for e in sweep["expansion"]]
+    return {f"{prefix}/{sweep['site']}/" + names[v].format(n=n, k=k, d=sweep["d_init"])
+            for v in sweep["variants"] for n, k in grid}
+
+
+@pytest.mark.parametrize("figure", ["fig6", "fig7"])
+def test_default_sweep_expands_to_exactly_the_configured_jobs(figure, tmp_path):
+    cfg = yaml.safe_load((REPO / "config.yaml").read_text())
+    planned = planned_sae_runs(figure, cwd=tmp_path)
+    expected = expected_sweep(cfg[figure], 576, figure, "smollm2-135m/pydocs/L15")
+    assert set(planned) == expected
+    n_grid = len(cfg[figure]["k"] if figure == "fig6" else cfg[figure]["expansion"])
+    assert len(expected) == len(cfg[figure]["variants"]) * n_grid
+    for run, command in planned.items():  # per-optimizer learning rates from config, same seed for all
+        lr = cfg["sae"]["lr"]["sparse_adam" if "sparse_adam" in run else "adam"]
+        assert f"--lr {lr} " in command and f"--seed {cfg['sae'].get('seed', 0)} " in command
+
+
+def test_paper_fig7_plans_every_size_from_live_activations(tmp_path):
+    cfg = yaml.safe_load((REPO / "config/paper.yaml").read_text())
+    planned = planned_sae_runs("fig7", cwd=tmp_path, configfile=REPO / "config/paper.yaml")
+    assert set(planned) == expected_sweep(cfg["fig7"], 4096, "fig7", "llama-3.1-8b/slimpajama/L15")
+    assert len(planned) == 4 * 7  # 16,384 .. 1,048,576 latents, four variants
+    assert any("-n1048576-k50" in run for run in planned)
+    for run, command in planned.items():
+        assert "--live-source" in command and "--train-tokens 2500000000 " in command
+        assert ("--lr 6e-05 " if "sparse_adam" in run else "--lr 4e-05 ") in command
+
+
 def test_bad_config_stops_before_any_job(tmp_path):
     cfg = yaml.safe_load((REPO / "config.yaml").read_text())
     cfg["models"]["smollm2-135m"]["layers"] = [2, 40]
@@ -122,11 +171,23 @@ def test_tiny_end_to_end_run_produces_every_figure(tiny_llama, tmp_path):
     assert len(wo_summary) == 4 and (wo_summary["o_rel_error"] < 1e-5).all()
     # SAEs: fig5's runs (base, then ASI and random subspace at d_init 4 and 8) and the suite
     runs = pd.read_csv(tmp_path / "results/tables/sae_runs.csv")
-    fig5_runs = runs[(runs["layer"] == 2) & (runs["site"] == "attn_out")]
+    fig5_runs = runs[(runs["layer"] == 2) & (runs["site"] == "attn_out") & (runs["d_sae"] == 96) & (runs["k"] == 4)
+                     & ~runs["auxk"] & (runs["optimizer"] == "adam")]
     assert sorted(fig5_runs["run"]) == sorted(["base-d0-adam-n96-k4", "asi-d4-adam-n96-k4", "asi-d8-adam-n96-k4",
                                                "random_subspace-d4-adam-n96-k4",
                                                "random_subspace-d8-adam-n96-k4"])
+    assert not runs.duplicated(["layer", "site", "run"]).any()
     assert (runs["status"] == "ok").all() and runs["delta_lm_loss"].notna().all()
+    # the sweeps: fig6 = 3 variants x 2 k at 96 latents, fig7 = 4 variants x 2 sizes at k 4; rows in
+    # sae_runs.csv too; every variant saw the same token count
+    fig6 = pd.read_csv(tmp_path / "results/figures/fig6.csv")
+    assert len(fig6) == 6 and set(fig6["variant"]) == {"topk", "topk_auxk", "asi"} and set(fig6["k"]) == {2, 4}
+    fig7 = pd.read_csv(tmp_path / "results/figures/fig7.csv")
+    assert len(fig7) == 8 and set(fig7["d_sae"]) == {48, 96} and (fig7["k"] == 4).all()
+    assert fig7["fit_exponent"].notna().all() and (fig7["n_alive"] == fig7["d_sae"] - fig7["n_dead"]).all()
+    assert set(fig6["run"]) | set(fig7["run"]) <= set(runs["run"])
+    assert runs["tokens_trained"].nunique() == 1
+    assert set(runs.loc[runs["optimizer"] == "sparse_adam", "variant"]) == {"asi_sparseadam"}
     assert (runs["tokens_per_second"] > 0).all()
     saved = tmp_path / "results/saes/tiny/pydocs/L1/mlp_out/base-d0-adam-n96-k4"
     assert (saved / "hyperparams.json").is_file() and (saved / "checkpoints/final.safetensors").is_file()

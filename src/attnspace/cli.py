@@ -215,7 +215,14 @@ def cmd_figure(a):
 
     from attnspace import figures
 
-    table = pd.read_csv(a.table)
+    if a.metrics:
+        from attnspace.sae.runs import runs_table
+
+        table = runs_table(a.metrics)
+    elif a.table:
+        table = pd.read_csv(a.table)
+    else:
+        raise SystemExit("figure: give --table (or --metrics for fig6/fig7)")
     if a.name == "fig1":
         fig, data = figures.fig1(table, threshold=a.threshold)
     elif a.name == "fig9":
@@ -234,6 +241,12 @@ def cmd_figure(a):
         fig, data = figures.fig4(table, dead_vs_dimension(table))
     elif a.name == "fig5":
         fig, data = figures.fig5(table, a.model, a.dataset, a.layer, a.site, a.d_sae, a.k)
+    elif a.name == "fig6":
+        fig, data = figures.fig6(table, a.model, a.dataset, a.layer, a.site, a.fixed * a.d_model, a.grid,
+                                 a.d_init, a.variants)
+    elif a.name == "fig7":
+        fig, data = figures.fig7(table, a.model, a.dataset, a.layer, a.site, [e * a.d_model for e in a.grid],
+                                 a.fixed, a.d_init, a.variants)
     else:
         raise SystemExit(f"unknown figure {a.name}")
     for path in figures.save_figure(fig, data, a.out):
@@ -351,8 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_concat_tables)
 
     s = sub.add_parser("figure", help="draw one figure (pdf, png and its csv)")
-    s.add_argument("name", choices=["fig1", "fig2a", "fig2b", "fig3", "fig4", "fig5", "fig8", "fig9"])
-    s.add_argument("--table", required=True)
+    s.add_argument("name", choices=["fig1", "fig2a", "fig2b", "fig3", "fig4", "fig5", "fig6", "fig7", "fig8", "fig9"])
+    s.add_argument("--table")
+    s.add_argument("--metrics", nargs="+", help="fig6/fig7: the sweep's metrics.json files (instead of --table)")
     s.add_argument("--threshold", type=float, default=0.99)
     s.add_argument("--thresholds", type=float, nargs="+", default=[0.5, 0.9, 0.999, 0.9999])
     s.add_argument("--model")
@@ -363,6 +377,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--site", help="fig5: the SAEs' site")
     s.add_argument("--d-sae", type=int, help="fig5: the SAEs' size")
     s.add_argument("--k", type=int, help="fig5: the SAEs' k")
+    s.add_argument("--d-model", type=int, help="fig6/fig7: the site's width (sizes are expansions of it)")
+    s.add_argument("--grid", type=int, nargs="+", help="fig6: the k grid; fig7: the expansion grid")
+    s.add_argument("--fixed", type=int, help="fig6: the expansion; fig7: k")
+    s.add_argument("--d-init", type=int, help="fig6/fig7: ASI's subspace dimension")
+    s.add_argument("--variants", nargs="+", help="fig6/fig7: the variants drawn")
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_figure)
 

@@ -25,7 +25,7 @@ def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def spliced_lm_eval(model_dir: str, dtype: str, tokens_path: str, layer: int, site: str, n_tokens: int):
+def spliced_lm_eval(model, tokens_path: str, layer: int, site: str, n_tokens: int):
     """An ``lm_eval`` hook for train_sae: LM loss on held-out tokens with ``site`` replaced.
 
     Returns a callable taking the SAE's raw-scale reconstruction function and returning
@@ -33,9 +33,7 @@ def spliced_lm_eval(model_dir: str, dtype: str, tokens_path: str, layer: int, si
     """
     from attnspace.corpora import load_tokens
     from attnspace.interventions import Variant, fraction_recovered, heldout_documents, variant_losses
-    from attnspace.models import load_model
 
-    model, _ = load_model(model_dir, dtype)
     splits, meta = load_tokens(tokens_path)
     documents = heldout_documents(splits["heldout"], n_tokens)
     special = set(meta["special_ids"])
@@ -50,7 +48,25 @@ def spliced_lm_eval(model_dir: str, dtype: str, tokens_path: str, layer: int, si
     return lm_eval
 
 
+def live_stream(model, a, d: int):
+    """Training batches from the live model (``sae.source: live``): the documents after the
+    held-out split (same order as the tokens stage), prefetched in a background thread."""
+    from transformers import AutoTokenizer
+
+    from attnspace.corpora import load_tokens, training_documents
+    from attnspace.sae.data import LiveStream
+    from attnspace.sae.live import live_producer
+
+    splits, meta = load_tokens(a.tokens)
+    tokenizer = AutoTokenizer.from_pretrained(a.model_dir)
+    docs = training_documents(json.loads(a.live_source), a.live_seed, tokenizer,
+                              max_doc_tokens=int(meta["max_doc_tokens"]), heldout_tokens=splits["heldout"].n_tokens)
+    produce = live_producer(model, docs, a.layer, a.site, set(meta["special_ids"]), batch_docs=a.live_batch_docs)
+    return LiveStream(produce, d, a.batch_size, a.buffer_rows, a.seed)
+
+
 def cmd_train_sae(a):
+    from attnspace.models import load_model
     from attnspace.sae.config import SAETrainConfig
     from attnspace.sae.runs import parse_run_name
     from attnspace.sae.train import train_sae
@@ -59,19 +75,29 @@ def cmd_train_sae(a):
 
     _threads(a.threads)
     run = parse_run_name(a.run)
+    device = _device()
     config = SAETrainConfig(
         site=a.site, d_sae=run["d_sae"], k=run["k"], init=run["init"], d_init=run["d_init"],
         optimizer=run["optimizer"], lr=a.lr, auxk=run["auxk"], auxk_alpha=a.auxk_alpha, k_aux=a.k_aux,
         dead_threshold_tokens=a.dead_threshold_tokens, batch_size=a.batch_size, train_tokens=a.train_tokens,
         buffer_rows=a.buffer_rows, eval_tokens=a.eval_tokens, seed=a.seed,
-        checkpoint_every=a.checkpoint_every, log_every=a.log_every, device=_device())
+        checkpoint_every=a.checkpoint_every, log_every=a.log_every, device=device)
+    if a.live_source and not (a.model_dir and a.tokens and a.layer is not None):
+        raise SystemExit("--live-source needs --model-dir, --tokens and --layer (the model to run and its documents)")
     train, heldout = open_store(Path(a.store)), open_store(Path(a.heldout))
-    lm_eval = None
-    if a.lm_eval_tokens and a.model_dir:
-        lm_eval = spliced_lm_eval(a.model_dir, a.dtype, a.tokens, a.layer, a.site, a.lm_eval_tokens)
-    metrics = train_sae(config, train, heldout, Path(a.out_dir),
-                        spectrum=load_spectrum(a.spectrum) if a.spectrum else None, lm_eval=lm_eval,
-                        info=dict(model=train.model, dataset=train.dataset, layer=train.layer, run=a.run))
+    model = None
+    if a.model_dir and (a.lm_eval_tokens or a.live_source):
+        model, _ = load_model(a.model_dir, a.dtype)  # on the GPU when there is one; one copy for the live stream and the LM loss
+    lm_eval = spliced_lm_eval(model, a.tokens, a.layer, a.site, a.lm_eval_tokens) if a.lm_eval_tokens and model else None
+    stream = live_stream(model, a, train.width(a.site)) if a.live_source else train
+    try:
+        metrics = train_sae(config, stream, heldout, Path(a.out_dir),
+                            spectrum=load_spectrum(a.spectrum) if a.spectrum else None, lm_eval=lm_eval,
+                            info=dict(model=train.model, dataset=train.dataset, layer=train.layer, run=a.run,
+                                      source="live" if a.live_source else "cache"))
+    finally:
+        if a.live_source:
+            stream.close()
     if metrics["status"] != "ok":
         log.error("%s: failed (%s); recorded in metrics.json", a.run, metrics["failure"])
         return
@@ -172,6 +198,10 @@ def add_commands(sub) -> None:
     s.add_argument("--tokens", help="token file with the held-out split")
     s.add_argument("--layer", type=int)
     s.add_argument("--lm-eval-tokens", type=int, default=0)
+    s.add_argument("--live-source", help="train on live model activations of this dataset source (JSON, as in "
+                   "config datasets.*.source) instead of the cache; needs --model-dir, --tokens, --layer")
+    s.add_argument("--live-seed", type=int, default=0, help="the tokens stage's seed (document order)")
+    s.add_argument("--live-batch-docs", type=int, default=8, help="documents per live forward pass")
     s.add_argument("--threads", type=int, default=1)
     s.add_argument("--out-dir", required=True)
     s.set_defaults(func=cmd_train_sae)

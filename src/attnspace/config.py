@@ -180,7 +180,18 @@ def _check_dictionaries(config: dict) -> None:
     if sae["train_tokens"] < sae["batch_size"]:
         raise ConfigError(f"sae.train_tokens = {sae['train_tokens']} is less than one batch "
                           f"({sae['batch_size']}). Fix: raise train_tokens.")
-    missing = {config["fig5"]["site"], *config["suite"]["sites"]} - set(config["spectrum"]["sites"])
+    for name in ("fig6", "fig7"):
+        sweep = config[name]
+        sizes = sweep["expansion"] if isinstance(sweep["expansion"], list) else [sweep["expansion"]]
+        ks = sweep["k"] if isinstance(sweep["k"], list) else [sweep["k"]]
+        if max(ks) > min(sizes) * d:
+            raise ConfigError(f"{name}: k = {max(ks)} exceeds the smallest size, {min(sizes)} x {d} latents. "
+                              f"Fix: lower {name}.k or raise {name}.expansion.")
+        if any(v.startswith("asi") for v in sweep["variants"]) and sweep["d_init"] > d:
+            raise ConfigError(f"{name}.d_init = {sweep['d_init']} exceeds d_model = {d} of {focus['model']}. "
+                              f"Fix: use at most {d}.")
+    sites = {config["fig5"]["site"], config["fig6"]["site"], config["fig7"]["site"], *config["suite"]["sites"]}
+    missing = sites - set(config["spectrum"]["sites"])
     if missing:
         raise ConfigError(f"SAE sites {sorted(missing)} have no spectrum (ASI and Fig 4 need one). "
                           "Fix: add them to spectrum.sites.")

@@ -141,6 +141,19 @@ def documents(source: dict, seed: int) -> Iterator[str]:
     raise ValueError(f"unknown dataset source kind {source['kind']!r}")
 
 
+def document_ids(documents: Iterator[str], tokenizer, max_doc_tokens: int) -> Iterator[np.ndarray]:
+    """Token ids of each usable document: int32 [BOS, body...] cut at ``max_doc_tokens``.
+
+    Documents with fewer than 8 body tokens are skipped (too short to carry context).
+    The one tokenisation rule, shared by the tokens stage and live SAE training.
+    """
+    bos = tokenizer.bos_token_id
+    for text in documents:
+        body = tokenizer(text, add_special_tokens=False)["input_ids"][: max_doc_tokens - 1]
+        if len(body) >= 8:
+            yield np.asarray([bos, *body], dtype=np.int32)
+
+
 def tokenize_documents(documents: Iterator[str], tokenizer, *, max_doc_tokens: int,
                        budgets: dict[str, int]) -> dict[str, TokenSplit]:
     """Tokenise documents (already shuffled) into splits of exact token budgets.
@@ -148,28 +161,43 @@ def tokenize_documents(documents: Iterator[str], tokenizer, *, max_doc_tokens: i
     Documents are dealt in order: held-out first, then train; the last document
     of a split is cut so that each split holds exactly its budget.
     """
-    bos = tokenizer.bos_token_id
-    docs = iter(documents)
+    docs = document_ids(documents, tokenizer, max_doc_tokens)
     splits = {}
     for split in ("heldout", "train"):
         chunks, count = [], 0
         while count < budgets[split]:
-            text = next(docs, None)
-            if text is None:
+            ids = next(docs, None)
+            if ids is None:
                 raise ValueError(f"the corpus ran out after {sum(s.n_tokens for s in splits.values()) + count} "
                                  f"tokens but {sum(budgets.values())} are configured ({budgets}). "
                                  "Fix: lower tokens.train_tokens / tokens.heldout_tokens.")
-            body = tokenizer(text, add_special_tokens=False)["input_ids"][: max_doc_tokens - 1]
-            if len(body) < 8:  # too short to carry context
-                continue
             # The split's last document is cut to fill the budget exactly (it may be a lone BOS,
             # which no statistic sees).
-            doc = np.asarray([bos, *body], dtype=np.int32)[: budgets[split] - count]
+            doc = ids[: budgets[split] - count]
             chunks.append(doc)
             count += len(doc)
         starts = np.concatenate([[0], np.cumsum([len(d) for d in chunks])]).astype(np.int64)
         splits[split] = TokenSplit(np.concatenate(chunks), starts)
     return splits
+
+
+def training_documents(source: dict, seed: int, tokenizer, *, max_doc_tokens: int,
+                       heldout_tokens: int) -> Iterator[np.ndarray]:
+    """Token ids of the documents the tokens stage deals to training, and every one after them.
+
+    Same order and rule as :func:`tokenize_documents` with the same ``source`` and
+    ``seed``: the documents that filled the held-out split are skipped, so a live run
+    (``sae.source: live``) never trains on held-out text; it starts with the cached
+    train split's documents (uncut) and continues past its budget into the corpus.
+    """
+    docs = document_ids(documents(source, seed), tokenizer, max_doc_tokens)
+    count = 0
+    while count < heldout_tokens:
+        ids = next(docs, None)
+        if ids is None:
+            raise ValueError(f"the corpus ran out inside the held-out split ({count} of {heldout_tokens} tokens)")
+        count += len(ids)
+    yield from docs
 
 
 def save_tokens(splits: dict[str, TokenSplit], path: Path | str, **meta) -> None:

@@ -1,4 +1,4 @@
-"""Figures 1, 2a, 2b, 3, 4, 5, 8 and 9 of the paper, drawn from tidy tables.
+"""Figures 1 to 9 of the paper, drawn from tidy tables.
 
 Every figure function takes a tidy ``pandas.DataFrame`` (one row per number), draws
 it, and returns ``(figure, data)`` where ``data`` holds exactly the rows drawn, in
@@ -50,6 +50,7 @@ import seaborn as sns
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator
 
 SITE_ORDER = ("attn_out", "mlp_out", "resid_post")
 """Sites drawn, in legend order."""
@@ -665,6 +666,167 @@ def fig5(runs: pd.DataFrame, model: str, dataset: str, layer: int, site: str, d_
         note = f"; failed: {', '.join(failed['init'] + '-d' + failed['d_init'].astype(str))}" if len(failed) else ""
         fig.suptitle(f"Active subspace initialisation, {model} · {dataset} · layer {layer} · {site}\n"
                      f"TopK SAE, {d_sae} latents, k = {k}{note}")
+    return fig, data
+
+
+# ---------------------------------------------------------------- figures 6 and 7
+
+VARIANT_STYLE = {
+    "topk": ("#0173b2", "s", "-"),
+    "topk_auxk": ("#029e73", "^", "-"),
+    "asi": ("#d55e00", "o", "-"),
+    "asi_sparseadam": ("#cc78bc", "D", "--"),
+}
+"""Sweep variant -> (colour, marker, line style), the same in Figures 6 and 7."""
+
+
+def _sweep_rows(runs: pd.DataFrame, model: str, dataset: str, layer: int, site: str,
+                expected: dict[str, tuple[str, int]]) -> pd.DataFrame:
+    """The runs of a sweep, by run name: ``expected`` maps run name -> (variant, grid value).
+
+    Every expected run must be present (a missing one is an error naming it); failed runs
+    stay in, marked by ``status``.
+    """
+    from attnspace.sae.runs import VARIANT_LABELS
+
+    _require_columns(runs, RUN_COLUMNS + ("run", "l0", "delta_lm_loss"), "the SAE runs table")
+    sel = runs[(runs["model"] == model) & (runs["dataset"] == dataset) & (runs["layer"] == layer)
+               & (runs["site"] == site) & runs["run"].isin(expected)]
+    sel = sel.drop_duplicates("run")
+    missing = sorted(set(expected) - set(sel["run"]))
+    if missing:
+        raise ValueError(f"the SAE runs table has no {', '.join(missing)} for {model} {dataset} layer {layer} {site}")
+    data = sel.copy()
+    data["variant"] = [expected[r][0] for r in data["run"]]
+    data["variant_label"] = [VARIANT_LABELS[v] for v in data["variant"]]
+    order = {name: i for i, name in enumerate(expected)}
+    return data.sort_values("run", key=lambda c: c.map(order)).reset_index(drop=True)
+
+
+def _failed_note(data: pd.DataFrame) -> str:
+    failed = data[data["status"] != "ok"]
+    return f"\nfailed (no finite loss): {', '.join(failed['run'])}" if len(failed) else ""
+
+
+def fig6(runs: pd.DataFrame, model: str, dataset: str, layer: int, site: str, d_sae: int, ks: Sequence[int],
+         d_init: int, variants: Sequence[str]) -> tuple[Figure, pd.DataFrame]:
+    """Figure 6: the sparsity-reconstruction frontier at a fixed number of features.
+
+    The rule behind the figure: at one size (d_sae latents), each variant (TopK with the
+    base init, TopK + AuxK, ASI with subspace d_init, ...) is trained at each k on the
+    same tokens in the same order, and evaluated on the same held-out window. Left: NMSE
+    (unexplained variance) against k; right: the increase of the language model's loss
+    (nats per token) when the SAE's reconstruction replaces the site. Lower is better
+    in both. Failed runs are named in the title, never dropped.
+
+    Args:
+        runs: the SAE runs table (``attnspace.sae.runs.RUN_COLUMNS``).
+        ks: the k grid; d_init: ASI's subspace; variants: keys of ``attnspace.sae.runs.VARIANTS``.
+    """
+    from attnspace.sae.runs import variant_run
+
+    expected = {variant_run(v, d_sae, k, d_init): (v, k) for v in variants for k in ks}
+    data = _sweep_rows(runs, model, dataset, layer, site, expected)
+    ok = data[data["status"] == "ok"]
+    with _style():
+        fig = _new_figure((11.0, 4.4))
+        axes = fig.subplots(1, 2, sharex=True)
+        panels = ((axes[0], "nmse", "NMSE (held-out)"), (axes[1], "delta_lm_loss", "Δ LM loss, SAE spliced in (nats)"))
+        for ax, metric, label in panels:
+            for v in variants:
+                rows = ok[ok["variant"] == v].sort_values("k")
+                color, marker, style = VARIANT_STYLE[v]
+                ax.plot(rows["k"], rows[metric], color=color, marker=marker, linestyle=style, linewidth=1.6,
+                        label=rows["variant_label"].iloc[0] if len(rows) else v)
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(sorted(ks), [str(k) for k in sorted(ks)])
+            ax.xaxis.set_minor_locator(NullLocator())
+            ax.set_xlabel("k (active latents per token)")
+            ax.set_ylabel(label)
+        axes[1].axhline(0.0, color="0.3", linewidth=0.8)
+        handles, labels = axes[0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="outside lower center", ncols=len(handles), frameon=False)
+        fig.suptitle(f"Sparsity-reconstruction frontier, {model} · {dataset} · layer {layer} · {site}\n"
+                     f"TopK SAEs with {d_sae} latents; ASI with d_init = {d_init}{_failed_note(data)}")
+    return fig, data
+
+
+def _plain_log_axis(axis) -> None:
+    """Label a log axis that spans less than a few decades with plain numbers (0.3, 2000)."""
+    axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 3.0, 5.0)))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_locator(NullLocator())
+
+
+def power_law(n: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """Least-squares fit of y = a * n^(-b) in log-log space; returns (a, b). Needs two points or more."""
+    slope, intercept = np.polyfit(np.log(np.asarray(n, float)), np.log(np.asarray(y, float)), 1)
+    return float(np.exp(intercept)), float(-slope)
+
+
+def fig7(runs: pd.DataFrame, model: str, dataset: str, layer: int, site: str, sizes: Sequence[int], k: int,
+         d_init: int, variants: Sequence[str]) -> tuple[Figure, pd.DataFrame]:
+    """Figure 7: scaling in the number of features at fixed k.
+
+    The rule behind the figure: each variant is trained at each size d_sae on the same
+    tokens in the same order with the same k. (A) NMSE at the end of training against
+    d_sae, log-log, with a power law NMSE = a * d_sae^(-b) fitted per variant (b in the
+    legend, a and b in the csv); (B) fraction of dead features (never fire on the
+    held-out window); (C) NMSE against the number of alive features, d_sae - dead.
+    Failed runs are named in the title, never dropped.
+
+    Args:
+        runs: the SAE runs table. sizes: the d_sae grid; variants: keys of ``VARIANTS``.
+    """
+    from attnspace.sae.runs import variant_run
+
+    expected = {variant_run(v, n, k, d_init): (v, n) for v in variants for n in sizes}
+    data = _sweep_rows(runs, model, dataset, layer, site, expected)
+    data["n_alive"] = data["d_sae"] - data["n_dead"]
+    data["fit_coefficient"] = np.nan
+    data["fit_exponent"] = np.nan
+    ok = data["status"] == "ok"
+    for v in variants:
+        mine = ok & (data["variant"] == v)
+        if mine.sum() >= 2:
+            a, b = power_law(data.loc[mine, "d_sae"], data.loc[mine, "nmse"])
+            data.loc[data["variant"] == v, ["fit_coefficient", "fit_exponent"]] = a, b
+    with _style():
+        fig = _new_figure((15.0, 4.6))
+        axes = fig.subplots(1, 3)
+        for v in variants:
+            rows = data[ok & (data["variant"] == v)].sort_values("d_sae")
+            if rows.empty:
+                continue
+            color, marker, style = VARIANT_STYLE[v]
+            label = rows["variant_label"].iloc[0]
+            b = rows["fit_exponent"].iloc[0]
+            fit_label = f"{label} (b = {b:.2f})" if np.isfinite(b) else label
+            axes[0].plot(rows["d_sae"], rows["nmse"], color=color, marker=marker, linestyle="none", label=fit_label)
+            if np.isfinite(b):
+                grid = np.geomspace(rows["d_sae"].min(), rows["d_sae"].max(), 50)
+                axes[0].plot(grid, rows["fit_coefficient"].iloc[0] * grid ** -b, color=color, linestyle=style,
+                             linewidth=1.4)
+            axes[1].plot(rows["d_sae"], rows["dead_fraction"], color=color, marker=marker, linestyle=style,
+                         linewidth=1.6, label=label)
+            axes[2].plot(rows["n_alive"], rows["nmse"], color=color, marker=marker, linestyle=style, linewidth=1.6,
+                         label=label)
+        axes[0].set(xscale="log", yscale="log", xlabel="d_sae (features)", ylabel="NMSE (held-out)",
+                    title="(A) NMSE ≈ a · d_sae^(−b), fitted")
+        axes[1].set(xscale="log", xlabel="d_sae (features)", ylabel="dead features / d_sae", ylim=(0, 1.02),
+                    title="(B) dead features")
+        axes[2].set(xscale="log", yscale="log", xlabel="alive features (d_sae − dead)", ylabel="NMSE (held-out)",
+                    title="(C) NMSE vs alive features")
+        for ax in axes[:2]:
+            ax.set_xticks(sorted(sizes), [str(n) for n in sorted(sizes)])
+            ax.xaxis.set_minor_locator(NullLocator())
+        _plain_log_axis(axes[0].yaxis)
+        _plain_log_axis(axes[2].xaxis)
+        _plain_log_axis(axes[2].yaxis)
+        handles, labels = axes[0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="outside lower center", ncols=len(handles), frameon=False)
+        fig.suptitle(f"Scaling the number of features, {model} · {dataset} · layer {layer} · {site}\n"
+                     f"TopK SAEs with k = {k}; ASI with d_init = {d_init}{_failed_note(data)}")
     return fig, data
 
 

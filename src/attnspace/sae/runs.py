@@ -4,6 +4,11 @@ A run is named ``{init}-d{d_init}-{optimizer}-n{d_sae}-k{k}[-auxk]`` (d_init 0 f
 the base init), e.g. ``asi-d64-adam-n4608-k32``; it is the last folder of
 ``results/saes/{model}/{dataset}/L{layer}/{site}/{run}/``. This module is the one
 place that writes and reads the name.
+
+The sweeps of Figures 6 and 7 compare named *variants* (:data:`VARIANTS`): each is an
+(init, optimizer, AuxK) triple, so a variant at a given size, k and d_init is one run
+name, and a run shared by several figures (e.g. base TopK at 8x and the focus k) is
+trained once.
 """
 
 from __future__ import annotations
@@ -18,9 +23,41 @@ RUN = re.compile(r"^(?P<init>base|asi|random_subspace)-d(?P<d_init>\d+)-(?P<opti
                  r"-n(?P<d_sae>\d+)-k(?P<k>\d+)(?P<auxk>-auxk)?$")
 RUN_PATH = re.compile(r"(?P<model>[^/]+)/(?P<dataset>[^/]+)/L(?P<layer>\d+)/(?P<site>[a-z_]+)/(?P<run>[^/]+)/metrics\.json$")
 
-RUN_COLUMNS = ["model", "dataset", "layer", "site", "run", "init", "d_init", "optimizer", "auxk", "d_sae", "k",
-               "tokens_trained", "nmse", "explained_variance", "l0", "dead_fraction", "n_dead",
+RUN_COLUMNS = ["model", "dataset", "layer", "site", "run", "variant", "init", "d_init", "optimizer", "auxk", "d_sae", "k",
+               "lr", "tokens_trained", "nmse", "explained_variance", "l0", "dead_fraction", "n_dead",
                "dead_window_tokens", "delta_lm_loss", "lm_loss_recovered", "tokens_per_second", "status", "failure"]
+
+
+VARIANTS = {
+    "topk": ("base", "adam", False),
+    "topk_auxk": ("base", "adam", True),
+    "asi": ("asi", "adam", False),
+    "asi_sparseadam": ("asi", "sparse_adam", False),
+}
+"""Sweep variant -> (init, optimizer, auxk): TopK, TopK + AuxK, ASI, ASI + SparseAdam (Figures 6, 7)."""
+
+VARIANT_LABELS = {
+    "topk": "TopK",
+    "topk_auxk": "TopK + AuxK",
+    "asi": "Active Subspace Init",
+    "asi_sparseadam": "ASI + SparseAdam",
+}
+
+
+def variant_run(variant: str, d_sae: int, k: int, d_init: int) -> str:
+    """The run name of a sweep variant (d_init applies to the ASI variants only)."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown SAE variant {variant!r}; choose from {', '.join(VARIANTS)}")
+    init, optimizer, auxk = VARIANTS[variant]
+    return run_name(init, d_init if init != "base" else None, optimizer, d_sae, k, auxk)
+
+
+def variant_of(init: str, optimizer: str, auxk: bool) -> str | None:
+    """The sweep variant a run belongs to, or None (e.g. a random-subspace control)."""
+    for name, triple in VARIANTS.items():
+        if triple == (init, optimizer, bool(auxk)):
+            return name
+    return None
 
 
 def run_name(init: str, d_init: int | None, optimizer: str, d_sae: int, k: int, auxk: bool = False) -> str:
@@ -50,5 +87,6 @@ def runs_table(metrics_paths: list[str | Path]) -> pd.DataFrame:
         nmse = row.get("nmse")
         finite = isinstance(nmse, (int, float)) and nmse == nmse and abs(nmse) != float("inf")
         row["status"] = "ok" if finite and metrics.get("status", "ok") == "ok" else "failed"
+        row["variant"] = variant_of(row["init"], row["optimizer"], row["auxk"])
         rows.append({c: row.get(c) for c in RUN_COLUMNS})
     return pd.DataFrame(rows, columns=RUN_COLUMNS)
