@@ -19,6 +19,7 @@ rows that enter statistics: BOS and EOS never do.
 from __future__ import annotations
 
 import ast
+import functools
 import random
 import sysconfig
 from dataclasses import dataclass
@@ -130,10 +131,16 @@ def keep_mask(ids: np.ndarray, special_ids: set[int]) -> np.ndarray:
     return ~np.isin(ids, np.fromiter(special_ids, dtype=np.int64, count=len(special_ids)))
 
 
+@functools.lru_cache(maxsize=None)
+def _embedded(name: str) -> tuple[str, ...]:
+    """An embedded corpus, read once per process (it is parsed from the standard library)."""
+    return tuple(EMBEDDED[name]())
+
+
 def documents(source: dict, seed: int) -> Iterator[str]:
     """The documents of a dataset's ``source`` config, in a deterministic shuffled order."""
     if source["kind"] == "embedded":
-        docs = list(EMBEDDED[source["name"]]())
+        docs = list(_embedded(source["name"]))
         random.Random(seed).shuffle(docs)
         return iter(docs)
     if source["kind"] == "hub":

@@ -57,6 +57,8 @@ class SAETrainConfig:
     """Seed for the initialisation and the shuffle buffer."""
     device: str = "cpu"
     """Torch device to train on."""
+    fast: bool | None = None
+    """Fast training path (attnspace.sae.fast: bf16 encoder GEMM on CUDA, fused optimizer); None: on CUDA only."""
     log_every: int = 100
     """Steps between progress lines (0: silent)."""
 
@@ -93,7 +95,7 @@ class SAETrainConfig:
     def result_fields(self) -> dict:
         """The settings that determine the trained weights (a checkpoint must match them to be resumed)."""
         d = self.to_dict()
-        for key in ("device", "log_every", "checkpoint_every", "eval_tokens"):
+        for key in ("device", "fast", "log_every", "checkpoint_every", "eval_tokens"):
             d.pop(key)
         d["betas"] = list(d["betas"])
         d["init_norm_grid"] = list(d["init_norm_grid"])

@@ -65,7 +65,11 @@ class DeadLatentTracker:
     def update(self, values: Tensor, indices: Tensor) -> None:
         """values, indices: [B, K] of one training batch of B tokens."""
         self.tokens_since_fired += values.shape[0]
-        self.tokens_since_fired[indices[values > 0]] = 0
+        # Without boolean indexing (a host sync): inactive entries mark a spare slot n.
+        n = self.tokens_since_fired.shape[0]
+        fired = torch.zeros(n + 1, dtype=torch.bool, device=indices.device)
+        fired.index_fill_(0, torch.where(values > 0, indices, n).reshape(-1), True)
+        self.tokens_since_fired.masked_fill_(fired[:n], 0)
 
     def dead(self) -> Tensor:
         """bool [n]: latents that have not fired for ``threshold_tokens`` tokens."""

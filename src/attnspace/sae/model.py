@@ -10,6 +10,9 @@ Variant, stated once:
 * Decoder norms are free: neither constrained to 1 nor folded. Initialisation sets
   one global norm for every direction (Appendix E.2); training may change it.
 
+Training on CUDA takes :mod:`attnspace.sae.fast` (``fast = True``): the same model, rule and
+gradients with fewer bytes moved; everything else (evaluation, inference) runs here.
+
 The SAE works on dataset-wise normalised activations (mean norm sqrt(d)); the raw
 mean norm is kept in ``dataset_norm`` and :func:`reconstruct` maps raw to raw.
 """
@@ -23,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from attnspace.sae.fast import fast_forward
 from attnspace.sae.losses import auxk_loss, nmse
 from attnspace.sae.sparse import encode_gather, sparse_decode
 
@@ -65,6 +69,10 @@ class TopKSAE(nn.Module):
         """Mean L2 norm of the raw activations (None: inputs are used as given)."""
         self.sparse_grad = False
         """Return sparse COO gradients for W_enc, b_enc, W_dec (SparseAdam) instead of dense (Adam)."""
+        self.fast = False
+        """Training forward (grad mode on) through :mod:`attnspace.sae.fast`; set by train_sae on CUDA."""
+        self.matmul_dtype: torch.dtype | None = None
+        """dtype of the fast path's encoder GEMM (None: the weights' dtype; train_sae: bf16 on CUDA)."""
 
     @property
     def norm_factor(self) -> float:
@@ -87,6 +95,8 @@ class TopKSAE(nn.Module):
         """x [B, d] normalised. With ``dead`` (bool [n]) and k_aux > 0, also the AuxK loss:
         the min(k_aux, #dead) dead latents with the largest pre-activations reconstruct
         the detached residual, without decoder bias."""
+        if self.fast and torch.is_grad_enabled():
+            return ForwardOutput(*fast_forward(self, x, dead, k_aux))
         enc = self.encode(x)
         x_hat = self.decode(enc.values, enc.indices)
         aux = x_hat.new_zeros(())

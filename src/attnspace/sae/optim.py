@@ -12,14 +12,28 @@ scatter (no sparse-mask round trips), and it also accepts dense gradients, so on
 optimizer holds every parameter of the SAE. The arithmetic follows torch's line by
 line; ``tests/test_sae_optim.py`` compares the two on the same sparse gradients.
 (The authors' masked-dense variant, which decays every moment each step, is not this.)
+
+On CUDA (with Triton), a row-sparse gradient of a 2-D parameter is applied by one fused
+kernel (:func:`_fused_row_step`): per touched weight it reads parameter, both moments and
+gradient once and writes parameter, moments and, where the parameter has one, its bf16
+mirror (:func:`attnspace.sae.fast.lowp_weight`), with the same operations in the same order
+(IEEE division and square root, no fused multiply-add). The eager path above it moves
+about 30 [U, d] tensors through memory for the same result; see :mod:`attnspace.sae.fast`.
+:func:`make_optimizer` gives torch's fused Adam on CUDA.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 from torch import Tensor
+
+from attnspace.sae.fast import lowp_mirror, mirror_synced
+
+FUSED: bool | None = None
+"""Fused row kernel for SparseAdam: None = on CUDA when Triton is importable; True/False forces it (tests)."""
 
 
 class SparseAdam(torch.optim.Optimizer):
@@ -50,6 +64,11 @@ class SparseAdam(torch.optim.Optimizer):
                 if g.numel() == 0:
                     continue
                 m, v = state["exp_avg"], state["exp_avg_sq"]
+                step = state["step"]
+                step_size = group["lr"] * math.sqrt(1 - beta2**step) / (1 - beta1**step)
+                if rows is not None and _use_fused(p, g):
+                    _fused_row_step(p, m, v, rows, g, beta1, beta2, eps, step_size)
+                    continue
                 old_m = m if rows is None else m.index_select(0, rows)
                 old_v = v if rows is None else v.index_select(0, rows)
                 # Same operations, in the same order, as torch.optim._functional.sparse_adam.
@@ -58,8 +77,6 @@ class SparseAdam(torch.optim.Optimizer):
                 new_m = old_m + dm
                 new_v = old_v + dv
                 denom = (dv + old_v).sqrt_().add_(eps)
-                step = state["step"]
-                step_size = group["lr"] * math.sqrt(1 - beta2**step) / (1 - beta1**step)
                 update = -step_size * (dm + old_m).div_(denom)
                 if rows is None:
                     m.copy_(new_m)
@@ -77,14 +94,79 @@ def _rows_and_values(grad: Tensor) -> tuple[Tensor | None, Tensor]:
         return None, grad
     if grad.sparse_dim() != 1:
         raise ValueError("SparseAdam expects row-sparse gradients (sparse_dim 1)")
+    rows = grad._indices()[0]
+    # Autograd drops the coalesced flag of the gradients the SAE builds (sorted, unique rows);
+    # checking the order is one pass over U ids, coalescing a copy of all [U, d] values.
+    if grad.is_coalesced() or bool((rows[1:] > rows[:-1]).all()):
+        return rows, grad._values()
     grad = grad.coalesce()  # sums duplicate rows (e.g. a latent in both the TopK and AuxK sets)
     return grad.indices()[0], grad.values()
 
 
+def _use_fused(p: Tensor, g: Tensor) -> bool:
+    if FUSED is not None:
+        return FUSED and p.dim() == 2
+    return p.is_cuda and p.dim() == 2 and p.is_contiguous() and _triton_kernel() is not None
+
+
+@functools.cache
+def _triton_kernel():
+    """The fused row kernel, or None without Triton."""
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:
+        return None
+
+    @triton.jit
+    def row_adam(P, M, V, G, ROWS, LOWP, D, c1, c2, eps, neg_step_size, HAS_LOWP: tl.constexpr,
+                 BLOCK: tl.constexpr):
+        i = tl.program_id(0)  # touched row i of U
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < D
+        dst = tl.load(ROWS + i).to(tl.int64) * D + cols  # int64: n d exceeds 2^31 at 1M latents
+        g = tl.load(G + i.to(tl.int64) * D + cols, mask=mask)
+        m = tl.load(M + dst, mask=mask)
+        v = tl.load(V + dst, mask=mask)
+        p = tl.load(P + dst, mask=mask)
+        dm = (g - m) * c1  # the operations of torch.optim._functional.sparse_adam, in its order
+        dv = (g * g - v) * c2
+        m_new = m + dm
+        v_new = v + dv
+        denom = tl.sqrt_rn(dv + v) + eps
+        p_new = p + neg_step_size * tl.div_rn(dm + m, denom)
+        tl.store(M + dst, m_new, mask=mask)
+        tl.store(V + dst, v_new, mask=mask)
+        tl.store(P + dst, p_new, mask=mask)
+        if HAS_LOWP:
+            tl.store(LOWP + dst, p_new.to(LOWP.dtype.element_ty), mask=mask)
+
+    return triton, row_adam
+
+
+def _fused_row_step(p: Tensor, m: Tensor, v: Tensor, rows: Tensor, g: Tensor, beta1: float, beta2: float,
+                    eps: float, step_size: float) -> None:
+    """SparseAdam's update of rows [U] of p, m, v [n, D] from values g [U, D], in one kernel."""
+    triton, kernel = _triton_kernel()
+    U, D = g.shape
+    if U == 0:
+        return
+    lowp = lowp_mirror(p)
+    block = min(1024, triton.next_power_of_2(D))
+    kernel[(U, triton.cdiv(D, block))](
+        p, m, v, g.contiguous(), rows, lowp if lowp is not None else p, D, 1 - beta1, 1 - beta2, eps, -step_size,
+        HAS_LOWP=lowp is not None, BLOCK=block, enable_fp_fusion=False)
+    torch.autograd.graph.increment_version(p)  # p changed in place, outside torch's ops
+    if lowp is not None:
+        mirror_synced(p)
+
+
 def make_optimizer(name: str, params, lr: float, betas: tuple[float, float], eps: float) -> torch.optim.Optimizer:
-    """'adam' -> torch.optim.Adam (dense gradients); 'sparse_adam' -> :class:`SparseAdam`."""
+    """'adam' -> torch.optim.Adam (dense gradients; fused on CUDA); 'sparse_adam' -> :class:`SparseAdam`."""
     if name == "adam":
-        return torch.optim.Adam(params, lr=lr, betas=tuple(betas), eps=eps)
+        params = list(params)
+        fused = all(p.is_cuda for p in params) or None  # torch's one-kernel Adam on CUDA; CPU as before
+        return torch.optim.Adam(params, lr=lr, betas=tuple(betas), eps=eps, fused=fused)
     if name == "sparse_adam":
         return SparseAdam(params, lr=lr, betas=tuple(betas), eps=eps)
     raise ValueError(f"optimizer must be 'adam' or 'sparse_adam', got {name!r}")
@@ -112,7 +194,11 @@ def load_optimizer_tensors(opt: torch.optim.Optimizer, names: list[str], tensors
             continue
         step = float(tensors[f"optim.{name}.step"][0])
         state = opt.state[p]
-        # torch Adam keeps the step as a float32 scalar tensor; SparseAdam as an int.
-        state["step"] = torch.tensor(step, dtype=torch.float32) if isinstance(opt, torch.optim.Adam) else int(step)
+        # torch Adam keeps the step as a float32 scalar tensor (on the parameter's device when fused); SparseAdam as an int.
+        if isinstance(opt, torch.optim.Adam):
+            fused = any(g.get("fused") for g in opt.param_groups)
+            state["step"] = torch.tensor(step, dtype=torch.float32, device=p.device if fused else "cpu")
+        else:
+            state["step"] = int(step)
         state["exp_avg"] = tensors[f"optim.{name}.exp_avg"].to(p.device, p.dtype).clone()
         state["exp_avg_sq"] = tensors[f"optim.{name}.exp_avg_sq"].to(p.device, p.dtype).clone()

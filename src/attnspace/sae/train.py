@@ -86,6 +86,8 @@ def train_sae(
     d = sample.shape[1]
     sae = TopKSAE(d, config.n_latents(d), config.k, dataset_norm=mean_norm(sample)).to(device)
     sae.sparse_grad = config.optimizer == "sparse_adam"
+    sae.fast = device.type == "cuda" if config.fast is None else config.fast  # same model, see attnspace.sae.fast
+    sae.matmul_dtype = torch.bfloat16 if sae.fast and device.type == "cuda" else None
     opt = make_optimizer(config.optimizer, [getattr(sae, p) for p in _PARAMS], config.learning_rate,
                          config.betas, config.eps)
     tracker = DeadLatentTracker(sae.d_sae, config.dead_threshold_tokens, device)
@@ -131,6 +133,7 @@ def train_sae(
         if on_step is not None:
             on_step(done)
     train_seconds = time.perf_counter() - t0
+    opt.zero_grad(set_to_none=True)  # free the last gradients before evaluation (1M latents: GiBs)
 
     metrics = dict(
         d_model=d, d_sae=sae.d_sae, k=config.k, init=config.init, d_init=config.d_init, init_norm=init_norm,
