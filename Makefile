@@ -1,5 +1,6 @@
 # make run   : set up .venv, fetch the embedded models, run the whole pipeline on config.yaml
 # make test  : set up .venv if needed, run the test suite (what .ci/run calls)
+# make report / gallery / times : the Snakemake report, the README gallery, per-stage times
 
 PYTHON ?= python3
 VENV   := .venv
@@ -9,7 +10,7 @@ CORES  ?= all
 # Rules call the `attnspace` CLI: put the venv first on PATH.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: run test test-all bench lint dry-run report clean
+.PHONY: run test test-all bench lint dry-run report gallery times clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +24,7 @@ run: $(STAMP)
 	@echo
 	@echo "Figures:  $$(ls results/figures/*.pdf | tr '\n' ' ')"
 	@echo "Tables:   $$(ls results/tables/*.csv | tr '\n' ' ')"
+	@echo "Claims:   results/claims.md (the verdict); report: make report"
 	@echo "Per-stage times: results/benchmarks/; logs: results/logs/"
 
 test: $(STAMP)
@@ -43,6 +45,14 @@ dry-run: $(STAMP)
 
 report: $(STAMP)
 	$(BIN)/snakemake --report results/report.zip
+
+# Small PNGs and the claims table under docs/gallery/, and the README's generated blocks
+gallery: $(STAMP)
+	$(BIN)/snakemake --cores $(CORES) --workflow-profile profiles/default gallery
+
+# Per-stage times of the last run (from results/benchmarks/), as the README records them
+times: $(STAMP)
+	$(BIN)/attnspace stage-times results/benchmarks
 
 clean:
 	rm -rf results .snakemake

@@ -7,7 +7,8 @@
 #
 # Stages, in order: rules/models.smk -> tokens.smk -> cache.smk -> spectra.smk -> figures.smk,
 # then interventions.smk (loss recovered, Figure 2B), wo.smk (W^O decomposition, Figure 3),
-# sae.smk (SAE training, Figure 5), dead_features.smk (Figure 4) and lorsa.smk (Table 1)
+# sae.smk (SAE training, Figures 5-7), dead_features.smk (Figure 4), lorsa.smk (Table 1) and
+# report.smk (the claims table; `snakemake gallery` refreshes docs/gallery and the README's blocks)
 
 import os
 
@@ -37,11 +38,16 @@ include: "rules/wo.smk"
 include: "rules/sae.smk"
 include: "rules/dead_features.smk"
 include: "rules/lorsa.smk"
+include: "rules/report.smk"
+
+
+report: "docs/report.rst"
 
 
 rule all:
     input:
         figure_targets(),
         "results/tables/table1_lorsa.md",
+        "results/claims.md",
     default_target: True
     localrule: True

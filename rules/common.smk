@@ -15,6 +15,7 @@ GPU = 1 if shutil.which("nvidia-smi") else 0
 
 # Library sources that some cheap rules take as inputs, so editing them reruns those rules.
 CODE = Path(workflow.basedir) / "src" / "attnspace"
+FIGURE_CODE = [CODE / "figures.py", CODE / "captions.py", CODE / "claims.py"]  # drawing and caption numbers
 
 MODELS = sorted(config["models"])
 DATASETS = sorted(config["datasets"])
@@ -59,6 +60,19 @@ def all_spectra():
         for layer in config["models"][model]["layers"]
         for site in config["spectrum"]["sites"]
     ]
+
+
+CAPTIONS = Path(workflow.basedir) / "docs" / "captions"
+
+
+def caption_text(name):
+    """The fixed part of a figure's report caption (what it shows); the figure job adds the numbers."""
+    return CAPTIONS / f"{name}.rst"
+
+
+def report_caption(name):
+    """The caption the report shows: written by the figure job beside the figure, with this run's numbers."""
+    return os.path.abspath(f"results/figures/{name}.caption.rst")
 
 
 def figure_targets():
@@ -106,10 +120,13 @@ def sae_settings(wildcards):
     the learning rate is the run's optimizer's; a live source adds the documents to run the model on."""
     aux = SAE["auxk"]
     lr = SAE["lr"][parse_run_name(wildcards.run)["optimizer"]]
+    # The LM loss with the SAE spliced in is drawn by Figure 6 only: other runs skip it (and the model load).
+    run = f"results/saes/{wildcards.model}/{wildcards.dataset}/L{wildcards.layer}/{wildcards.site}/{wildcards.run}/metrics.json"
+    lm_tokens = SAE["lm_eval_tokens"] if run in FIG6_RUNS else 0
     settings = (
         f"--batch-size {SAE['batch_size']} --train-tokens {SAE['train_tokens']} "
         f"--buffer-rows {SAE['buffer_rows']} --lr {lr} --eval-tokens {SAE['eval_tokens']} "
-        f"--lm-eval-tokens {SAE['lm_eval_tokens']} --k-aux {aux['k_aux']} --auxk-alpha {aux['alpha']} "
+        f"--lm-eval-tokens {lm_tokens} --k-aux {aux['k_aux']} --auxk-alpha {aux['alpha']} "
         f"--dead-threshold-tokens {aux['dead_threshold_tokens']} --seed {SAE['seed']}"
     )
     if SAE["source"] == "live":
@@ -140,6 +157,9 @@ def fig6_runs():
     f6 = config["fig6"]
     n = f6["expansion"] * config["models"][FOCUS_MODEL]["d_model"]
     return [focus_run(f6["site"], variant_run(v, n, k, f6["d_init"])) for v in f6["variants"] for k in f6["k"]]
+
+
+FIG6_RUNS = set(fig6_runs()) if "fig6" in config["figures"] else set()
 
 
 def fig7_runs():
@@ -184,7 +204,7 @@ def sweep_args(name):
 def fig5_focus_args():
     return (
         f"--model {FOCUS_MODEL} --dataset {FOCUS_DATASET} --layer {config['focus']['layer']} "
-        f"--site {config['fig5']['site']} --d-sae {d_sae(FOCUS_MODEL)} --k {SAE['k']}"
+        f"--site {config['fig5']['site']} --d-sae {d_sae(FOCUS_MODEL)} --k {SAE['k']} --optimizer {SAE['optimizer']}"
     )
 
 
@@ -228,3 +248,11 @@ def all_lorsa_runs():
         for model in config["lorsa"]["models"]
         for init in ("vanilla", "asi")
     ]
+
+
+def claims_inputs(wildcards):
+    """The csv behind each configured figure that a claim reads, and Table 1."""
+    wanted = [n for n in ("fig1", "fig3", "fig4", "fig5", "fig6", "fig7") if n in config["figures"]]
+    inputs = {name: f"results/figures/{name}.csv" for name in wanted}
+    inputs["table1"] = "results/tables/table1_lorsa.csv"
+    return inputs

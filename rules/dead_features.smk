@@ -75,16 +75,18 @@ rule dead_features_table:
 
 rule fig4:
     input:
+        text=caption_text("fig4"),
         table="results/tables/dead_features.csv",
-        code=CODE / "figures.py",
+        code=FIGURE_CODE,
     output:
         pdf=report(
             "results/figures/fig4.pdf",
-            category="5 Active subspace initialisation",
-            caption="../docs/captions/fig4.rst",
+            category="5.1 Dead features and intrinsic dimension",
+            caption=report_caption("fig4"),
         ),
         png="results/figures/fig4.png",
         csv="results/figures/fig4.csv",
+        caption="results/figures/fig4.caption.rst",
     log:
         "results/logs/figures/fig4.log",
     benchmark:
@@ -96,4 +98,4 @@ rule fig4:
     conda:
         "../envs/attnspace.yaml"
     shell:
-        "attnspace figure fig4 --table {input.table} --out {output.pdf} > {log} 2>&1"
+        "attnspace figure fig4 --caption {input.text} --table {input.table} --out {output.pdf} > {log} 2>&1"

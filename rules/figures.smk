@@ -6,16 +6,18 @@ FOCUS = config["focus"]
 
 rule fig1:
     input:
+        text=caption_text("fig1"),
         table="results/tables/intrinsic_dim.csv",
-        code=CODE / "figures.py",
+        code=FIGURE_CODE,
     output:
         pdf=report(
             "results/figures/fig1.pdf",
-            category="4 Low-rank structure",
-            caption="../docs/captions/fig1.rst",
+            category="4.2 Low-rank structure of attention outputs",
+            caption=report_caption("fig1"),
         ),
         png="results/figures/fig1.png",
         csv="results/figures/fig1.csv",
+        caption="results/figures/fig1.caption.rst",
     params:
         threshold=config["figures"].get("fig1", {}).get("threshold", 0.99),
     log:
@@ -29,22 +31,24 @@ rule fig1:
     conda:
         "../envs/attnspace.yaml"
     shell:
-        "attnspace figure fig1 --table {input.table} --threshold {params.threshold} "
+        "attnspace figure fig1 --caption {input.text} --table {input.table} --threshold {params.threshold} "
         "--out {output.pdf} > {log} 2>&1"
 
 
 rule fig2a:
     input:
+        text=caption_text("fig2a"),
         table="results/tables/spectra.csv",
-        code=CODE / "figures.py",
+        code=FIGURE_CODE,
     output:
         pdf=report(
             "results/figures/fig2a.pdf",
-            category="4 Low-rank structure",
-            caption="../docs/captions/fig2a.rst",
+            category="4.2 Low-rank structure of attention outputs",
+            caption=report_caption("fig2a"),
         ),
         png="results/figures/fig2a.png",
         csv="results/figures/fig2a.csv",
+        caption="results/figures/fig2a.caption.rst",
     params:
         focus=f"--model {FOCUS['model']} --dataset {FOCUS['dataset']} --layer {FOCUS['layer']}",
     log:
@@ -58,21 +62,23 @@ rule fig2a:
     conda:
         "../envs/attnspace.yaml"
     shell:
-        "attnspace figure fig2a --table {input.table} {params.focus} --out {output.pdf} > {log} 2>&1"
+        "attnspace figure fig2a --caption {input.text} --table {input.table} {params.focus} --out {output.pdf} > {log} 2>&1"
 
 
 rule fig8:
     input:
+        text=caption_text("fig8"),
         table="results/tables/spectra.csv",
-        code=CODE / "figures.py",
+        code=FIGURE_CODE,
     output:
         pdf=report(
             "results/figures/fig8.pdf",
             category="C Other models and datasets",
-            caption="../docs/captions/fig8.rst",
+            caption=report_caption("fig8"),
         ),
         png="results/figures/fig8.png",
         csv="results/figures/fig8.csv",
+        caption="results/figures/fig8.caption.rst",
     params:
         focus=f"--model {FOCUS['model']} --dataset {FOCUS['dataset']}",
     log:
@@ -86,21 +92,23 @@ rule fig8:
     conda:
         "../envs/attnspace.yaml"
     shell:
-        "attnspace figure fig8 --table {input.table} {params.focus} --out {output.pdf} > {log} 2>&1"
+        "attnspace figure fig8 --caption {input.text} --table {input.table} {params.focus} --out {output.pdf} > {log} 2>&1"
 
 
 rule fig9:
     input:
+        text=caption_text("fig9"),
         table="results/tables/intrinsic_dim.csv",
-        code=CODE / "figures.py",
+        code=FIGURE_CODE,
     output:
         pdf=report(
             "results/figures/fig9.pdf",
             category="D Other variance thresholds",
-            caption="../docs/captions/fig9.rst",
+            caption=report_caption("fig9"),
         ),
         png="results/figures/fig9.png",
         csv="results/figures/fig9.csv",
+        caption="results/figures/fig9.caption.rst",
     params:
         thresholds=config["figures"].get("fig9", {}).get("thresholds", [0.5, 0.9, 0.999, 0.9999]),
     log:
@@ -114,5 +122,5 @@ rule fig9:
     conda:
         "../envs/attnspace.yaml"
     shell:
-        "attnspace figure fig9 --table {input.table} --thresholds {params.thresholds} "
+        "attnspace figure fig9 --caption {input.text} --table {input.table} --thresholds {params.thresholds} "
         "--out {output.pdf} > {log} 2>&1"

@@ -61,17 +61,19 @@ rule loss_recovered_table:
 
 rule fig2b:
     input:
+        text=caption_text("fig2b"),
         table="results/tables/loss_recovered.csv",
         summary="results/tables/loss_recovered_summary.csv",
-        code=CODE / "figures.py",
+        code=FIGURE_CODE,
     output:
         pdf=report(
             "results/figures/fig2b.pdf",
-            category="4 Low-rank structure",
-            caption="../docs/captions/fig2b.rst",
+            category="4.2 Low-rank structure of attention outputs",
+            caption=report_caption("fig2b"),
         ),
         png="results/figures/fig2b.png",
         csv="results/figures/fig2b.csv",
+        caption="results/figures/fig2b.caption.rst",
     log:
         "results/logs/figures/fig2b.log",
     benchmark:
@@ -83,4 +85,4 @@ rule fig2b:
     conda:
         "../envs/attnspace.yaml"
     shell:
-        "attnspace figure fig2b --table {input.table} --summary {input.summary} --out {output.pdf} > {log} 2>&1"
+        "attnspace figure fig2b --caption {input.text} --table {input.table} --summary {input.summary} --out {output.pdf} > {log} 2>&1"

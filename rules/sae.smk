@@ -57,16 +57,18 @@ rule sae_runs_table:
 
 rule fig5:
     input:
+        text=caption_text("fig5"),
         table="results/tables/sae_runs.csv",
-        code=CODE / "figures.py",
+        code=FIGURE_CODE,
     output:
         pdf=report(
             "results/figures/fig5.pdf",
-            category="5 Active subspace initialisation",
-            caption="../docs/captions/fig5.rst",
+            category="5.2 Active subspace initialisation",
+            caption=report_caption("fig5"),
         ),
         png="results/figures/fig5.png",
         csv="results/figures/fig5.csv",
+        caption="results/figures/fig5.caption.rst",
     params:
         focus=fig5_focus_args(),
     log:
@@ -80,21 +82,23 @@ rule fig5:
     conda:
         "../envs/attnspace.yaml"
     shell:
-        "attnspace figure fig5 --table {input.table} {params.focus} --out {output.pdf} > {log} 2>&1"
+        "attnspace figure fig5 --caption {input.text} --table {input.table} {params.focus} --out {output.pdf} > {log} 2>&1"
 
 
 rule fig6:
     input:
+        text=caption_text("fig6"),
         runs=fig6_runs(),
-        code=CODE / "figures.py",
+        code=FIGURE_CODE,
     output:
         pdf=report(
             "results/figures/fig6.pdf",
-            category="5 Active subspace initialisation",
-            caption="../docs/captions/fig6.rst",
+            category="5.2 Active subspace initialisation",
+            caption=report_caption("fig6"),
         ),
         png="results/figures/fig6.png",
         csv="results/figures/fig6.csv",
+        caption="results/figures/fig6.caption.rst",
     params:
         sweep=sweep_args("fig6"),
     log:
@@ -108,21 +112,23 @@ rule fig6:
     conda:
         "../envs/attnspace.yaml"
     shell:
-        "attnspace figure fig6 --metrics {input.runs} {params.sweep} --out {output.pdf} > {log} 2>&1"
+        "attnspace figure fig6 --caption {input.text} --metrics {input.runs} {params.sweep} --out {output.pdf} > {log} 2>&1"
 
 
 rule fig7:
     input:
+        text=caption_text("fig7"),
         runs=fig7_runs(),
-        code=CODE / "figures.py",
+        code=FIGURE_CODE,
     output:
         pdf=report(
             "results/figures/fig7.pdf",
-            category="5 Active subspace initialisation",
-            caption="../docs/captions/fig7.rst",
+            category="5.3 Scaling laws",
+            caption=report_caption("fig7"),
         ),
         png="results/figures/fig7.png",
         csv="results/figures/fig7.csv",
+        caption="results/figures/fig7.caption.rst",
     params:
         sweep=sweep_args("fig7"),
     log:
@@ -136,4 +142,4 @@ rule fig7:
     conda:
         "../envs/attnspace.yaml"
     shell:
-        "attnspace figure fig7 --metrics {input.runs} {params.sweep} --out {output.pdf} > {log} 2>&1"
+        "attnspace figure fig7 --caption {input.text} --metrics {input.runs} {params.sweep} --out {output.pdf} > {log} 2>&1"

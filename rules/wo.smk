@@ -63,16 +63,18 @@ rule wo_tables:
 
 rule fig3:
     input:
+        text=caption_text("fig3"),
         table="results/tables/wo_decomposition.csv",
-        code=CODE / "figures.py",
+        code=FIGURE_CODE,
     output:
         pdf=report(
             "results/figures/fig3.pdf",
-            category="5 Origin of the low rank",
-            caption="../docs/captions/fig3.rst",
+            category="4.3 The low rank comes from W^O",
+            caption=report_caption("fig3"),
         ),
         png="results/figures/fig3.png",
         csv="results/figures/fig3.csv",
+        caption="results/figures/fig3.caption.rst",
     params:
         dataset=config["focus"]["dataset"],
         focus_layers=FOCUS_LAYERS,
@@ -87,5 +89,5 @@ rule fig3:
     conda:
         "../envs/attnspace.yaml"
     shell:
-        "attnspace figure fig3 --table {input.table} --dataset {params.dataset} "
+        "attnspace figure fig3 --caption {input.text} --table {input.table} --dataset {params.dataset} "
         "--focus-layers {params.focus_layers:q} --out {output.pdf} > {log} 2>&1"

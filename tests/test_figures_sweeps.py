@@ -79,3 +79,13 @@ def test_variant_names_round_trip():
     assert variant_of("random_subspace", "adam", False) is None
     with pytest.raises(ValueError, match="unknown SAE variant"):
         variant_run("asi_auxk_magic", 1024, 32, 128)
+
+
+def test_fig5_draws_only_the_inits_and_ignores_the_sweeps_other_variants():
+    from attnspace.figures import fig5
+
+    names = ["base-d0-adam-n512-k8", "asi-d16-adam-n512-k8", "random_subspace-d16-adam-n512-k8",
+             "base-d0-adam-n512-k8-auxk", "asi-d16-sparse_adam-n512-k8"]  # the last two belong to the sweeps
+    runs = table(names, lambda r: 0.5)
+    _, data = fig5(runs, **KEY, d_sae=512, k=8, optimizer="adam")
+    assert sorted(data["run"]) == sorted(names[:3])

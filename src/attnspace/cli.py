@@ -240,7 +240,7 @@ def cmd_figure(a):
 
         fig, data = figures.fig4(table, dead_vs_dimension(table))
     elif a.name == "fig5":
-        fig, data = figures.fig5(table, a.model, a.dataset, a.layer, a.site, a.d_sae, a.k)
+        fig, data = figures.fig5(table, a.model, a.dataset, a.layer, a.site, a.d_sae, a.k, a.optimizer)
     elif a.name == "fig6":
         fig, data = figures.fig6(table, a.model, a.dataset, a.layer, a.site, a.fixed * a.d_model, a.grid,
                                  a.d_init, a.variants)
@@ -251,6 +251,57 @@ def cmd_figure(a):
         raise SystemExit(f"unknown figure {a.name}")
     for path in figures.save_figure(fig, data, a.out):
         log.info("wrote %s", path)
+    if a.caption:
+        from attnspace.captions import caption
+        from attnspace.files import write_text
+
+        extra = {"summary": pd.read_csv(a.summary)} if a.name == "fig2b" else {}
+        text = caption(a.name, Path(a.caption).read_text(), data, **extra)
+        log.info("wrote %s", write_text(text, Path(a.out).with_suffix(".caption.rst")))
+
+
+CLAIM_INPUTS = ("fig1", "fig3", "fig4", "fig5", "fig6", "fig7", "table1")
+
+
+def cmd_claims(a):
+    import pandas as pd
+
+    from attnspace.claims import claims_markdown, claims_table
+    from attnspace.files import write_csv, write_text
+
+    data = {name: pd.read_csv(getattr(a, name)) if getattr(a, name) else None for name in CLAIM_INPUTS}
+    table = claims_table(data)
+    write_csv(table, a.out_csv)
+    write_text(claims_markdown(table), a.out_md)
+    for r in table.itertuples(index=False):
+        log.info("%s %s: %s (%s)", r.claim, r.tested_on, r.verdict, r.measured)
+
+
+def cmd_gallery(a):
+    import os
+
+    from attnspace.files import write_text
+    from attnspace.gallery import gallery_markdown, shrink_png, update_readme
+
+    if len(a.figures) != len(a.captions):
+        raise SystemExit("gallery: give one --captions file per --figures file, in the same order")
+    out = Path(a.out_dir)
+    readme_dir = Path(a.readme).resolve().parent
+    entries = []
+    for png, caption in zip(a.figures, a.captions):
+        small = shrink_png(png, out / Path(png).name, a.width)
+        entries.append((Path(png).stem, Path(os.path.relpath(small.resolve(), readme_dir)).as_posix(),
+                        Path(caption).read_text()))
+    claims = Path(a.claims).read_text()
+    write_text(claims, out / "claims.md")
+    if update_readme(a.readme, {"gallery": gallery_markdown(entries), "claims": claims}):
+        log.info("refreshed the gallery and claims blocks of %s", a.readme)
+
+
+def cmd_stage_times(a):
+    from attnspace.stage_times import stage_times, stage_times_markdown
+
+    print(stage_times_markdown(stage_times(a.root)))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -377,13 +428,35 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--site", help="fig5: the SAEs' site")
     s.add_argument("--d-sae", type=int, help="fig5: the SAEs' size")
     s.add_argument("--k", type=int, help="fig5: the SAEs' k")
+    s.add_argument("--optimizer", default="adam", help="fig5: the SAEs' optimizer")
     s.add_argument("--d-model", type=int, help="fig6/fig7: the site's width (sizes are expansions of it)")
     s.add_argument("--grid", type=int, nargs="+", help="fig6: the k grid; fig7: the expansion grid")
     s.add_argument("--fixed", type=int, help="fig6: the expansion; fig7: k")
     s.add_argument("--d-init", type=int, help="fig6/fig7: ASI's subspace dimension")
     s.add_argument("--variants", nargs="+", help="fig6/fig7: the variants drawn")
+    s.add_argument("--caption", help="the figure's fixed caption (rst); writes <out stem>.caption.rst with the numbers")
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_figure)
+
+    s = sub.add_parser("claims", help="the claims table: each claim of the paper, measured, with a verdict")
+    for name in CLAIM_INPUTS:
+        s.add_argument(f"--{name}", help=f"the data behind {name} (csv); absent: the claim is 'not run'")
+    s.add_argument("--out-csv", required=True)
+    s.add_argument("--out-md", required=True)
+    s.set_defaults(func=cmd_claims)
+
+    s = sub.add_parser("gallery", help="small figure PNGs and the claims table under docs/gallery, README blocks")
+    s.add_argument("--figures", nargs="+", required=True, help="figure PNGs")
+    s.add_argument("--captions", nargs="+", required=True, help="their fixed captions (rst), same order")
+    s.add_argument("--claims", required=True, help="results/claims.md")
+    s.add_argument("--out-dir", required=True)
+    s.add_argument("--width", type=int, default=900, help="pixels")
+    s.add_argument("--readme", default="README.md", help="README whose generated blocks to refresh (if it exists)")
+    s.set_defaults(func=cmd_gallery)
+
+    s = sub.add_parser("stage-times", help="per-stage job counts, times and memory from the benchmark files")
+    s.add_argument("root", nargs="?", default="results/benchmarks")
+    s.set_defaults(func=cmd_stage_times)
 
     from attnspace.cli_dictionaries import add_commands
 

@@ -167,12 +167,12 @@ def cmd_train_lorsa(a):
 
 
 def cmd_lorsa_table(a):
-    from attnspace.files import write_csv
+    from attnspace.files import write_csv, write_text
     from attnspace.lorsa import table1_frame, table1_markdown
 
     frame = table1_frame([json.loads(Path(p).read_text()) for p in a.metrics])
     write_csv(frame, a.csv)
-    Path(a.md).write_text(table1_markdown(frame) + "\n")
+    write_text(table1_markdown(frame) + "\n", a.md)
 
 
 def add_commands(sub) -> None:

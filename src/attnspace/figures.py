@@ -564,8 +564,8 @@ def fig3(wo: pd.DataFrame, focus_layers: dict[str, int], dataset: str) -> tuple[
 # ---------------------------------------------------------------- figure 4
 
 DEAD_COLUMNS = ("model", "dataset", "layer", "site", "dead_fraction", "intrinsic_dim_fraction")
-RUN_COLUMNS = ("model", "dataset", "layer", "site", "init", "d_init", "d_sae", "k", "nmse", "dead_fraction",
-               "status")
+RUN_COLUMNS = ("model", "dataset", "layer", "site", "init", "d_init", "optimizer", "auxk", "d_sae", "k", "nmse",
+               "dead_fraction", "status")
 INIT_STYLE = {
     "asi": ("active subspace init (ASI)", "#d55e00", "o"),
     "random_subspace": ("random subspace (control)", "#0173b2", "s"),
@@ -622,8 +622,8 @@ def fig4(dead: pd.DataFrame, correlation: dict) -> tuple[Figure, pd.DataFrame]:
 # ---------------------------------------------------------------- figure 5
 
 
-def fig5(runs: pd.DataFrame, model: str, dataset: str, layer: int, site: str, d_sae: int, k: int
-         ) -> tuple[Figure, pd.DataFrame]:
+def fig5(runs: pd.DataFrame, model: str, dataset: str, layer: int, site: str, d_sae: int, k: int,
+         optimizer: str = "adam") -> tuple[Figure, pd.DataFrame]:
     """Figure 5: dead features and NMSE against d_init, ASI vs the random-subspace control.
 
     The rule behind the figure: TopK SAEs of the same size and k, trained on the same
@@ -639,7 +639,9 @@ def fig5(runs: pd.DataFrame, model: str, dataset: str, layer: int, site: str, d_
     _require_columns(runs, RUN_COLUMNS, "the SAE runs table")
     sel = runs[(runs["model"] == model) & (runs["dataset"] == dataset) & (runs["layer"] == layer)
                & (runs["site"] == site) & (runs["d_sae"] == d_sae) & (runs["k"] == k)]
-    sel = sel[sel["init"].isin(["base", *INIT_STYLE])]
+    # only the inits differ: same optimizer, no AuxK (the sweeps' other variants share the folder)
+    sel = sel[sel["init"].isin(["base", *INIT_STYLE]) & (sel["optimizer"] == optimizer)
+              & ~sel["auxk"].astype(bool)]
     if sel.empty:
         raise ValueError(f"no SAE runs for {model} {dataset} layer {layer} {site} d_sae {d_sae} k {k}; "
                          f"available: {runs[['model', 'dataset', 'layer', 'site', 'd_sae', 'k']].drop_duplicates().to_dict('records')}")

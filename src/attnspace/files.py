@@ -32,6 +32,15 @@ def write_json(record: dict, path: Path | str) -> Path:
     return path
 
 
+def write_text(text: str, path: Path | str) -> Path:
+    """A text file (Markdown, reStructuredText), written to a temporary name and renamed into place."""
+    path = Path(path)
+    tmp = _tmp(path)
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
+
+
 def _c_order(value) -> np.ndarray:
     a = np.asarray(value)
     return a if a.flags.c_contiguous else a.copy(order="C")
