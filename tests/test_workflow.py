@@ -230,8 +230,14 @@ def test_dry_run_of_unknown_target_fails(tmp_path):
 
 
 def test_every_report_caption_exists():
+    """Fixed captions (paths relative to the rule file) exist; each figure's generated caption
+    starts from docs/captions/<figure>.rst, which must exist too."""
     import re
 
     for rule_file in (REPO / "rules").glob("*.smk"):
-        for caption in re.findall(r'caption="([^"]+)"', rule_file.read_text()):
+        text = rule_file.read_text()
+        for caption in re.findall(r'caption="(\.\./[^"]+)"', text):
             assert (rule_file.parent / caption).resolve().is_file(), (rule_file.name, caption)
+        for name in re.findall(r'report_caption\("(\w+)"\)', text):
+            assert (REPO / "docs" / "captions" / f"{name}.rst").is_file(), (rule_file.name, name)
+    assert {f"{name}.rst" for name in FIGURES} <= {p.name for p in (REPO / "docs" / "captions").iterdir()}
