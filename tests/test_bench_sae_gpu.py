@@ -83,3 +83,18 @@ def test_memory_model_at_the_paper_sizes():
     assert mm(2**20, d, B, k, "adam")["total"] > 131  # more than an H200 holds
     assert mm(2**19, d, B, k, "adam")["total"] < mm(2**20, d, B, k, "sparse_adam")["total"]
     assert 0.17 < sparse["touched"] / 2**20 < 0.18  # 1 - exp(-B k / n)
+
+
+def test_bench_runs_with_torch_alone(tmp_path):
+    """The GPU machine's image has torch but not zarr, dask, gguf or jsonschema: the benchmark (and the
+    SAE model and optimizer it imports) must load without them, from the source tree."""
+    out = tmp_path / "sae_gpu_cpu.jsonl"
+    code = ("import runpy, sys\n"
+            "for m in ('zarr', 'dask', 'crc32c', 'jsonschema', 'gguf', 'numcodecs', 'snakemake'):\n"
+            "    sys.modules[m] = None\n"
+            f"sys.argv = ['sae_gpu.py', *{tiny_args(out, tmp_path / 'no_wheels', '256')!r}]\n"
+            f"runpy.run_path({str(SCRIPT)!r}, run_name='__main__')\n")
+    env = {"PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert any(json.loads(line)["what"] == "attnspace_sparseadam" for line in out.read_text().splitlines())

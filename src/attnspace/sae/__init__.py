@@ -1,21 +1,28 @@
 """TopK sparse autoencoders: model, initialisations, losses, optimizers, data, training, evaluation, files.
 
 Modules: ``model`` (TopKSAE, reconstruct), ``sparse`` (sparse encoder/decoder autograd),
-``init`` (base, ASI, random subspace), ``losses`` (NMSE, AuxK, dead latents),
-``optim`` (Adam, SparseAdam), ``data`` (shuffle buffer over a store, live prefetch),
-``evaluate``, ``io`` (LlamaScope layout, checkpoints), ``train`` (train_sae), ``config``.
+``fast`` (the CUDA training path), ``init`` (base, ASI, random subspace), ``losses`` (NMSE,
+AuxK, dead latents), ``optim`` (Adam, SparseAdam), ``data`` (shuffle buffer over a store, live
+prefetch), ``live``, ``evaluate``, ``io`` (LlamaScope layout, checkpoints), ``train``
+(train_sae), ``config``, ``runs`` (run names, the runs table).
+
+The names below are imported on first use, so that the model and optimizer modules load
+with torch alone (the GPU benchmark runs where zarr and dask are not installed).
 """
 
-from attnspace.sae.config import SAETrainConfig
-from attnspace.sae.data import LiveStream, PrefetchIterator, StoreStream
-from attnspace.sae.evaluate import EvalResult, evaluate
-from attnspace.sae.init import initialize
-from attnspace.sae.io import load_sae, save_sae
-from attnspace.sae.model import ForwardOutput, TopKSAE, reconstruct
-from attnspace.sae.optim import SparseAdam
-from attnspace.sae.train import train_sae
+import importlib
 
-__all__ = [
-    "EvalResult", "ForwardOutput", "LiveStream", "PrefetchIterator", "SAETrainConfig", "SparseAdam",
-    "StoreStream", "TopKSAE", "evaluate", "initialize", "load_sae", "reconstruct", "save_sae", "train_sae",
-]
+_EXPORTS = {
+    "SAETrainConfig": "config", "LiveStream": "data", "PrefetchIterator": "data", "StoreStream": "data",
+    "EvalResult": "evaluate", "evaluate": "evaluate", "initialize": "init", "load_sae": "io", "save_sae": "io",
+    "ForwardOutput": "model", "TopKSAE": "model", "reconstruct": "model", "SparseAdam": "optim",
+    "train_sae": "train",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"attnspace.sae.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'attnspace.sae' has no attribute {name!r}")
