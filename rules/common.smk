@@ -121,7 +121,7 @@ def sae_settings(wildcards):
     aux = SAE["auxk"]
     lr = SAE["lr"][parse_run_name(wildcards.run)["optimizer"]]
     # The LM loss with the SAE spliced in is drawn by Figure 6 only: other runs skip it (and the model load).
-    run = f"results/saes/{wildcards.model}/{wildcards.dataset}/L{wildcards.layer}/{wildcards.site}/{wildcards.run}/metrics.json"
+    run = sae_run(wildcards.model, wildcards.dataset, wildcards.layer, wildcards.site, wildcards.run)
     lm_tokens = SAE["lm_eval_tokens"] if run in FIG6_RUNS else 0
     settings = (
         f"--batch-size {SAE['batch_size']} --train-tokens {SAE['train_tokens']} "
@@ -136,9 +136,14 @@ def sae_settings(wildcards):
     return settings
 
 
+def sae_run(model, dataset, layer, site, name):
+    """metrics.json of SAE run ``name`` (the train_sae rule's output)."""
+    return f"results/saes/{model}/{dataset}/L{layer}/{site}/{name}/metrics.json"
+
+
 def focus_run(site, name):
     """metrics.json of run ``name`` at the focus model, dataset and layer."""
-    return f"results/saes/{FOCUS_MODEL}/{FOCUS_DATASET}/L{config['focus']['layer']}/{site}/{name}/metrics.json"
+    return sae_run(FOCUS_MODEL, FOCUS_DATASET, config["focus"]["layer"], site, name)
 
 
 def fig5_runs():
@@ -175,7 +180,7 @@ def suite_runs():
     model = FOCUS_MODEL
     name = run_name("base", None, SAE["optimizer"], d_sae(model), SAE["k"])
     return {
-        (layer, site): f"results/saes/{model}/{FOCUS_DATASET}/L{layer}/{site}/{name}/metrics.json"
+        (layer, site): sae_run(model, FOCUS_DATASET, layer, site, name)
         for layer in config["models"][model]["layers"]
         for site in config["suite"]["sites"]
     }

@@ -41,6 +41,32 @@ def save_tiny_llama(folder: Path, n_layers: int = 4, hidden: int = 48, seed: int
     return folder
 
 
+TINY_HEADS = {
+    "llama": dict(num_attention_heads=4, num_key_value_heads=2),
+    "gemma2": dict(num_attention_heads=4, num_key_value_heads=2, head_dim=8),  # final logit soft-capping
+    # Like Gemma 3 270M: heads * head_dim (4 * 16 = 64) wider than d_model, one KV head.
+    "gemma3": dict(num_attention_heads=4, num_key_value_heads=1, head_dim=16),
+    "qwen3": dict(num_attention_heads=4, num_key_value_heads=2, head_dim=8),
+    "gpt_neox": dict(num_attention_heads=4),  # parallel residual, biases
+}
+"""Attention shape of each family's tiny model (d_model 32)."""
+
+
+def tiny_causal_lm(family: str, seed: int = 0, **config):
+    """A randomly initialised causal LM of ``family`` (vocab 64, d_model 32, 3 layers, MLP 64),
+    in eval mode; ``config`` adds or overrides config fields."""
+    from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, GPTNeoXConfig,
+                              GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+
+    classes = {"llama": (LlamaConfig, LlamaForCausalLM), "gemma2": (Gemma2Config, Gemma2ForCausalLM),
+               "gemma3": (Gemma3TextConfig, Gemma3ForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+               "gpt_neox": (GPTNeoXConfig, GPTNeoXForCausalLM)}
+    config_cls, model_cls = classes[family]
+    fields = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3, **TINY_HEADS[family])
+    torch.manual_seed(seed)
+    return model_cls(config_cls(**{**fields, **config})).eval()
+
+
 def randomise_norms(model, std: float = 0.5):
     """Random norm gains (Gemma initialises them to zero, gain 1 + w), so that a missing or
     misplaced norm cannot pass a test unnoticed. Returns the model."""

@@ -9,16 +9,6 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import (
-    Gemma2Config,
-    Gemma2ForCausalLM,
-    Gemma3ForCausalLM,
-    Gemma3TextConfig,
-    GPTNeoXConfig,
-    GPTNeoXForCausalLM,
-    LlamaConfig,
-    LlamaForCausalLM,
-)
 
 from attnspace.corpora import TokenSplit
 from attnspace.interventions import (
@@ -37,25 +27,16 @@ from attnspace.interventions import (
 )
 from attnspace.sites import decoder_layers
 
-from conftest import randomise_norms
+from conftest import randomise_norms, tiny_causal_lm
 
 VOCAB, HIDDEN, LAYERS, BOS, EOS = 64, 32, 3, 1, 2
 SPECIAL = {BOS, EOS}
-SMALL = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=LAYERS)
 LAYER = 1
 
 
 def _build(family: str):
-    torch.manual_seed(0)
-    if family == "llama":
-        return LlamaForCausalLM(LlamaConfig(**SMALL, num_attention_heads=4, num_key_value_heads=2)).eval()
-    if family == "gemma2":  # final logit soft-capping
-        return Gemma2ForCausalLM(Gemma2Config(**SMALL, num_attention_heads=4, num_key_value_heads=2,
-                                              head_dim=8)).eval()
-    if family == "gemma3":  # Z wider than d_model, sliding-window layers
-        return Gemma3ForCausalLM(Gemma3TextConfig(**SMALL, num_attention_heads=4, num_key_value_heads=1,
-                                                  head_dim=16, sliding_window=4)).eval()
-    return GPTNeoXForCausalLM(GPTNeoXConfig(**SMALL, num_attention_heads=4)).eval()  # parallel residual, biases
+    # Gemma 3 with sliding-window layers shorter than the documents
+    return tiny_causal_lm(family, **({"sliding_window": 4} if family == "gemma3" else {}))
 
 
 @pytest.fixture(scope="module", params=["llama", "gemma2", "gemma3", "gpt_neox"])

@@ -3,23 +3,14 @@
 import pytest
 import torch
 from transformers import (
-    Gemma2Config,
-    Gemma2ForCausalLM,
     Gemma3Config,
-    Gemma3ForCausalLM,
     Gemma3TextConfig,
     GPT2Config,
     GPT2LMHeadModel,
-    GPTNeoXConfig,
-    GPTNeoXForCausalLM,
-    LlamaConfig,
-    LlamaForCausalLM,
-    Qwen3Config,
-    Qwen3ForCausalLM,
 )
 
 from attnspace import SITES
-from conftest import randomise_norms
+from conftest import randomise_norms, tiny_causal_lm
 
 from attnspace.sites import (
     SUPPORTED_MODEL_TYPES,
@@ -31,39 +22,11 @@ from attnspace.sites import (
     site_width,
 )
 
-VOCAB, HIDDEN, LAYERS = 64, 32, 3
-SMALL = dict(
-    vocab_size=VOCAB,
-    hidden_size=HIDDEN,
-    intermediate_size=64,
-    num_hidden_layers=LAYERS,
-    attn_implementation="eager",
-)
+VOCAB, HIDDEN, LAYERS = 64, 32, 3  # conftest.tiny_causal_lm's sizes
 
 
 def _build(family: str):
-    if family == "llama":
-        return LlamaForCausalLM(
-            LlamaConfig(**SMALL, num_attention_heads=4, num_key_value_heads=2)
-        )
-    if family == "gemma2":
-        return Gemma2ForCausalLM(
-            Gemma2Config(**SMALL, num_attention_heads=4, num_key_value_heads=2, head_dim=8)
-        )
-    if family == "gemma3":
-        # Like Gemma 3 270M: heads * head_dim (4 * 16 = 64) wider than d_model, one KV head.
-        return Gemma3ForCausalLM(
-            Gemma3TextConfig(**SMALL, num_attention_heads=4, num_key_value_heads=1, head_dim=16)
-        )
-    if family == "qwen3":
-        return Qwen3ForCausalLM(
-            Qwen3Config(**SMALL, num_attention_heads=4, num_key_value_heads=2, head_dim=8)
-        )
-    if family == "gpt_neox":
-        return GPTNeoXForCausalLM(
-            GPTNeoXConfig(**SMALL, num_attention_heads=4, use_parallel_residual=True)
-        )
-    raise AssertionError(family)
+    return tiny_causal_lm(family, attn_implementation="eager")
 
 
 FAMILIES = ["llama", "gemma2", "gemma3", "qwen3", "gpt_neox"]

@@ -7,39 +7,24 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from transformers import (
-    Gemma3ForCausalLM,
-    Gemma3TextConfig,
-    GPTNeoXConfig,
-    GPTNeoXForCausalLM,
-    LlamaConfig,
-    LlamaForCausalLM,
-)
 
 from attnspace.cache import cache_activations
 from attnspace.corpora import TokenSplit
 from attnspace.spectrum import intrinsic_dimension
 from attnspace.store import open_store
 from attnspace.wo_decomposition import analyse, covariance, decompose, head_overlap, wo_spectrum
+from conftest import tiny_causal_lm
 
-VOCAB, HIDDEN, LAYERS, BOS = 64, 32, 3, 1
-SMALL = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=LAYERS,
-             bos_token_id=BOS, eos_token_id=2)
+VOCAB, HIDDEN, LAYERS, BOS = 64, 32, 3, 1  # conftest.tiny_causal_lm's sizes
 
 
 def _build(family: str):
-    torch.manual_seed(0)
-    if family == "llama":
-        model = LlamaForCausalLM(LlamaConfig(**SMALL, num_attention_heads=4, num_key_value_heads=2))
-    elif family == "gemma3":  # Z (4 x 16 = 64) wider than d_model (32), like Gemma 3 270M
-        model = Gemma3ForCausalLM(Gemma3TextConfig(**SMALL, num_attention_heads=4, num_key_value_heads=1,
-                                                   head_dim=16))
-    else:  # GPT-NeoX: o_proj (dense) carries a bias
-        model = GPTNeoXForCausalLM(GPTNeoXConfig(**SMALL, num_attention_heads=4))
+    model = tiny_causal_lm(family, bos_token_id=BOS, eos_token_id=2)
+    if family == "gpt_neox":  # o_proj (dense) carries a bias: make it non-zero
         with torch.no_grad():
             for layer in model.gpt_neox.layers:
                 layer.attention.dense.bias.normal_(0.0, 0.1)
-    return model.eval()
+    return model
 
 
 @pytest.fixture(scope="module", params=["llama", "gemma3", "gpt_neox"])
