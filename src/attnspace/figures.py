@@ -39,7 +39,6 @@ from __future__ import annotations
 import math
 import os
 import sys
-import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -51,6 +50,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator
+
+from attnspace.files import atomic_path
 
 SITE_ORDER = ("attn_out", "mlp_out", "resid_post")
 """Sites drawn, in legend order."""
@@ -860,24 +861,15 @@ def save_figure(fig: Figure, data: pd.DataFrame, pdf_path: str | os.PathLike) ->
         raise ValueError(f"pdf_path must end in .pdf, got {str(pdf)!r}")
     png, csv = pdf.with_suffix(".png"), pdf.with_suffix(".csv")
     pdf.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(pdf, lambda f: fig.savefig(f, format="pdf", metadata={"CreationDate": None}))
-    _write_atomic(png, lambda f: fig.savefig(f, format="png", dpi=_PNG_DPI))
-    _write_atomic(csv, lambda f: data.to_csv(f, index=False))
+    with atomic_path(pdf) as tmp:
+        fig.savefig(tmp, format="pdf", metadata={"CreationDate": None})
+    with atomic_path(png) as tmp:
+        fig.savefig(tmp, format="png", dpi=_PNG_DPI)
+    with atomic_path(csv) as tmp:
+        data.to_csv(tmp, index=False)
     if "matplotlib.pyplot" in sys.modules:  # only pyplot keeps a list of open figures
         sys.modules["matplotlib.pyplot"].close(fig)
     return [pdf, png, csv]
-
-
-def _write_atomic(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ---------------------------------------------------------------- helpers

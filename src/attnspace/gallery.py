@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from attnspace.files import write_text
+from attnspace.files import atomic_path, write_text
 
 BLOCKS = ("gallery", "claims")
 
@@ -32,9 +32,8 @@ def shrink_png(src: Path | str, dst: Path | str, width: int) -> Path:
             im = im.resize((width, round(im.height * width / im.width)), Image.Resampling.LANCZOS)
         # a 256-colour palette: line plots lose nothing visible, the file shrinks about threefold
         im = im.quantize(colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
-        tmp = dst.with_name(dst.name + ".tmp.png")
-        im.save(tmp, format="PNG", optimize=True)
-    tmp.replace(dst)
+        with atomic_path(dst) as tmp:
+            im.save(tmp, format="PNG", optimize=True)
     return dst
 
 

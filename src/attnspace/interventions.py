@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from attnspace.corpora import TokenSplit, keep_mask
-from attnspace.sites import first_tensor, site_module, decoder_layers
+from attnspace.sites import StopForward, decoder_layers, first_tensor, hooked_forward, site_module
 
 SITES = ("attn_out", "mlp_out", "resid_post")
 """Sites that can be replaced (each is a module's output in ``attnspace.sites``)."""
@@ -149,10 +149,6 @@ def scored_positions(ids: np.ndarray, special_ids: set[int]) -> np.ndarray:
     return np.flatnonzero(keep[:-1] & keep[1:])
 
 
-class _Stop(Exception):
-    """Raised at the output head's input, to end the forward there."""
-
-
 def _replace(x: torch.Tensor, variants: Sequence[Variant], basis: SiteBasis | None,
              keep: torch.Tensor) -> torch.Tensor:
     """x [g, T, d] with copy j, at kept positions, replaced as variants[j] says.
@@ -198,21 +194,13 @@ def _final_hidden(model, input_ids: torch.Tensor, layer: int, group: Sequence[Va
 
     def stop(module, args):
         found["h"] = args[0]
-        raise _Stop
+        raise StopForward
 
-    handles = [blocks[layer].register_forward_pre_hook(fan_out, with_kwargs=True)]
-    try:
-        for site in dict.fromkeys(v.site for v in group if v.site is not None):
-            handles.append(site_module(model, layer, site).register_forward_hook(replace(site)))
-        handles.append(model.get_output_embeddings().register_forward_pre_hook(stop))
-        try:
-            with torch.no_grad():
-                model(input_ids=input_ids, use_cache=False)
-        except _Stop:
-            pass
-    finally:
-        for handle in handles:
-            handle.remove()
+    hooks = [(blocks[layer], fan_out, "pre_kwargs")]
+    for site in dict.fromkeys(v.site for v in group if v.site is not None):
+        hooks.append((site_module(model, layer, site), replace(site), "forward"))
+    hooks.append((model.get_output_embeddings(), stop, "pre"))
+    hooked_forward(model, hooks, input_ids=input_ids)
     if "h" not in found:
         raise RuntimeError("the forward pass never reached the output head")
     return found["h"]

@@ -68,8 +68,8 @@ class UnsupportedModelError(ValueError):
     """The model's architecture has no site table here."""
 
 
-class _StopForward(Exception):
-    """Raised by a hook once the deepest requested layer is done, to end the forward."""
+class StopForward(Exception):
+    """Raised by a hook of :func:`hooked_forward` to end the forward pass there (not an error)."""
 
 
 def family_of(config_or_model) -> str:
@@ -139,6 +139,29 @@ def first_tensor(output) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
 
 
+def hooked_forward(model, hooks, **inputs) -> None:
+    """One no-grad forward of ``model(**inputs, use_cache=False)`` with ``hooks`` registered
+    and removed afterwards, whatever happens. Each hook is ``(module, fn, kind)`` with kind
+    ``"forward"`` (fn(module, args, output)), ``"pre"`` (fn(module, args)) or ``"pre_kwargs"``
+    (fn(module, args, kwargs)). A hook that raises :class:`StopForward` ends the pass there."""
+    register = {
+        "forward": lambda m, fn: m.register_forward_hook(fn),
+        "pre": lambda m, fn: m.register_forward_pre_hook(fn),
+        "pre_kwargs": lambda m, fn: m.register_forward_pre_hook(fn, with_kwargs=True),
+    }
+    handles = []
+    try:
+        for module, fn, kind in hooks:
+            handles.append(register[kind](module, fn))
+        with torch.no_grad():
+            model(**inputs, use_cache=False)
+    except StopForward:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def capture(
     model,
     input_ids: torch.LongTensor,
@@ -175,27 +198,19 @@ def capture(
         return hook
 
     def stop(module, args, output):
-        raise _StopForward
+        raise StopForward
 
-    handles = []
-    try:
-        for layer in sorted(set(layers)):
-            for site in dict.fromkeys(sites):
-                module = site_module(model, layer, site)
-                if site == "attn_z":
-                    handles.append(module.register_forward_pre_hook(save_input((layer, site))))
-                else:
-                    handles.append(module.register_forward_hook(save_output((layer, site))))
-        # Registered last on the deepest layer, so it fires after that layer's resid_post hook.
-        handles.append(blocks[deepest].register_forward_hook(stop))
-        try:
-            with torch.no_grad():
-                model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        except _StopForward:
-            pass
-    finally:
-        for handle in handles:
-            handle.remove()
+    hooks = []
+    for layer in sorted(set(layers)):
+        for site in dict.fromkeys(sites):
+            module = site_module(model, layer, site)
+            if site == "attn_z":
+                hooks.append((module, save_input((layer, site)), "pre"))
+            else:
+                hooks.append((module, save_output((layer, site)), "forward"))
+    # Registered last on the deepest layer, so it fires after that layer's resid_post hook.
+    hooks.append((blocks[deepest], stop, "forward"))
+    hooked_forward(model, hooks, input_ids=input_ids, attention_mask=attention_mask)
     missing = [(L, s) for L in layers for s in sites if (L, s) not in found]
     if missing:
         raise RuntimeError(f"forward pass did not reach sites {missing}")
