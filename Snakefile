@@ -49,5 +49,6 @@ rule all:
         figure_targets(),
         "results/tables/table1_lorsa.md",
         "results/claims.md",
+        stage_tables(),
     default_target: True
     localrule: True

@@ -13,8 +13,10 @@ from attnspace.sae.runs import parse_run_name, run_name, variant_run
 # that on a CPU-only machine they run side by side (profiles/default caps gpu at 1).
 GPU = 1 if shutil.which("nvidia-smi") else 0
 
-# Library sources that some cheap rules take as inputs, so editing them reruns those rules.
-CODE = Path(workflow.basedir) / "src" / "attnspace"
+# Library sources that some cheap rules take as inputs, so editing them reruns those rules. Paths
+# relative to the working directory: a project copied or moved whole (results included) plans nothing new.
+BASE = Path(os.path.relpath(workflow.basedir))
+CODE = BASE / "src" / "attnspace"
 FIGURE_CODE = [CODE / "figures.py", CODE / "captions.py", CODE / "claims.py"]  # drawing and caption numbers
 
 MODELS = sorted(config["models"])
@@ -54,7 +56,7 @@ def cache_hash(wildcards):
 
 def all_spectra():
     return [
-        f"results/spectra/{model}/{dataset}/L{layer}/{site}.npz"
+        spectrum_file(model, dataset, layer, site)
         for model in MODELS
         for dataset in DATASETS
         for layer in config["models"][model]["layers"]
@@ -62,7 +64,7 @@ def all_spectra():
     ]
 
 
-CAPTIONS = Path(workflow.basedir) / "docs" / "captions"
+CAPTIONS = BASE / "docs" / "captions"
 
 
 def caption_text(name):
@@ -77,6 +79,32 @@ def report_caption(name):
 
 def figure_targets():
     return [f"results/figures/{name}.pdf" for name in config["figures"]]
+
+
+STAGE_TABLES = {
+    "results/tables/intrinsic_dim.csv": ("fig1", "fig9"),
+    "results/tables/spectra.csv": ("fig2a", "fig8"),
+    "results/tables/loss_recovered.csv": ("fig2b",),
+    "results/tables/wo_summary.csv": ("fig3",),
+    "results/tables/dead_features.csv": ("fig4",),
+    "results/tables/sae_runs.csv": ("fig5", "fig6", "fig7"),
+}
+"""Each stage's table and the figures whose stage it belongs to (each figure reads only its own files)."""
+
+
+def stage_tables():
+    """The tables of the stages the configured figures run (part of a whole run)."""
+    return [table for table, names in STAGE_TABLES.items() if any(n in config["figures"] for n in names)]
+
+
+def spectrum_file(model, dataset, layer, site):
+    return f"results/spectra/{model}/{dataset}/L{layer}/{site}.npz"
+
+
+def fig2a_spectra():
+    """The spectra Figure 2A draws: every spectrum site at the focus model, dataset and layer."""
+    f = config["focus"]
+    return [spectrum_file(f["model"], f["dataset"], f["layer"], site) for site in config["spectrum"]["sites"]]
 
 
 FOCUS_LAYER_OF = focus_layers(config)  # {model: the layer at the focus layer's relative depth}
@@ -100,9 +128,22 @@ def loss_recovered_curves():
     ]
 
 
-def wo_outputs(name):
+def fig8_spectra():
+    """The spectra Figure 8 draws: each other (model, dataset) pair at its model's focus layer."""
+    focus = (config["focus"]["model"], config["focus"]["dataset"])
+    return [
+        spectrum_file(model, dataset, FOCUS_LAYER_OF[model], site)
+        for model in MODELS
+        for dataset in DATASETS
+        if (model, dataset) != focus
+        for site in config["spectrum"]["sites"]
+    ]
+
+
+def wo_outputs(name, datasets=None):
     """One W^O decomposition table ``name`` per (model, dataset), in the config's order."""
-    return [f"results/wo/{model}/{dataset}/{name}.csv" for model in config["models"] for dataset in config["datasets"]]
+    return [f"results/wo/{model}/{dataset}/{name}.csv" for model in config["models"]
+            for dataset in (datasets or config["datasets"])]
 
 
 # ---- sparse dictionaries: SAEs (Fig 5), the dead-feature suite (Fig 4), Lorsa (Table 1)
@@ -188,8 +229,10 @@ def suite_runs():
 
 def all_sae_runs():
     """Every SAE the configured figures need, each once (runs shared between figures are trained once)."""
-    runs = fig5_runs() + fig6_runs() + fig7_runs()
-    if config["suite"]["source"] == "pipeline":
+    figures = config["figures"]
+    runs = ((fig5_runs() if "fig5" in figures else []) + (fig6_runs() if "fig6" in figures else [])
+            + (fig7_runs() if "fig7" in figures else []))
+    if config["suite"]["source"] == "pipeline" and "fig4" in figures:
         runs += list(suite_runs().values())
     return list(dict.fromkeys(runs))
 
@@ -197,11 +240,13 @@ def all_sae_runs():
 def sweep_args(name):
     """The figure command's selection for fig6 / fig7: focus model, dataset, layer and the sweep grid."""
     sweep = config[name]
-    grid = sweep["k"] if name == "fig6" else sweep["expansion"]
+    if name == "fig6":  # a frontier over k at one size
+        grid = f"--k-list {' '.join(map(str, sweep['k']))} --expansion {sweep['expansion']}"
+    else:  # sizes at one k
+        grid = f"--expansions {' '.join(map(str, sweep['expansion']))} --k {sweep['k']}"
     return (
         f"--model {FOCUS_MODEL} --dataset {FOCUS_DATASET} --layer {config['focus']['layer']} "
-        f"--site {sweep['site']} --d-model {config['models'][FOCUS_MODEL]['d_model']} "
-        f"--grid {' '.join(map(str, grid))} --fixed {sweep['expansion'] if name == 'fig6' else sweep['k']} "
+        f"--site {sweep['site']} --d-model {config['models'][FOCUS_MODEL]['d_model']} {grid} "
         f"--d-init {sweep['d_init']} --variants {' '.join(sweep['variants'])}"
     )
 
@@ -227,6 +272,15 @@ def llamascope_repo(wildcards):
 def llamascope_folder(wildcards):
     letter = config["suite"]["llamascope"]["letters"][wildcards.site]
     return config["suite"]["llamascope"]["folder"].format(layer=wildcards.layer, letter=letter)
+
+
+def suite_spectra():
+    """Spectra of the suite's sites (their intrinsic dimension sits beside the dead count)."""
+    return [
+        spectrum_file(FOCUS_MODEL, FOCUS_DATASET, layer, site)
+        for layer in config["models"][FOCUS_MODEL]["layers"]
+        for site in config["suite"]["sites"]
+    ]
 
 
 def all_dead_feature_records():

@@ -35,7 +35,7 @@ rule dead_features:
         sae_dir=lambda w, input: os.path.dirname(input.sae),
         store="results/activations/{model}/{dataset}/heldout/L{layer}.zarr",
         tokens=(
-            f"--tokens {config['suite']['eval_tokens']}" if config["suite"].get("eval_tokens") else ""
+            f"--tokens {config['suite']['eval_tokens']}" if config["suite"]["eval_tokens"] else ""
         ),
     log:
         "results/logs/dead_features/{model}/{dataset}/L{layer}/{site}.log",
@@ -55,10 +55,12 @@ rule dead_features:
 rule dead_features_table:
     input:
         records=all_dead_feature_records(),
-        idim="results/tables/intrinsic_dim.csv",
+        spectra=suite_spectra(),
         code=CODE / "dead_features.py",
     output:
         "results/tables/dead_features.csv",
+    params:
+        threshold=config["spectrum"]["threshold"],
     log:
         "results/logs/dead_features_table.log",
     benchmark:
@@ -70,7 +72,8 @@ rule dead_features_table:
     conda:
         "../envs/attnspace.yaml"
     shell:
-        "attnspace dead-features-table --records {input.records} --idim {input.idim} --out {output} > {log} 2>&1"
+        "attnspace dead-features-table --records {input.records} --spectra {input.spectra} "
+        "--threshold {params.threshold} --out {output} > {log} 2>&1"
 
 
 rule fig4:

@@ -19,7 +19,7 @@ rule fig1:
         csv="results/figures/fig1.csv",
         caption="results/figures/fig1.caption.rst",
     params:
-        threshold=config["figures"].get("fig1", {}).get("threshold", 0.99),
+        threshold=config["spectrum"]["threshold"],
     log:
         "results/logs/figures/fig1.log",
     benchmark:
@@ -38,7 +38,7 @@ rule fig1:
 rule fig2a:
     input:
         text=caption_text("fig2a"),
-        table="results/tables/spectra.csv",
+        spectra=fig2a_spectra(),
         code=FIGURE_CODE,
     output:
         pdf=report(
@@ -62,13 +62,13 @@ rule fig2a:
     conda:
         "../envs/attnspace.yaml"
     shell:
-        "attnspace figure fig2a --caption {input.text} --table {input.table} {params.focus} --out {output.pdf} > {log} 2>&1"
+        "attnspace figure fig2a --caption {input.text} --spectra {input.spectra} {params.focus} --out {output.pdf} > {log} 2>&1"
 
 
 rule fig8:
     input:
         text=caption_text("fig8"),
-        table="results/tables/spectra.csv",
+        spectra=fig8_spectra(),
         code=FIGURE_CODE,
     output:
         pdf=report(
@@ -81,6 +81,7 @@ rule fig8:
         caption="results/figures/fig8.caption.rst",
     params:
         focus=f"--model {FOCUS['model']} --dataset {FOCUS['dataset']}",
+        focus_layers=FOCUS_LAYERS,
     log:
         "results/logs/figures/fig8.log",
     benchmark:
@@ -92,7 +93,8 @@ rule fig8:
     conda:
         "../envs/attnspace.yaml"
     shell:
-        "attnspace figure fig8 --caption {input.text} --table {input.table} {params.focus} --out {output.pdf} > {log} 2>&1"
+        "attnspace figure fig8 --caption {input.text} --spectra {input.spectra} {params.focus} "
+        "--focus-layers {params.focus_layers:q} --out {output.pdf} > {log} 2>&1"
 
 
 rule fig9:
@@ -110,7 +112,7 @@ rule fig9:
         csv="results/figures/fig9.csv",
         caption="results/figures/fig9.caption.rst",
     params:
-        thresholds=config["figures"].get("fig9", {}).get("thresholds", [0.5, 0.9, 0.999, 0.9999]),
+        thresholds=config["figures"]["fig9"]["thresholds"],
     log:
         "results/logs/figures/fig9.log",
     benchmark:

@@ -14,6 +14,7 @@ rule claims:
         md="results/claims.md",
     params:
         data=lambda w, input: " ".join(f"--{k} {input[k]}" for k in claims_inputs(w)),
+        threshold=config["spectrum"]["threshold"],
     log:
         "results/logs/claims.log",
     benchmark:
@@ -25,7 +26,7 @@ rule claims:
     conda:
         "../envs/attnspace.yaml"
     shell:
-        "attnspace claims {params.data} --out-csv {output.csv} --out-md {output.md} > {log} 2>&1"
+        "attnspace claims {params.data} --threshold {params.threshold} --out-csv {output.csv} --out-md {output.md} > {log} 2>&1"
 
 
 rule gallery:

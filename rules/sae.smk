@@ -58,7 +58,7 @@ rule sae_runs_table:
 rule fig5:
     input:
         text=caption_text("fig5"),
-        table="results/tables/sae_runs.csv",
+        runs=fig5_runs(),
         code=FIGURE_CODE,
     output:
         pdf=report(
@@ -82,7 +82,7 @@ rule fig5:
     conda:
         "../envs/attnspace.yaml"
     shell:
-        "attnspace figure fig5 --caption {input.text} --table {input.table} {params.focus} --out {output.pdf} > {log} 2>&1"
+        "attnspace figure fig5 --caption {input.text} --metrics {input.runs} {params.focus} --out {output.pdf} > {log} 2>&1"
 
 
 rule fig6:

@@ -18,7 +18,7 @@ rule wo_decomposition:
             f"results/activations/{w.model}/{w.dataset}/L{layer}.manifest.json"
             for layer in model_cfg(w)["layers"]
         ],
-        threshold=config["wo_decomposition"]["threshold"],
+        threshold=config["spectrum"]["threshold"],
     log:
         "results/logs/wo_decomposition/{model}/{dataset}.log",
     benchmark:
@@ -64,7 +64,7 @@ rule wo_tables:
 rule fig3:
     input:
         text=caption_text("fig3"),
-        table="results/tables/wo_decomposition.csv",
+        tables=wo_outputs("decomposition", datasets=[config["focus"]["dataset"]]),
         code=FIGURE_CODE,
     output:
         pdf=report(
@@ -89,5 +89,5 @@ rule fig3:
     conda:
         "../envs/attnspace.yaml"
     shell:
-        "attnspace figure fig3 --caption {input.text} --table {input.table} --dataset {params.dataset} "
+        "attnspace figure fig3 --caption {input.text} --table {input.tables} --dataset {params.dataset} "
         "--focus-layers {params.focus_layers:q} --out {output.pdf} > {log} 2>&1"

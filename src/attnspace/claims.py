@@ -21,6 +21,8 @@ from collections.abc import Callable
 import numpy as np
 import pandas as pd
 
+from attnspace.defaults import schema_default
+
 COLUMNS = ["claim", "statement", "tested_on", "measured", "paper", "test", "verdict"]
 
 HOLDS, FAILS, NOT_RUN = "holds", "does not hold", "not run"
@@ -29,8 +31,8 @@ TAIL = 0.10
 """C2: the tail of the attention spectrum is its last 10% of principal directions."""
 TAIL_WINDOW = 5
 """C2: each end of the tail is the mean log10 over this many directions (one direction is noisy)."""
-THRESHOLD = 0.99
-"""C1: the variance threshold of the intrinsic dimension (the paper's main text)."""
+THRESHOLD = schema_default("spectrum.threshold")
+"""C1's default variance threshold (the config's main one)."""
 ALPHA = 0.05
 """C3: significance level of the Spearman test."""
 
@@ -58,11 +60,14 @@ def _pairs(df: pd.DataFrame) -> str:
 
 C1 = "Attention outputs have the lowest intrinsic dimension of the three sites."
 C1_PAPER = "Llama-3.1-8B and three other models, every layer: attention ~60% of d vs MLP output and residual > 90%"
-C1_TEST = (f"per (model, dataset, layer): the fraction of directions for {THRESHOLD:g} of the variance is lower for "
-           "attn_out than for mlp_out and resid_post; share of cases")
 
 
-def attention_lowest(idim: pd.DataFrame, threshold: float = THRESHOLD) -> pd.DataFrame:
+def c1_test(threshold: float) -> str:
+    return (f"per (model, dataset, layer): the fraction of directions for {threshold:g} of the variance is lower for "
+            "attn_out than for mlp_out and resid_post; share of cases")
+
+
+def attention_lowest(idim: pd.DataFrame, threshold: float) -> pd.DataFrame:
     """Per (model, dataset, layer): the three sites' fractions at ``threshold`` and whether attention is lowest."""
     sel = idim[(idim["threshold"] == threshold) & idim["site"].isin(["attn_out", "mlp_out", "resid_post"])]
     wide = sel.pivot_table(index=["model", "dataset", "layer"], columns="site", values="fraction").dropna()
@@ -71,10 +76,12 @@ def attention_lowest(idim: pd.DataFrame, threshold: float = THRESHOLD) -> pd.Dat
     return wide.reset_index()
 
 
-def c1(idim: pd.DataFrame | None) -> list[dict]:
+def c1(idim: pd.DataFrame | None, threshold: float = THRESHOLD) -> list[dict]:
+    """C1 at the main variance ``threshold`` (the config's ``spectrum.threshold``)."""
+    test = c1_test(threshold)
     if idim is None:
-        return _not_run("C1", C1, C1_PAPER, C1_TEST, "fig1 is not configured")
-    cases = attention_lowest(idim)
+        return _not_run("C1", C1, C1_PAPER, test, "fig1 is not configured")
+    cases = attention_lowest(idim, threshold)
     groups = [(f"{m}/{d}", g) for (m, d), g in cases.groupby(["model", "dataset"], sort=False)]
     groups.append((f"all: {_pairs(cases)}", cases))
     rows = []
@@ -83,7 +90,7 @@ def c1(idim: pd.DataFrame | None) -> list[dict]:
         measured = (f"attention lowest in {hold}/{n} layers; below MLP in {int(g['attn_below_mlp'].sum())}/{n}; "
                     f"mean fraction attn {g['attn_out'].mean():.2f}, mlp {g['mlp_out'].mean():.2f}, "
                     f"resid {g['resid_post'].mean():.2f}")
-        rows.append(_row("C1", C1, name, measured, C1_PAPER, C1_TEST, _verdict(hold, n)))
+        rows.append(_row("C1", C1, name, measured, C1_PAPER, test, _verdict(hold, n)))
     return rows
 
 
@@ -257,14 +264,14 @@ CLAIMS: dict[str, tuple[Callable, str]] = {
 """Claim -> (its test, the data it reads)."""
 
 
-def claims_table(data: dict[str, pd.DataFrame | None]) -> pd.DataFrame:
+def claims_table(data: dict[str, pd.DataFrame | None], threshold: float = THRESHOLD) -> pd.DataFrame:
     """All claims from the data behind the figures: keys fig1, fig3, fig4, fig5, fig6, fig7, table1
-    (None or absent: not produced by this configuration)."""
+    (None or absent: not produced by this configuration); ``threshold``: C1's variance threshold."""
     sweeps = [d for d in (data.get("fig6"), data.get("fig7")) if d is not None]
     inputs = dict(data, sweeps=pd.concat(sweeps, ignore_index=True) if sweeps else None)
     rows = []
     for test, source in CLAIMS.values():
-        rows += test(inputs.get(source))
+        rows += test(inputs.get(source), threshold) if test is c1 else test(inputs.get(source))
     return pd.DataFrame(rows, columns=COLUMNS)
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import jsonschema
 import yaml
 
-SCHEMA_PATH = Path(__file__).resolve().parents[2] / "schemas" / "config.schema.yaml"
+from attnspace.defaults import SCHEMA_PATH, schema_default  # noqa: F401  (schema_default is re-exported)
 
 
 class ConfigError(ValueError):
@@ -159,10 +159,9 @@ def _check_semantics(config: dict) -> None:
         if absent:
             raise ConfigError(f"figures.fig9.thresholds has {sorted(absent)}, not in spectrum.thresholds. "
                               "Fix: add them to spectrum.thresholds.")
-    fig1 = config["figures"].get("fig1")
-    if fig1 is not None and fig1.get("threshold", 0.99) not in config["spectrum"]["thresholds"]:
-        raise ConfigError(f"figures.fig1.threshold = {fig1['threshold']} is not in spectrum.thresholds. "
-                          "Fix: add it there.")
+    if config["spectrum"]["threshold"] not in config["spectrum"]["thresholds"]:
+        raise ConfigError(f"spectrum.threshold = {config['spectrum']['threshold']} is not in spectrum.thresholds. "
+                          "Fix: add it to spectrum.thresholds (the intrinsic-dimension table must have it).")
 
 
 def _check_dictionaries(config: dict) -> None:

@@ -12,6 +12,7 @@ import torch
 
 from attnspace.llamascope import LlamaScopeSAE
 from attnspace.sae.losses import ReconstructionStats, dead_fraction
+from attnspace.spectrum import THRESHOLD
 from attnspace.store import Store
 
 FREQUENCY_BUCKETS = (1e-6, 1e-5)
@@ -56,7 +57,7 @@ DEAD_FEATURES_COLUMNS = ["model", "dataset", "layer", "site", "d_sae", "n_tokens
                          "intrinsic_dim_fraction"]
 
 
-def dead_features_table(records: list[dict], idim, threshold: float = 0.99):
+def dead_features_table(records: list[dict], idim, threshold: float = THRESHOLD):
     """results/tables/dead_features.csv: each suite SAE's dead count beside its site's intrinsic dimension.
 
     records: dicts of :func:`evaluate_dead_features` plus model, dataset, layer, site;

@@ -52,6 +52,10 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator
 
 from attnspace.files import atomic_path
+from attnspace.defaults import schema_default
+
+THRESHOLD = schema_default("spectrum.threshold")
+"""Figure 1's default variance threshold (the config's main one)."""
 
 SITE_ORDER = ("attn_out", "mlp_out", "resid_post")
 """Sites drawn, in legend order."""
@@ -95,7 +99,7 @@ _MAX_LAYER_TICKS = 12
 # ---------------------------------------------------------------- figure 1 and 9
 
 
-def fig1(idim: pd.DataFrame, threshold: float = 0.99) -> tuple[Figure, pd.DataFrame]:
+def fig1(idim: pd.DataFrame, threshold: float = THRESHOLD) -> tuple[Figure, pd.DataFrame]:
     """Figure 1: fraction of directions needed to hold ``threshold`` of the variance.
 
     The rule behind the figure: for each (model, dataset, layer, site), ``k`` is the
@@ -143,7 +147,7 @@ def fig1(idim: pd.DataFrame, threshold: float = 0.99) -> tuple[Figure, pd.DataFr
 
 
 def fig9(
-    idim: pd.DataFrame, thresholds: Sequence[float] = (0.5, 0.9, 0.999, 0.9999)
+    idim: pd.DataFrame, thresholds: Sequence[float] = tuple(schema_default("figures.fig9.thresholds"))
 ) -> tuple[Figure, pd.DataFrame]:
     """Figure 9: Figure 1 at other variance thresholds.
 

@@ -344,3 +344,25 @@ def run_loss_recovered(model, split: TokenSplit, special_ids: set[int], layer: i
         log.info("%d variants x %d scored tokens (%d documents, %d of %d tokens asked for) in %.0f s", n_var,
                  n_scored, len(docs), sum(map(len, docs)), n_tokens, time.time() - t0)
     return pd.DataFrame(rows)
+
+
+def spliced_lm_eval(model, tokens_path: str, layer: int, site: str, n_tokens: int):
+    """An SAE's ``lm_eval`` hook: LM loss on held-out tokens with ``site`` replaced.
+
+    Returns a callable taking the SAE's raw-scale reconstruction function and returning
+    delta_lm_loss (spliced - clean, nats) and lm_loss_recovered (vs zero ablation).
+    """
+    from attnspace.corpora import load_tokens
+
+    splits, meta = load_tokens(tokens_path)
+    documents = heldout_documents(splits["heldout"], n_tokens)
+    special = set(meta["special_ids"])
+
+    def lm_eval(reconstruct) -> dict:
+        variants = [Variant(), Variant(site), Variant(site, replace=reconstruct)]
+        (clean, zero, spliced), n_scored = variant_losses(model, documents, layer, variants, {}, special, batch=3)
+        return dict(lm_loss_clean=float(clean), lm_loss_zero=float(zero), lm_loss_spliced=float(spliced),
+                    delta_lm_loss=float(spliced - clean),
+                    lm_loss_recovered=float(fraction_recovered(spliced, clean, zero)), lm_eval_tokens=n_scored)
+
+    return lm_eval

@@ -21,16 +21,20 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from threadpoolctl import threadpool_limits
 
+from attnspace.defaults import schema_default
 from attnspace.files import write_npz
 from attnspace.store import Store
 
 FORMAT = "attnspace-spectrum/1"
 """Tag stored in every spectrum ``.npz``."""
 
-THRESHOLDS = (0.5, 0.9, 0.99, 0.999, 0.9999)
-"""Intrinsic-dimension thresholds reported by default (0.99 is the paper's main one)."""
+THRESHOLDS = tuple(schema_default("spectrum.thresholds"))
+"""Intrinsic-dimension thresholds reported by default (the config's ``spectrum.thresholds``)."""
+THRESHOLD = schema_default("spectrum.threshold")
+"""The main threshold (``spectrum.threshold``; the paper's 0.99)."""
 
 
 @dataclass
@@ -45,6 +49,8 @@ class Spectrum:
     """[n_vec, d] float64, right singular vectors as rows, matching singular_values[:n_vec]."""
     n_tokens: int
     """Kept rows used."""
+    key: dict | None = None
+    """{model, dataset, layer, site} of the cached site it was computed from (recorded in the file)."""
 
     @property
     def d(self) -> int:
@@ -171,14 +177,17 @@ def compute_spectrum(
         stop = min(int(np.searchsorted(np.cumsum(keep), max_tokens)) + 1, keep.shape[0])
         x, keep = x[:stop], keep[:stop]
     G, colsum, n = gram(x, keep, threads=threads)
-    return spectrum_from_gram(G, colsum, n, n_vectors=n_vectors)
+    spec = spectrum_from_gram(G, colsum, n, n_vectors=n_vectors)
+    spec.key = {"model": store.model, "dataset": store.dataset, "layer": int(store.layer), "site": site}
+    return spec
 
 
 def save_spectrum(spec: Spectrum, path: Path) -> None:
     """Write ``spec`` to ``path`` (.npz, uncompressed, atomically)."""
     write_npz(path, format=np.array(FORMAT), singular_values=spec.singular_values.astype(np.float64),
               mean=spec.mean.astype(np.float64), components=spec.components.astype(np.float64),
-              n_tokens=np.array(spec.n_tokens, dtype=np.int64))
+              n_tokens=np.array(spec.n_tokens, dtype=np.int64),
+              **({f"key_{k}": np.array(v) for k, v in spec.key.items()} if spec.key else {}))
 
 
 def load_spectrum(path: Path) -> Spectrum:
@@ -191,7 +200,56 @@ def load_spectrum(path: Path) -> Spectrum:
             mean=z["mean"],
             components=z["components"],
             n_tokens=int(z["n_tokens"]),
+            key=_key(z),
         )
+
+
+KEY_FIELDS = ("model", "dataset", "layer", "site")
+
+
+def _key(z) -> dict | None:
+    if not all(f"key_{k}" in z for k in KEY_FIELDS):
+        return None
+    key = {k: str(z[f"key_{k}"]) for k in KEY_FIELDS}
+    return {**key, "layer": int(key["layer"])}
+
+
+def spectrum_key(spec: Spectrum, path) -> dict:
+    """The (model, dataset, layer, site) a spectrum file records; a clear error if it has none."""
+    if spec.key is None:
+        raise ValueError(f"{path} records no (model, dataset, layer, site). Fix: rebuild it "
+                         f"(snakemake --forcerun spectrum, or delete the file).")
+    return spec.key
+
+
+def load_keyed(paths) -> list[tuple[dict, Spectrum]]:
+    """(key, spectrum) of each spectrum file, in order."""
+    out = []
+    for path in paths:
+        spec = load_spectrum(path)
+        out.append((spectrum_key(spec, path), spec))
+    return out
+
+
+def intrinsic_dim_frame(paths, thresholds=THRESHOLDS) -> pd.DataFrame:
+    """results/tables/intrinsic_dim.csv: :func:`intrinsic_dim_rows` of every spectrum file."""
+    rows = []
+    for key, spec in load_keyed(paths):
+        rows += intrinsic_dim_rows(spec, **key, thresholds=thresholds)
+    return pd.DataFrame(rows)
+
+
+def spectra_frame(paths, focus_layers: dict[str, int]) -> pd.DataFrame:
+    """results/tables/spectra.csv: relative singular values of every spectrum file, one row per
+    value, with the count above 5% of the largest and whether the layer is its model's focus."""
+    frames = []
+    for key, spec in load_keyed(paths):
+        s = spec.singular_values
+        frames.append(pd.DataFrame({
+            **key, "i": np.arange(1, s.shape[0] + 1), "s": s, "rel_s": s / s[0],
+            "n_above_5pct": n_above_fraction_of_max(s, 0.05),
+            "focus": focus_layers.get(key["model"]) == key["layer"]}))
+    return pd.concat(frames, ignore_index=True)
 
 
 def explained_fraction(singular_values: np.ndarray) -> np.ndarray:

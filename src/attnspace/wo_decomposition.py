@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pandas as pd
 
-from attnspace.spectrum import Spectrum, gram, intrinsic_dimension, spectrum_from_gram
+from attnspace.spectrum import THRESHOLD, Spectrum, gram, intrinsic_dimension, spectrum_from_gram
 from attnspace.store import Store
 
 
@@ -163,7 +163,7 @@ def reconstruction_error(store: Store, w: np.ndarray, bias: np.ndarray | None, r
 
 
 def analyse_layer(store: Store, w: np.ndarray, bias: np.ndarray | None, n_heads: int, *, threads: int = 1,
-                  tau: float = 0.99) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+                  tau: float = THRESHOLD) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """Decomposition, W^O spectrum and summary of one cached layer.
 
     w: o_proj.weight [d_model, d_z] (W^O = w^T); bias: [d_model] or None.
@@ -206,7 +206,7 @@ def analyse_layer(store: Store, w: np.ndarray, bias: np.ndarray | None, n_heads:
 
 
 def analyse(model, stores: list[Store], *, model_name: str, dataset: str, threads: int = 1,
-            tau: float = 0.99) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+            tau: float = THRESHOLD) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """:func:`analyse_layer` for every store of one (model, dataset), with the model's weights.
 
     Returns three tables: decomposition (model, dataset, layer, i, var_o, wo_contrib,

@@ -1,9 +1,12 @@
-"""Settings of one SAE training run. Defaults are the paper's (Appendix E.3) unless noted."""
+"""Settings of one SAE training run. Every setting that is a config key (``sae.*``) takes its
+default from the config schema, the one source of defaults; the paper's values (Appendix E.3)
+are in config/paper.yaml."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from attnspace.defaults import schema_default
 from attnspace.sae.init import DEFAULT_NORM_GRID, INITS
 
 
@@ -13,9 +16,9 @@ class SAETrainConfig:
     """Site of the activation store to train on."""
     d_sae: int | None = None
     """Number of latents; None: expansion_factor x d_model."""
-    expansion_factor: int = 8
+    expansion_factor: int = schema_default("sae.expansion")
     """Latents per input dimension when d_sae is None (LlamaScope 8x)."""
-    k: int = 50
+    k: int = schema_default("sae.k")
     """Active latents per token (TopK)."""
     init: str = "base"
     """Initialisation: 'base' (Appendix E.2), 'asi' (active subspace) or 'random_subspace' (Fig 5 control)."""
@@ -27,33 +30,33 @@ class SAETrainConfig:
     """Rows of the batch the norm search scores (the first kept rows of the training store)."""
     asi_sample_tokens: int = 65536
     """Rows for the sample SVD when ASI gets no spectrum (the first kept rows); also the normalisation sample."""
-    optimizer: str = "adam"
+    optimizer: str = schema_default("sae.optimizer")
     """'adam' (torch.optim.Adam) or 'sparse_adam' (torch.optim.SparseAdam semantics)."""
     lr: float | None = None
-    """Learning rate; None: the paper's value for the optimizer (Adam 4e-5, SparseAdam 6e-5)."""
+    """Learning rate; None: the config default for the optimizer (``sae.lr.<optimizer>``)."""
     betas: tuple[float, float] = (0.9, 0.999)
     """Adam betas."""
     eps: float = 1e-8
     """Adam epsilon."""
     auxk: bool = False
     """Add the AuxK loss (Gao et al. 2024)."""
-    auxk_alpha: float = 1 / 32
+    auxk_alpha: float = schema_default("sae.auxk.alpha")
     """Weight of the AuxK loss."""
-    k_aux: int = 512
+    k_aux: int = schema_default("sae.auxk.k_aux")
     """Dead latents used by AuxK per token (at most the number of dead latents)."""
-    dead_threshold_tokens: int = 10_000_000
+    dead_threshold_tokens: int = schema_default("sae.auxk.dead_threshold_tokens")
     """A latent counts as dead for AuxK after this many training tokens without firing."""
-    batch_size: int = 4096
+    batch_size: int = schema_default("sae.batch_size")
     """Tokens per optimizer step."""
-    train_tokens: int = 2_500_000_000
+    train_tokens: int = schema_default("sae.train_tokens")
     """Training tokens (rounded down to whole batches); the store is cycled if smaller."""
-    buffer_rows: int = 262_144
+    buffer_rows: int = schema_default("sae.buffer_rows")
     """Shuffle buffer capacity in rows (at least 2 x batch_size); refilled and reshuffled when half is used."""
-    eval_tokens: int = 10_000_000
+    eval_tokens: int = schema_default("sae.eval_tokens")
     """Held-out tokens for evaluation: the window N of the dead-feature count (fewer if the store is smaller)."""
     checkpoint_every: int = 1000
     """Steps between training checkpoints (0: none)."""
-    seed: int = 0
+    seed: int = schema_default("sae.seed")
     """Seed for the initialisation and the shuffle buffer."""
     device: str = "cpu"
     """Torch device to train on."""
@@ -80,7 +83,7 @@ class SAETrainConfig:
     def learning_rate(self) -> float:
         if self.lr is not None:
             return float(self.lr)
-        return 4e-5 if self.optimizer == "adam" else 6e-5
+        return float(schema_default(f"sae.lr.{self.optimizer}"))
 
     @property
     def n_steps(self) -> int:

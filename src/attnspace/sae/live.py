@@ -50,3 +50,21 @@ def live_producer(model, docs: Iterator[np.ndarray], layer: int, site: str, spec
         return acts[keep].float().cpu()  # [rows, d], documents in order
 
     return produce
+
+
+def live_stream(model, *, tokens_path: str, model_dir: str, source: dict, source_seed: int, layer: int, site: str,
+                batch_docs: int, d: int, batch_size: int, buffer_rows: int, seed: int):
+    """Training batches from the live model: the documents after the held-out split of
+    ``source`` (in the tokens stage's order, ``source_seed``), prefetched in a background
+    thread. Close it when done."""
+    from transformers import AutoTokenizer
+
+    from attnspace.corpora import load_tokens, training_documents
+    from attnspace.sae.data import LiveStream
+
+    splits, meta = load_tokens(tokens_path)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    docs = training_documents(source, source_seed, tokenizer, max_doc_tokens=int(meta["max_doc_tokens"]),
+                              heldout_tokens=splits["heldout"].n_tokens)
+    produce = live_producer(model, docs, layer, site, set(meta["special_ids"]), batch_docs=batch_docs)
+    return LiveStream(produce, d, batch_size, buffer_rows, seed)

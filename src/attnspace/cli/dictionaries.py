@@ -1,68 +1,13 @@
-"""``attnspace`` subcommands for sparse dictionaries: SAE training, the runs table,
-dead-feature evaluation of LlamaScope-format SAEs (and the suite table), Lorsa.
-
-Registered on the main parser by :func:`add_commands`; each command wraps one
-library function.
-"""
+"""``attnspace`` subcommands: Sparse dictionaries: SAE training and its runs table, dead features of any
+LlamaScope-format SAE (and the suite table), Lorsa and Table 1."""
 
 from __future__ import annotations
 
 import json
-import logging
-import re
 from pathlib import Path
 
-from attnspace.cli import _threads
-
-log = logging.getLogger("attnspace")
-
-DEAD_RECORD_PATH = re.compile(r"(?P<model>[^/]+)/(?P<dataset>[^/]+)/L(?P<layer>\d+)/(?P<site>[a-z_]+)\.json$")
-
-
-def _device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def spliced_lm_eval(model, tokens_path: str, layer: int, site: str, n_tokens: int):
-    """An ``lm_eval`` hook for train_sae: LM loss on held-out tokens with ``site`` replaced.
-
-    Returns a callable taking the SAE's raw-scale reconstruction function and returning
-    delta_lm_loss (spliced - clean, nats) and lm_loss_recovered (vs zero ablation).
-    """
-    from attnspace.corpora import load_tokens
-    from attnspace.interventions import Variant, fraction_recovered, heldout_documents, variant_losses
-
-    splits, meta = load_tokens(tokens_path)
-    documents = heldout_documents(splits["heldout"], n_tokens)
-    special = set(meta["special_ids"])
-
-    def lm_eval(reconstruct) -> dict:
-        variants = [Variant(), Variant(site), Variant(site, replace=reconstruct)]
-        (clean, zero, spliced), n_scored = variant_losses(model, documents, layer, variants, {}, special, batch=3)
-        return dict(lm_loss_clean=float(clean), lm_loss_zero=float(zero), lm_loss_spliced=float(spliced),
-                    delta_lm_loss=float(spliced - clean),
-                    lm_loss_recovered=float(fraction_recovered(spliced, clean, zero)), lm_eval_tokens=n_scored)
-
-    return lm_eval
-
-
-def live_stream(model, a, d: int):
-    """Training batches from the live model (``sae.source: live``): the documents after the
-    held-out split (same order as the tokens stage), prefetched in a background thread."""
-    from transformers import AutoTokenizer
-
-    from attnspace.corpora import load_tokens, training_documents
-    from attnspace.sae.data import LiveStream
-    from attnspace.sae.live import live_producer
-
-    splits, meta = load_tokens(a.tokens)
-    tokenizer = AutoTokenizer.from_pretrained(a.model_dir)
-    docs = training_documents(json.loads(a.live_source), a.live_seed, tokenizer,
-                              max_doc_tokens=int(meta["max_doc_tokens"]), heldout_tokens=splits["heldout"].n_tokens)
-    produce = live_producer(model, docs, a.layer, a.site, set(meta["special_ids"]), batch_docs=a.live_batch_docs)
-    return LiveStream(produce, d, a.batch_size, a.buffer_rows, a.seed)
+from attnspace.cli.common import device, given, log, set_threads
+from attnspace.defaults import schema_default
 
 
 def cmd_train_sae(a):
@@ -73,23 +18,34 @@ def cmd_train_sae(a):
     from attnspace.spectrum import load_spectrum
     from attnspace.store import open_store
 
-    _threads(a.threads)
+    set_threads(a.threads)
     run = parse_run_name(a.run)
-    device = _device()
     config = SAETrainConfig(
         site=a.site, d_sae=run["d_sae"], k=run["k"], init=run["init"], d_init=run["d_init"],
-        optimizer=run["optimizer"], lr=a.lr, auxk=run["auxk"], auxk_alpha=a.auxk_alpha, k_aux=a.k_aux,
-        dead_threshold_tokens=a.dead_threshold_tokens, batch_size=a.batch_size, train_tokens=a.train_tokens,
-        buffer_rows=a.buffer_rows, eval_tokens=a.eval_tokens, seed=a.seed,
-        checkpoint_every=a.checkpoint_every, log_every=a.log_every, device=device)
+        optimizer=run["optimizer"], auxk=run["auxk"], device=device(),
+        **given(lr=a.lr, auxk_alpha=a.auxk_alpha, k_aux=a.k_aux, dead_threshold_tokens=a.dead_threshold_tokens,
+                batch_size=a.batch_size, train_tokens=a.train_tokens, buffer_rows=a.buffer_rows,
+                eval_tokens=a.eval_tokens, seed=a.seed, checkpoint_every=a.checkpoint_every,
+                log_every=a.log_every))
     if a.live_source and not (a.model_dir and a.tokens and a.layer is not None):
         raise SystemExit("--live-source needs --model-dir, --tokens and --layer (the model to run and its documents)")
     train, heldout = open_store(Path(a.store)), open_store(Path(a.heldout))
     model = None
     if a.model_dir and (a.lm_eval_tokens or a.live_source):
         model, _ = load_model(a.model_dir, a.dtype)  # on the GPU when there is one; one copy for the live stream and the LM loss
-    lm_eval = spliced_lm_eval(model, a.tokens, a.layer, a.site, a.lm_eval_tokens) if a.lm_eval_tokens and model else None
-    stream = live_stream(model, a, train.width(a.site)) if a.live_source else train
+    lm_eval = None
+    if a.lm_eval_tokens and model:
+        from attnspace.interventions import spliced_lm_eval
+
+        lm_eval = spliced_lm_eval(model, a.tokens, a.layer, a.site, a.lm_eval_tokens)
+    stream = train
+    if a.live_source:
+        from attnspace.sae.live import live_stream
+
+        stream = live_stream(model, tokens_path=a.tokens, model_dir=a.model_dir, source=json.loads(a.live_source),
+                             source_seed=a.live_seed, layer=a.layer, site=a.site, batch_docs=a.live_batch_docs,
+                             d=train.width(a.site), batch_size=config.batch_size, buffer_rows=config.buffer_rows,
+                             seed=config.seed)
     try:
         metrics = train_sae(config, stream, heldout, Path(a.out_dir),
                             spectrum=load_spectrum(a.spectrum) if a.spectrum else None, lm_eval=lm_eval,
@@ -121,25 +77,21 @@ def cmd_dead_features(a):
     store = open_store(Path(a.activations))
     sae = load_llamascope(a.sae_dir, d_model=store.width(a.site))
     record = evaluate_dead_features(sae, store, a.site, n_tokens=a.tokens)
-    record = {"sae": str(a.sae_dir), "activations": str(a.activations), "site": a.site, **record}
+    key = {"model": store.model, "dataset": store.dataset, "layer": store.layer, "site": a.site}
+    record = {"sae": str(a.sae_dir), "activations": str(a.activations), **key, **record}
     if a.out:
         write_json(record, a.out)
     print(json.dumps(record, indent=2))
 
 
 def cmd_dead_features_table(a):
-    import pandas as pd
-
     from attnspace.dead_features import dead_features_table
     from attnspace.files import write_csv
+    from attnspace.spectrum import intrinsic_dim_frame
 
-    records = []
-    for path in a.records:
-        m = DEAD_RECORD_PATH.search(str(path))
-        if not m:
-            raise SystemExit(f"{path} is not named dead_features/{{model}}/{{dataset}}/L{{layer}}/{{site}}.json")
-        records.append({**json.loads(Path(path).read_text()), **m.groupdict(), "layer": int(m["layer"])})
-    write_csv(dead_features_table(records, pd.read_csv(a.idim)), a.out)
+    records = [json.loads(Path(path).read_text()) for path in a.records]
+    idim = intrinsic_dim_frame(a.spectra, thresholds=[a.threshold])
+    write_csv(dead_features_table(records, idim, a.threshold), a.out)
 
 
 def cmd_fetch_llamascope(a):
@@ -155,13 +107,15 @@ def cmd_train_lorsa(a):
     from attnspace.spectrum import load_spectrum
     from attnspace.store import open_store
 
-    _threads(a.threads)
-    config = LorsaConfig(n_ov_heads=a.n_ov_heads, n_qk_heads=a.n_qk_heads, d_qk=a.d_qk, k=a.k, d_init=a.d_init,
-                         lr=a.lr, n_epochs=a.epochs, batch_tokens=a.batch_tokens)
+    set_threads(a.threads)
+    config = LorsaConfig(n_ov_heads=a.n_ov_heads, n_qk_heads=a.n_qk_heads, k=a.k,
+                         **given(d_qk=a.d_qk, d_init=a.d_init, lr=a.lr, n_epochs=a.epochs,
+                                 batch_tokens=a.batch_tokens))
+    seed = schema_default("lorsa.seed") if a.seed is None else a.seed
     metrics = train_lorsa(config, open_store(Path(a.store)), open_store(Path(a.heldout)),
-                          load_spectrum(a.spectrum), a.init, a.seed,
+                          load_spectrum(a.spectrum), a.init, seed,
                           model_config=AutoConfig.from_pretrained(a.model_dir), out_dir=Path(a.out_dir),
-                          device=_device())
+                          device=device())
     log.info("lorsa %s: dead heads %d, dead params %.3f, nmse %.4f", a.init, metrics["dead_heads"],
              metrics["dead_param_fraction"], metrics["nmse"])
 
@@ -182,17 +136,17 @@ def add_commands(sub) -> None:
     s.add_argument("--spectrum", help="the site's spectrum (.npz): ASI's basis")
     s.add_argument("--site", required=True)
     s.add_argument("--run", required=True, help="init-d<d_init>-optimizer-n<d_sae>-k<k>[-auxk]")
-    s.add_argument("--batch-size", type=int, default=4096)
-    s.add_argument("--train-tokens", type=int, required=True)
-    s.add_argument("--buffer-rows", type=int, default=262144)
+    s.add_argument("--batch-size", type=int)
+    s.add_argument("--train-tokens", type=int)
+    s.add_argument("--buffer-rows", type=int)
     s.add_argument("--lr", type=float)
-    s.add_argument("--eval-tokens", type=int, default=10_000_000)
-    s.add_argument("--k-aux", type=int, default=512)
-    s.add_argument("--auxk-alpha", type=float, default=1 / 32)
-    s.add_argument("--dead-threshold-tokens", type=int, default=10_000_000)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--checkpoint-every", type=int, default=1000)
-    s.add_argument("--log-every", type=int, default=10)
+    s.add_argument("--eval-tokens", type=int)
+    s.add_argument("--k-aux", type=int)
+    s.add_argument("--auxk-alpha", type=float)
+    s.add_argument("--dead-threshold-tokens", type=int)
+    s.add_argument("--seed", type=int)
+    s.add_argument("--checkpoint-every", type=int)
+    s.add_argument("--log-every", type=int)
     s.add_argument("--model-dir", help="prepared model, for the LM loss with the SAE spliced in")
     s.add_argument("--dtype", default="float32")
     s.add_argument("--tokens", help="token file with the held-out split")
@@ -220,8 +174,10 @@ def add_commands(sub) -> None:
     s.set_defaults(func=cmd_dead_features)
 
     s = sub.add_parser("dead-features-table", help="dead features beside intrinsic dimension, per layer and site")
-    s.add_argument("--records", nargs="+", required=True)
-    s.add_argument("--idim", required=True)
+    s.add_argument("--records", nargs="+", required=True, help="dead-features records (JSON)")
+    s.add_argument("--spectra", nargs="+", required=True, help="spectra of the same sites (.npz)")
+    s.add_argument("--threshold", type=float, default=schema_default("spectrum.threshold"),
+                   help="variance threshold of the intrinsic dimension")
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_dead_features_table)
 
@@ -240,13 +196,13 @@ def add_commands(sub) -> None:
     s.add_argument("--init", choices=["vanilla", "asi"], required=True)
     s.add_argument("--n-ov-heads", type=int, required=True)
     s.add_argument("--n-qk-heads", type=int, required=True)
-    s.add_argument("--d-qk", type=int, default=64)
+    s.add_argument("--d-qk", type=int)
     s.add_argument("--k", type=int, required=True)
-    s.add_argument("--d-init", type=int, default=128)
-    s.add_argument("--lr", type=float, default=1e-3)
-    s.add_argument("--epochs", type=int, default=2)
-    s.add_argument("--batch-tokens", type=int, default=512)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--d-init", type=int)
+    s.add_argument("--lr", type=float)
+    s.add_argument("--epochs", type=int)
+    s.add_argument("--batch-tokens", type=int)
+    s.add_argument("--seed", type=int)
     s.add_argument("--threads", type=int, default=1)
     s.add_argument("--out-dir", required=True)
     s.set_defaults(func=cmd_train_lorsa)

@@ -1,0 +1,167 @@
+"""``attnspace`` subcommands: Spectra, intrinsic-dimension tables, loss recovered and the W^O decomposition."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from attnspace.cli.common import log, set_threads
+from attnspace.defaults import schema_default
+
+
+def cmd_spectrum(a):
+    from attnspace.spectrum import compute_spectrum, save_spectrum
+    from attnspace.store import open_store
+
+    set_threads(a.threads)
+    store = open_store(Path(a.store))
+    spec = compute_spectrum(store, a.site, threads=a.threads, n_vectors=a.n_vectors)
+    save_spectrum(spec, a.out)
+    log.info("%s %s: d=%d from %d tokens", a.store, a.site, spec.singular_values.shape[0], spec.n_tokens)
+
+
+def cmd_idim_table(a):
+    from attnspace.files import write_csv
+    from attnspace.spectrum import intrinsic_dim_frame
+
+    write_csv(intrinsic_dim_frame(a.spectra, thresholds=a.thresholds), a.out)
+
+
+def cmd_spectra_table(a):
+    from attnspace.files import write_csv
+    from attnspace.spectrum import spectra_frame
+
+    write_csv(spectra_frame(a.spectra, json.loads(a.focus_layers)), a.out)
+
+
+def cmd_loss_recovered(a):
+    from attnspace.corpora import load_tokens
+    from attnspace.files import write_csv
+    from attnspace.interventions import basis_from_spectrum, run_loss_recovered
+    from attnspace.models import load_model
+    from attnspace.spectrum import load_keyed
+
+    set_threads(a.threads)
+    bases = {}
+    for path, (key, spec) in zip(a.spectra, load_keyed(a.spectra)):
+        if (key["model"], key["dataset"], key["layer"]) != (a.model, a.dataset, a.layer):
+            raise SystemExit(f"{path} is not a spectrum of {a.model}/{a.dataset} layer {a.layer}")
+        bases[key["site"]] = basis_from_spectrum(spec)
+    model, _ = load_model(a.model_dir, a.dtype)
+    splits, meta = load_tokens(a.tokens)
+    table = run_loss_recovered(model, splits["heldout"], set(meta["special_ids"]), a.layer, bases,
+                               model_name=a.model, dataset=a.dataset, n_tokens=a.heldout_tokens,
+                               grid=json.loads(a.k_grid), batch=a.batch, log=log)
+    write_csv(table, a.out)
+
+
+def cmd_loss_recovered_table(a):
+    import pandas as pd
+
+    from attnspace.files import write_csv
+    from attnspace.interventions import recovery_summary
+
+    curves = pd.concat([pd.read_csv(p) for p in a.curves], ignore_index=True)
+    summary = recovery_summary(curves, a.target)
+    write_csv(curves, a.out)
+    write_csv(summary, a.summary)
+    for r in summary.itertuples():
+        log.info("%s/%s L%d %s: %.1f%% of dimensions (k = %.1f of %d) recover %g of the loss",
+                 r.model, r.dataset, r.layer, r.site, 100 * r.k_fraction, r.k, r.d, r.target)
+        if r.loss_zero <= r.loss_clean:
+            log.warning("%s/%s L%d %s: zero ablation does not raise the loss (%.4f vs %.4f clean); "
+                        "the fraction recovered means nothing here", r.model, r.dataset, r.layer, r.site,
+                        r.loss_zero, r.loss_clean)
+
+
+def cmd_wo_decomposition(a):
+    from attnspace.files import write_csv
+    from attnspace.models import load_model
+    from attnspace.store import open_store
+    from attnspace.wo_decomposition import analyse
+
+    set_threads(a.threads)
+    model, _ = load_model(a.model_dir, a.dtype)
+    stores = [open_store(Path(p)) for p in a.stores]
+    decomposition, spectrum, summary = analyse(model, stores, model_name=a.model, dataset=a.dataset,
+                                               threads=a.threads, tau=a.threshold)
+    write_csv(decomposition, a.decomposition)
+    write_csv(spectrum, a.spectrum)
+    write_csv(summary, a.summary)
+    for r in summary.itertuples():
+        log.info("L%d: id(O) %.3f, id(Z) %.3f, id with W^O flattened %.3f, with Z white %.3f; "
+                 "|ZW^O+b-O| %.1e, identity %.1e", r.layer, r.id_o, r.id_z, r.id_o_flat_wo, r.id_o_white_z,
+                 r.o_rel_error, r.identity_rel_error)
+
+
+def cmd_concat_tables(a):
+    import pandas as pd
+
+    from attnspace.files import write_csv
+
+    if len(a.inputs) != len(a.out):
+        raise SystemExit(f"{len(a.inputs)} --inputs groups but {len(a.out)} --out paths; give one --out per group")
+    for inputs, out in zip(a.inputs, a.out):
+        write_csv(pd.concat([pd.read_csv(p) for p in inputs], ignore_index=True), out)
+
+
+def add_commands(sub) -> None:
+    s = sub.add_parser("spectrum", help="singular values and directions of one cached site")
+    s.add_argument("--store", required=True, help="the store's manifest (or .zarr) path")
+    s.add_argument("--site", required=True)
+    s.add_argument("--n-vectors", type=int)
+    s.add_argument("--threads", type=int, default=1)
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_spectrum)
+
+    s = sub.add_parser("idim-table", help="intrinsic dimension table from spectra")
+    s.add_argument("--spectra", nargs="+", required=True)
+    s.add_argument("--thresholds", type=float, nargs="+", required=True)
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_idim_table)
+
+    s = sub.add_parser("spectra-table", help="relative singular values of every spectrum, one row each")
+    s.add_argument("--spectra", nargs="+", required=True)
+    s.add_argument("--focus-layers", required=True, help='JSON {model: layer}')
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_spectra_table)
+
+    s = sub.add_parser("loss-recovered", help="loss recovered by top-k principal directions of sites at one layer")
+    s.add_argument("--model-dir", required=True)
+    s.add_argument("--dtype", default="float32")
+    s.add_argument("--tokens", required=True, help="token ids (.npz); the held-out split is scored")
+    s.add_argument("--model", required=True)
+    s.add_argument("--dataset", required=True)
+    s.add_argument("--layer", type=int, required=True)
+    s.add_argument("--spectra", nargs="+", required=True, help="spectra of the layer (.npz), one per site replaced")
+    s.add_argument("--heldout-tokens", type=int, default=1024)
+    s.add_argument("--k-grid", default="{}", help='JSON {"dense": 4, "log_points": 8, "linear_points": 10}')
+    s.add_argument("--batch", type=int, default=16)
+    s.add_argument("--threads", type=int, default=1)
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_loss_recovered)
+
+    s = sub.add_parser("loss-recovered-table", help="concatenate loss-recovered curves; fraction of dims at the target")
+    s.add_argument("--curves", nargs="+", required=True)
+    s.add_argument("--target", type=float, default=0.95)
+    s.add_argument("--out", required=True)
+    s.add_argument("--summary", required=True)
+    s.set_defaults(func=cmd_loss_recovered_table)
+
+    s = sub.add_parser("wo-decomposition", help="Var(O e_i) = Var(Z v_i) ||W^O e_i||^2 at every cached layer")
+    s.add_argument("--model-dir", required=True)
+    s.add_argument("--dtype", default="float32")
+    s.add_argument("--stores", nargs="+", required=True, help="the stores' manifest (or .zarr) paths")
+    s.add_argument("--model", required=True)
+    s.add_argument("--dataset", required=True)
+    s.add_argument("--threshold", type=float, default=schema_default("spectrum.threshold"))
+    s.add_argument("--threads", type=int, default=1)
+    s.add_argument("--decomposition", required=True)
+    s.add_argument("--spectrum", required=True)
+    s.add_argument("--summary", required=True)
+    s.set_defaults(func=cmd_wo_decomposition)
+
+    s = sub.add_parser("concat-tables", help="concatenate CSV tables: --inputs a.csv b.csv --out ab.csv, repeatable")
+    s.add_argument("--inputs", nargs="+", action="append", required=True)
+    s.add_argument("--out", action="append", required=True)
+    s.set_defaults(func=cmd_concat_tables)
