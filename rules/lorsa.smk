@@ -35,7 +35,7 @@ rule train_lorsa:
 rule table1:
     input:
         runs=all_lorsa_runs(),
-        code=CODE / "lorsa.py",
+        code=CODE / "lorsa" / "table.py",
     output:
         csv=report(
             "results/tables/table1_lorsa.csv",
