@@ -147,6 +147,11 @@ def test_library_defaults_are_the_schemas():
     assert c.learning_rate == sae["lr"]["properties"]["adam"]["default"]
     assert (c.k_aux, c.auxk_alpha, c.dead_threshold_tokens) == tuple(
         sae["auxk"]["properties"][k]["default"] for k in ("k_aux", "alpha", "dead_threshold_tokens"))
+    from attnspace.lorsa import LorsaConfig
+
+    lorsa, lc = schema["lorsa"]["properties"], LorsaConfig()
+    assert (lc.n_qk_heads, lc.d_qk, lc.k, lc.d_init, lc.lr, lc.n_epochs, lc.batch_tokens) == tuple(
+        lorsa[k]["default"] for k in ("n_qk_heads", "d_qk", "k", "d_init", "lr", "epochs", "batch_tokens"))
     # CLI options not given leave the library's defaults
     args = build_parser().parse_args(["train-sae", "--store", "s", "--heldout", "h", "--site", "attn_out",
                                       "--run", "base-d0-adam-n96-k4", "--out-dir", "o"])

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
+from attnspace.defaults import schema_default
+
 
 @dataclass
 class LorsaConfig:
@@ -11,8 +13,8 @@ class LorsaConfig:
 
     Defaults are sized for SmolLM2-135M layer 15 (d = 576) on 2 CPU cores: 4d OV heads
     in 36 QK groups of 64 (the authors' Pythia-160M layer 6 setting has 8d heads in
-    groups of 128 and k = 64). They equal the workflow's (``lorsa.*`` in
-    schemas/config.schema.yaml, where n_ov_heads = expansion x d). Four epochs over the
+    groups of 128 and k = 64). Every field that is a config key takes the schema's default
+    (``lorsa.*`` in schemas/config.schema.yaml, where n_ov_heads = expansion x d). Four epochs over the
     embedded cache (16k tokens, 167 steps of 512 tokens) took 165-170 s per run on 2
     cores shared with other jobs (about 400 tokens/s, forward, backward and Adam); the
     default two run half as many steps.
@@ -20,11 +22,11 @@ class LorsaConfig:
 
     n_ov_heads: int = 2304
     """Rank-1 OV heads (4 x d for d = 576)."""
-    n_qk_heads: int = 36
+    n_qk_heads: int = schema_default("lorsa.n_qk_heads")
     """QK heads; each is shared by n_ov_heads / n_qk_heads consecutive OV heads."""
-    d_qk: int = 64
+    d_qk: int = schema_default("lorsa.d_qk")
     """Width of each QK head (the target model's head_dim, so its RoPE applies unchanged)."""
-    k: int = 32
+    k: int = schema_default("lorsa.k")
     """OV heads kept per token (after annealing)."""
     k_start: int | None = None
     """If set, k starts here and falls linearly to ``k`` (None: no annealing)."""
@@ -36,17 +38,17 @@ class LorsaConfig:
     """Epsilon of that RMS norm."""
     b_D_at_mean: bool = True
     """Start b_D at the mean of the normalised target (the authors start at 0; a short run cannot learn it first)."""
-    d_init: int = 128
+    d_init: int = schema_default("lorsa.d_init")
     """ASI: W_O rows lie in the top d_init right singular vectors of attn_out (22% of d=576)."""
-    lr: float = 1e-3
+    lr: float = schema_default("lorsa.lr")
     """Adam learning rate (authors: 2e-4 to 4e-4 over far more steps; a two-epoch run here has ~84)."""
     betas: tuple[float, float] = (0.9, 0.999)
     """Adam betas."""
     eps: float = 1e-8
     """Adam epsilon."""
-    n_epochs: int = 2
+    n_epochs: int = schema_default("lorsa.epochs")
     """Passes over the training documents (reshuffled each epoch)."""
-    batch_tokens: int = 512
+    batch_tokens: int = schema_default("lorsa.batch_tokens")
     """Token budget per batch: consecutive shuffled documents up to this many rows (at least one document)."""
     norm_sample_tokens: int = 65536
     """Kept training rows (the first ones) used for the dataset-wise norms."""
