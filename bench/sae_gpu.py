@@ -1,7 +1,7 @@
 """SAE training step on one GPU: attnspace's fast path against the encoder GEMM, a naive
 dense TopK SAE and EleutherAI sparsify's SparseCoder, in one process on one device.
 
-The anchor's setting (shared REFERENCE.md, "Measured anchor"): d 4096, k 50, batch 4096
+The anchor's setting (its measurements: bench/anchor/h200.jsonl): d 4096, k 50, batch 4096
 tokens, random data, bf16 (autocast for naive and sparsify, the fast path's bf16 GEMM),
 features in {32768, 131072, 262144, 524288, 1048576}. Per size it measures
 

@@ -80,7 +80,6 @@ rule fig8:
         csv="results/figures/fig8.csv",
         caption="results/figures/fig8.caption.rst",
     params:
-        focus=f"--model {FOCUS['model']} --dataset {FOCUS['dataset']}",
         focus_layers=FOCUS_LAYERS,
     log:
         "results/logs/figures/fig8.log",
@@ -93,7 +92,7 @@ rule fig8:
     conda:
         "../envs/attnspace.yaml"
     shell:
-        "attnspace figure fig8 --caption {input.text} --spectra {input.spectra} {params.focus} "
+        "attnspace figure fig8 --caption {input.text} --spectra {input.spectra} "
         "--focus-layers {params.focus_layers:q} --out {output.pdf} > {log} 2>&1"
 
 

@@ -51,7 +51,7 @@ def test_llamascope_layout_round_trip(tmp_path):
 
 
 def test_llamascope_inference_recipe_matches_reconstruct(tmp_path):
-    """The file read with the LlamaScope recipe (REFERENCE.md) gives reconstruct()'s output."""
+    """The file read with the LlamaScope recipe (attnspace.llamascope's docstring, written out here) gives reconstruct()'s output."""
     sae = random_sae(1)
     save_sae(sae, tmp_path / "sae")
     t = {k: torch.from_numpy(v) for k, v in load_file(str(tmp_path / "sae" / "checkpoints" / "final.safetensors")).items()}

@@ -1,7 +1,7 @@
 """Dead-feature evaluation of any LlamaScope-format SAE on a cached activation store.
 
 A feature is dead when it never activates (value > 0) over an evaluation window of
-N held-out non-BOS/EOS tokens (DESIGN.md); N is always reported with the count.
+N held-out non-BOS/EOS tokens; N is always reported with the count.
 The SAE reads and reconstructs one site (LlamaScope's A/M/R SAEs: hook_point_in =
 hook_point_out), so NMSE compares the site with its reconstruction.
 """

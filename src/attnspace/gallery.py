@@ -44,12 +44,14 @@ def first_sentence(text: str) -> str:
     return flat[: m.start()] if m else flat
 
 
-def gallery_markdown(figures: list[tuple[str, str, str]]) -> str:
-    """figures: (name, image path relative to the README, caption text) -> Markdown, one figure per paragraph."""
-    parts = []
-    for name, image, caption in figures:
-        parts.append(f"**{name}**: {first_sentence(caption)}.\n\n![{name}]({image})\n")
-    return "\n".join(parts)
+def gallery_markdown(figures: list[tuple[str, str, str]], columns: int = 2) -> str:
+    """figures: (name, image path relative to the README, caption text) -> a Markdown grid of
+    ``columns`` figures a row, each with its name and its caption's first sentence."""
+    cells = [f"![{name}]({image})<br>**{name}**: {first_sentence(caption)}." for name, image, caption in figures]
+    cells += [""] * (-len(cells) % columns)
+    rows = ["|" + " |" * columns, "|" + "---|" * columns]
+    rows += ["| " + " | ".join(cells[i:i + columns]) + " |" for i in range(0, len(cells), columns)]
+    return "\n".join(rows) + "\n"
 
 
 def replace_block(text: str, block: str, body: str, where: str = "README") -> str:

@@ -5,7 +5,7 @@ A folder holds ``hyperparams.json`` and ``checkpoints/final.safetensors`` with
 ``decoder.weight [d_model, d_sae]`` (column i = feature i), ``decoder.bias [d_model]``.
 Only JSON and safetensors are read.
 
-Inference (He et al. 2024; REFERENCE.md), for raw activations x [B, d]:
+Inference (He et al. 2024, the LlamaScope release), for raw activations x [B, d]:
 
     f_in = sqrt(d_model) / dataset_average_activation_norm["in"]      (1 without dataset-wise norm)
     x_n  = f_in * x   (minus decoder.bias if apply_decoder_bias_to_pre_encoder)

@@ -36,7 +36,8 @@ def cmd_figure(a):
     elif a.name == "fig2a":
         fig, data = figures.fig2a(table, a.model, a.dataset, a.layer)
     elif a.name == "fig8":
-        fig, data = figures.fig8(table[table["focus"]], exclude=(a.model, a.dataset))
+        # the rule gives only the other pairs' spectra; --model/--dataset name a pair to leave out
+        fig, data = figures.fig8(table[table["focus"]], exclude=(a.model, a.dataset) if a.model else None)
     elif a.name == "fig2b":
         fig, data = figures.fig2b(table, pd.read_csv(a.summary))
     elif a.name == "fig3":

@@ -20,7 +20,7 @@ are zero; output = sum over kept heads ReLU(z_i) w_o_i + b_D. So only positive
 activations survive. Chosen because (a) it is what the authors' current code does
 (``sparsity_include_decoder_norm`` with a ReLU-TopK activation), (b) each head then
 has one sign, like an SAE feature, so the dead rule is the SAE one of this project
-(DESIGN.md: "never activates, value > 0") and (c) ranking by the output norm keeps
+(never activates with a value > 0 in the window) and (c) ranking by the output norm keeps
 the selection invariant to rescaling w_v up and w_o down.
 
 **Dead heads and dead parameters** (one definition each: :func:`dead_heads`,

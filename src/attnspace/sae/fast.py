@@ -7,7 +7,7 @@ parameters, the TopK rule (ReLU of the K largest pre-activations, no decoder bia
 encoder), AuxK and the gradients are the reference's; ``tests/test_sae_fast.py`` checks loss,
 gradients and optimizer updates against it on CPU, and ``bench/sae_gpu.py`` on the GPU.
 
-Why, in numbers. The anchor (REFERENCE.md: H200, d 4096, K 50, B 4096, bf16) puts the encoder
+Why, in numbers. The anchor (bench/anchor/h200.jsonl: H200, d 4096, K 50, B 4096, bf16) puts the encoder
 GEMM alone at 6.0 / 25.6 / 50.1 ms per step at n = 131K / 524K / 1M latents and sparsify's
 whole step at 37.5 / 113 ms. At about 4 TB/s, every pass over one [n, d] fp32 matrix costs
 0.5 / 2.2 / 4.3 ms and every pass over a [U, d] block of the U latents a batch touches

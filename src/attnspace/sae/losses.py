@@ -1,4 +1,4 @@
-"""The loss definitions (DESIGN.md): NMSE, its streaming form, AuxK, and the dead-latent rules."""
+"""The loss definitions: NMSE, its streaming form, AuxK, and the dead-latent rules."""
 
 from __future__ import annotations
 
