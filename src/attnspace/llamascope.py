@@ -154,12 +154,15 @@ def fetch_llamascope(repo: str, folder: str, out_dir: Path, revision: str | None
 
     from huggingface_hub import snapshot_download
 
+    from attnspace.files import atomic_dir
+
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir.parent) as tmp:
         snapshot_download(repo_id=repo, revision=revision, local_dir=tmp,
                           allow_patterns=[f"{folder}/hyperparams.json", f"{folder}/checkpoints/final.safetensors"])
         load_llamascope(Path(tmp) / folder)  # refuse anything that is not a valid SAE folder
-        shutil.rmtree(out_dir, ignore_errors=True)
-        shutil.move(str(Path(tmp) / folder), str(out_dir))
+        with atomic_dir(out_dir) as staged:
+            staged.rmdir()
+            shutil.move(str(Path(tmp) / folder), str(staged))
     return out_dir

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from attnspace.files import atomic_dir
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -130,12 +132,9 @@ def prepare_model(source: dict, out_dir: Path, *, architecture: str, n_layers: i
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
     return {**facts, "dtype": dtype, "source": source, "folder": str(out_dir),
             "commit": getattr(model.config, "_commit_hash", None),
             "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
