@@ -215,6 +215,9 @@ def _read_llamascopium(folder: Path) -> SAEFiles:
         raise LlamaScopeError(f"{cfg_path}: hook_point_in and hook_point_out must be strings.")
     weights_path = next((folder / p for p in LLAMASCOPIUM_WEIGHTS if (folder / p).is_file()),
                         folder / LLAMASCOPIUM_WEIGHTS[0])
+    if not weights_path.is_file() and (any(folder.glob("**/*.pt")) or any(folder.glob("**/*.dcp"))):
+        raise LlamaScopeError(f"{folder}: only .pt / .dcp weights; they are not read (pickle, distributed). "
+                              "Fix: save with save_pretrained on one process, which writes sae_weights.safetensors.")
     tensors = _weights(weights_path, folder)
     W_E = _need(tensors, "W_E", (d, n), weights_path, "d_model, d_sae")
     b_E = _need(tensors, "b_E", (n,), weights_path, "d_sae")
