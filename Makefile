@@ -1,5 +1,6 @@
 # make run   : set up .venv, fetch the embedded models, run the whole pipeline on config.yaml
 # make test  : set up .venv if needed, run the test suite (what .ci/run calls)
+# make test-interop : SAE folders against the real SAELens and llamascopium, in .venv-interop (.ci/run too)
 # make report / gallery / times : the Snakemake report, the README gallery, per-stage times
 
 PYTHON ?= python3
@@ -10,7 +11,7 @@ CORES  ?= all
 # Rules call the `attnspace` CLI: put the venv first on PATH.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: run test test-all bench lint dry-run report gallery times clean
+.PHONY: run test test-interop test-all bench lint dry-run report gallery times clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +30,18 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# SAELens and llamascopium pull in transformer-lens, wandb and others: a venv of their own.
+INTEROP := .venv-interop
+$(INTEROP)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(INTEROP)
+	$(INTEROP)/bin/pip install --quiet --upgrade pip
+	$(INTEROP)/bin/pip install --quiet torch==2.13.0
+	$(INTEROP)/bin/pip install --quiet -e ".[test,interop]"
+	touch $@
+
+test-interop: $(INTEROP)/.installed
+	ATTNSPACE_INTEROP=1 $(INTEROP)/bin/python -m pytest -q -p no:cacheprovider -W ignore::DeprecationWarning tests/interop
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -m ""

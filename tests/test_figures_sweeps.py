@@ -14,7 +14,8 @@ from attnspace.sae.runs import RUN_COLUMNS, VARIANTS, parse_run_name, variant_of
 KEY = dict(model="m", dataset="ds", layer=3, site="attn_out")
 V6 = ["topk", "topk_auxk", "asi"]
 V7 = list(VARIANTS)
-PLANTED = {"topk": (1.0, 0.2), "topk_auxk": (0.9, 0.22), "asi": (0.8, 0.3), "asi_sparseadam": (0.7, 0.35)}
+PLANTED = {"topk": (1.0, 0.2), "topk_auxk": (0.9, 0.22), "asi": (0.8, 0.3), "asi_sparseadam": (0.7, 0.35),
+           "asi_maskedadam": (0.75, 0.33)}
 
 
 def table(names: list[str], nmse) -> pd.DataFrame:

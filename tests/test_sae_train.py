@@ -82,7 +82,7 @@ class Killed(Exception):
     pass
 
 
-@pytest.mark.parametrize("optimizer", ["adam", "sparse_adam"])
+@pytest.mark.parametrize("optimizer", ["adam", "sparse_adam", "masked_adam"])
 def test_killed_run_resumes_to_the_same_result_bitwise(stores, tmp_path, optimizer):
     train, heldout = stores
     # AuxK on, with a short dead window, so the dead-latent counters matter for the result.

@@ -8,11 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pandas as pd
 import pytest
 import yaml
 
-from conftest import REPO, tiny_config
+from conftest import REPO
 
 FIGURES = ("fig1", "fig2a", "fig2b", "fig3", "fig4", "fig5", "fig6", "fig7", "fig8", "fig9")
 
@@ -169,7 +168,8 @@ def planned_sae_runs(*targets, cwd: Path, configfile: Path | None = None) -> dic
 def expected_sweep(sweep: dict, d_model: int, figure: str, prefix: str) -> set[str]:
     """The run folders a sweep must expand to, written out here independently of rules/common.smk."""
     names = {"topk": "base-d0-adam-n{n}-k{k}", "topk_auxk": "base-d0-adam-n{n}-k{k}-auxk",
-             "asi": "asi-d{d}-adam-n{n}-k{k}", "asi_sparseadam": "asi-d{d}-sparse_adam-n{n}-k{k}"}
+             "asi": "asi-d{d}-adam-n{n}-k{k}", "asi_sparseadam": "asi-d{d}-sparse_adam-n{n}-k{k}",
+             "asi_maskedadam": "asi-d{d}-masked_adam-n{n}-k{k}"}
     if figure == "fig6":
         grid = [(sweep["expansion"] * d_model, k) for k in sweep["k"]]
     else:
@@ -187,7 +187,7 @@ def test_default_sweep_expands_to_exactly_the_configured_jobs(figure, tmp_path):
     n_grid = len(cfg[figure]["k"] if figure == "fig6" else cfg[figure]["expansion"])
     assert len(expected) == len(cfg[figure]["variants"]) * n_grid
     for run, command in planned.items():  # per-optimizer learning rates from config, same seed for all
-        lr = cfg["sae"]["lr"]["sparse_adam" if "sparse_adam" in run else "adam"]
+        lr = cfg["sae"]["lr"][next((o for o in ("sparse_adam", "masked_adam") if f"-{o}-" in run), "adam")]
         assert f"--lr {lr} " in command and f"--seed {cfg['sae'].get('seed', 0)} " in command
 
 

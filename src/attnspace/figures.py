@@ -683,6 +683,7 @@ VARIANT_STYLE = {
     "topk_auxk": ("#029e73", "^", "-"),
     "asi": ("#d55e00", "o", "-"),
     "asi_sparseadam": ("#cc78bc", "D", "--"),
+    "asi_maskedadam": ("#029e73", "s", ":"),
 }
 """Sweep variant -> (colour, marker, line style), the same in Figures 6 and 7."""
 

@@ -1,4 +1,5 @@
-"""Read any SAE in the released LlamaScope layout, for inference.
+"""Read any SAE in the released LlamaScope layout (or a SAELens / llamascopium folder, see
+:mod:`attnspace.interop`), for inference.
 
 A folder holds ``hyperparams.json`` and ``checkpoints/final.safetensors`` with
 ``encoder.weight [d_sae, d_model]``, ``encoder.bias [d_sae]``,
@@ -24,7 +25,6 @@ already include the decoder norm, so activations x decoder and the firing set ar
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +32,6 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from attnspace.files import read_safetensors
 
 ACT_FNS = ("jumprelu", "topk")
 TENSORS = {"encoder.weight": ("d_sae", "d_model"), "encoder.bias": ("d_sae",),
@@ -88,12 +87,11 @@ class LlamaScopeSAE:
 
 def load_llamascope(folder: Path | str, d_model: int | None = None, dtype=torch.float32) -> LlamaScopeSAE:
     """Load and check a LlamaScope folder; ``d_model`` (if given) must match the activations."""
+    from attnspace.interop import read_sae_files
+
     folder = Path(folder)
-    hyper_path, weights_path = folder / "hyperparams.json", folder / "checkpoints" / "final.safetensors"
-    for path in (hyper_path, weights_path):
-        if not path.is_file():
-            raise LlamaScopeError(f"{folder} is not a LlamaScope SAE: {path.relative_to(folder)} is missing.")
-    hyper = json.loads(hyper_path.read_text())
+    files = read_sae_files(folder)  # LlamaScope, SAELens or llamascopium layout (detected), in LlamaScope terms
+    hyper, tensors, hyper_path, weights_path = files.hyper, files.tensors, files.hyper_path, files.weights_path
     act_fn = hyper.get("act_fn")
     if act_fn not in ACT_FNS:
         raise LlamaScopeError(f"{hyper_path}: act_fn {act_fn!r} is not supported; expected one of {ACT_FNS}.")
@@ -104,7 +102,6 @@ def load_llamascope(folder: Path | str, d_model: int | None = None, dtype=torch.
     if d_model is not None and d_model != dims["d_model"]:
         raise LlamaScopeError(f"{folder}: the SAE has d_model={dims['d_model']} but the activations have "
                               f"width {d_model}. Fix: pair it with the site and model it was trained on.")
-    tensors, _ = read_safetensors(weights_path)
     for name, shape_names in TENSORS.items():
         if name not in tensors:
             raise LlamaScopeError(f"{weights_path}: tensor {name!r} is missing (has {sorted(tensors)}).")
@@ -131,11 +128,14 @@ def load_llamascope(folder: Path | str, d_model: int | None = None, dtype=torch.
         W_dec, W_enc, b_enc = W_dec / n, W_enc * n[:, None], b_enc * n
     threshold, top_k, rank_scale = None, None, None
     if act_fn == "jumprelu":
-        if "jump_relu_threshold" not in hyper:
+        if "threshold" in tensors:  # per feature, on the normalised scale (SAELens, llamascopium)
+            base = tensors["threshold"].to(dtype)
+        elif "jump_relu_threshold" not in hyper:
             raise LlamaScopeError(f"{hyper_path}: act_fn jumprelu needs jump_relu_threshold.")
+        else:
+            base = torch.full((dims["d_sae"],), float(hyper["jump_relu_threshold"]) * f_in, dtype=dtype)
         # After folding, pre' = pre * n. Rule with decoder norm: pre * n > theta f_in -> pre' > theta f_in.
         # Rule without: pre > theta f_in -> pre' > theta f_in * n.
-        base = torch.full((dims["d_sae"],), float(hyper["jump_relu_threshold"]) * f_in, dtype=dtype)
         threshold = base * n if (folded and not include_norm) else base
     else:
         if not isinstance(hyper.get("top_k"), int) or hyper["top_k"] < 1:

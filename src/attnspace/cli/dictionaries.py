@@ -100,6 +100,17 @@ def cmd_fetch_llamascope(a):
     fetch_llamascope(a.repo, a.folder, Path(a.out_dir), revision=a.revision)
 
 
+def cmd_export_sae(a):
+    from attnspace.interop import export_sae
+    from attnspace.llamascope import LlamaScopeError
+
+    try:
+        out = export_sae(a.sae_dir, a.to, a.out_dir)
+    except (LlamaScopeError, FileExistsError) as err:
+        raise SystemExit(f"export-sae: {err}") from None
+    log.info("%s -> %s (%s)", a.sae_dir, out, a.to)
+
+
 def cmd_train_lorsa(a):
     from transformers import AutoConfig
 
@@ -166,7 +177,7 @@ def add_commands(sub) -> None:
     s.set_defaults(func=cmd_sae_runs_table)
 
     s = sub.add_parser("dead-features", help="dead features of any LlamaScope-format SAE on a cached store")
-    s.add_argument("sae_dir", help="folder with hyperparams.json and checkpoints/final.safetensors")
+    s.add_argument("sae_dir", help="SAE folder: LlamaScope layout, SAELens (cfg.json) or llamascopium (config.json)")
     s.add_argument("activations", help="activation store (.zarr or its manifest)")
     s.add_argument("--site", required=True)
     s.add_argument("--tokens", type=int, help="evaluate the first N kept (non-BOS/EOS) tokens; default all")
@@ -187,6 +198,12 @@ def add_commands(sub) -> None:
     s.add_argument("--revision")
     s.add_argument("--out-dir", required=True)
     s.set_defaults(func=cmd_fetch_llamascope)
+
+    s = sub.add_parser("export-sae", help="write an SAE folder for SAELens or llamascopium (docs/interop.md)")
+    s.add_argument("sae_dir", help="SAE folder: LlamaScope layout (this pipeline), SAELens or llamascopium")
+    s.add_argument("--to", required=True, choices=["saelens", "llamascopium"])
+    s.add_argument("out_dir", help="new folder to write (must not exist)")
+    s.set_defaults(func=cmd_export_sae)
 
     s = sub.add_parser("train-lorsa", help="train and evaluate one Lorsa (vanilla or ASI)")
     s.add_argument("--store", required=True)

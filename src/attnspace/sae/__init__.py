@@ -2,7 +2,7 @@
 
 Modules: ``model`` (TopKSAE, reconstruct), ``sparse`` (sparse encoder/decoder autograd),
 ``fast`` (the CUDA training path), ``init`` (base, ASI, random subspace), ``losses`` (NMSE,
-AuxK, dead latents), ``optim`` (Adam, SparseAdam), ``data`` (shuffle buffer over a store, live
+AuxK, dead latents), ``optim`` (Adam, SparseAdam, MaskedAdam), ``data`` (shuffle buffer over a store, live
 prefetch), ``live``, ``evaluate``, ``io`` (LlamaScope layout, checkpoints), ``train``
 (train_sae), ``config``, ``runs`` (run names, the runs table).
 
@@ -15,7 +15,7 @@ import importlib
 _EXPORTS = {
     "SAETrainConfig": "config", "LiveStream": "data", "PrefetchIterator": "data", "StoreStream": "data",
     "EvalResult": "evaluate", "evaluate": "evaluate", "initialize": "init", "load_sae": "io", "save_sae": "io",
-    "ForwardOutput": "model", "TopKSAE": "model", "reconstruct": "model", "SparseAdam": "optim",
+    "ForwardOutput": "model", "TopKSAE": "model", "reconstruct": "model", "SparseAdam": "optim", "MaskedAdam": "optim",
     "train_sae": "train",
 }
 

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 
 from attnspace.defaults import schema_default
 from attnspace.sae.init import DEFAULT_NORM_GRID, INITS
+from attnspace.sae.optim import OPTIMIZERS
 
 
 @dataclass
@@ -31,7 +32,8 @@ class SAETrainConfig:
     asi_sample_tokens: int = 65536
     """Rows for the sample SVD when ASI gets no spectrum (the first kept rows); also the normalisation sample."""
     optimizer: str = schema_default("sae.optimizer")
-    """'adam' (torch.optim.Adam) or 'sparse_adam' (torch.optim.SparseAdam semantics)."""
+    """'adam' (torch.optim.Adam), 'sparse_adam' (torch.optim.SparseAdam semantics) or 'masked_adam'
+    (the authors' masked dense rule, attnspace.sae.optim.MaskedAdam)."""
     lr: float | None = None
     """Learning rate; None: the config default for the optimizer (``sae.lr.<optimizer>``)."""
     betas: tuple[float, float] = (0.9, 0.999)
@@ -70,8 +72,8 @@ class SAETrainConfig:
             raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
         if self.init != "base" and self.d_init is None:
             raise ValueError(f"init {self.init!r} needs d_init")
-        if self.optimizer not in ("adam", "sparse_adam"):
-            raise ValueError(f"optimizer must be 'adam' or 'sparse_adam', got {self.optimizer!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.buffer_rows < 2 * self.batch_size:
             raise ValueError(f"buffer_rows ({self.buffer_rows}) must be at least 2 x batch_size ({self.batch_size})")
         if self.train_tokens < self.batch_size:

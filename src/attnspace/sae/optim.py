@@ -1,4 +1,5 @@
-"""Optimizers for the SAE: Adam (torch's) and SparseAdam (lazy Adam on touched rows).
+"""Optimizers for the SAE: Adam (torch's), SparseAdam (lazy Adam on touched rows) and
+MaskedAdam (the authors' masked dense rule).
 
 :class:`SparseAdam` has the semantics of ``torch.optim.SparseAdam``: for a sparse COO
 gradient, only the rows in its indices (the latents that fired in the batch, see
@@ -11,7 +12,8 @@ Unlike torch's implementation it updates the touched rows in place with gather /
 scatter (no sparse-mask round trips), and it also accepts dense gradients, so one
 optimizer holds every parameter of the SAE. The arithmetic follows torch's line by
 line; ``tests/test_sae_optim.py`` compares the two on the same sparse gradients.
-(The authors' masked-dense variant, which decays every moment each step, is not this.)
+(The authors' masked-dense variant, which decays every moment each step, is not this:
+it is :class:`MaskedAdam`.)
 
 On CUDA (with Triton), a row-sparse gradient of a 2-D parameter is applied by one fused
 kernel (:func:`_fused_row_step`): per touched weight it reads parameter, both moments and
@@ -88,6 +90,70 @@ class SparseAdam(torch.optim.Optimizer):
                     p.index_copy_(0, rows, p.index_select(0, rows) + update)
 
 
+class MaskedAdam(torch.optim.Optimizer):
+    """The sparse Adam of the authors' library (llamascopium's ``SparseAdam``): a masked dense rule.
+
+    On every step, both moments of every entry decay (m <- beta1 m, v <- beta2 v); where the
+    gradient is non-zero they also take it (m += (1 - beta1) g, v += (1 - beta2) g^2), and only
+    there does the parameter move, by lr sqrt(1 - beta2^t) / (1 - beta1^t) m / (sqrt(v) + eps).
+    t is per tensor and counts the steps on which its gradient had a non-zero entry (a tensor
+    whose gradient is all zero is skipped, moments included, as there).
+
+    :class:`SparseAdam` (``torch.optim.SparseAdam``, what the paper's text names) instead freezes
+    the moments of rows that did not fire. After a long idle spell the masked rule's second
+    moment has decayed by beta2^T and its first only partly, so a returning feature's first
+    update is several lr instead of about one (docs/interop.md gives the measured numbers).
+
+    Gradients: sparse COO with row indices (rows not listed are zero) or dense. The arithmetic
+    is llamascopium's, operation for operation, on the touched rows; untouched rows only decay.
+    """
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+        if lr <= 0 or eps <= 0 or not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ValueError(f"invalid MaskedAdam settings lr={lr} betas={betas} eps={eps}")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if closure is not None:
+            raise ValueError("MaskedAdam takes no closure")
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            eps = group["eps"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                rows, g = _rows_and_values(p.grad)
+                if g.numel() == 0 or not bool(g.any()):
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                state["step"] += 1
+                m, v = state["exp_avg"], state["exp_avg_sq"]
+                step = state["step"]
+                step_size = group["lr"] * math.sqrt(1 - beta2**step) / (1 - beta1**step)
+                m.mul_(beta1)
+                v.mul_(beta2)
+                old_m = m if rows is None else m.index_select(0, rows)
+                old_v = v if rows is None else v.index_select(0, rows)
+                mask = g != 0
+                # llamascopium's expressions, in its order: (1 - beta2) * g * g is ((1 - beta2) g) g.
+                new_m = torch.where(mask, old_m + (1 - beta1) * g, old_m)
+                new_v = torch.where(mask, old_v + (1 - beta2) * g * g, old_v)
+                update = torch.where(mask, step_size * new_m / new_v.sqrt().add_(eps), torch.zeros_like(new_m))
+                if rows is None:
+                    m.copy_(new_m)
+                    v.copy_(new_v)
+                    p.sub_(update)
+                else:
+                    m.index_copy_(0, rows, new_m)
+                    v.index_copy_(0, rows, new_v)
+                    p.index_copy_(0, rows, p.index_select(0, rows) - update)
+
+
 def _rows_and_values(grad: Tensor) -> tuple[Tensor | None, Tensor]:
     """Sparse COO gradient -> (unique rows [U], values [U, ...]); dense -> (None, grad)."""
     if not grad.is_sparse:
@@ -162,14 +228,21 @@ def _fused_row_step(p: Tensor, m: Tensor, v: Tensor, rows: Tensor, g: Tensor, be
 
 
 def make_optimizer(name: str, params, lr: float, betas: tuple[float, float], eps: float) -> torch.optim.Optimizer:
-    """'adam' -> torch.optim.Adam (dense gradients; fused on CUDA); 'sparse_adam' -> :class:`SparseAdam`."""
+    """'adam' -> torch.optim.Adam (dense gradients; fused on CUDA); 'sparse_adam' -> :class:`SparseAdam`;
+    'masked_adam' -> :class:`MaskedAdam`."""
     if name == "adam":
         params = list(params)
         fused = all(p.is_cuda for p in params) or None  # torch's one-kernel Adam on CUDA; CPU as before
         return torch.optim.Adam(params, lr=lr, betas=tuple(betas), eps=eps, fused=fused)
     if name == "sparse_adam":
         return SparseAdam(params, lr=lr, betas=tuple(betas), eps=eps)
-    raise ValueError(f"optimizer must be 'adam' or 'sparse_adam', got {name!r}")
+    if name == "masked_adam":
+        return MaskedAdam(params, lr=lr, betas=tuple(betas), eps=eps)
+    raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
+
+
+OPTIMIZERS = ("adam", "sparse_adam", "masked_adam")
+"""Optimizer names: torch's Adam, SparseAdam (torch.optim.SparseAdam's lazy rule), MaskedAdam (the authors' rule)."""
 
 
 def optimizer_tensors(opt: torch.optim.Optimizer, names: list[str]) -> dict[str, Tensor]:

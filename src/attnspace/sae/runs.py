@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
-RUN = re.compile(r"^(?P<init>base|asi|random_subspace)-d(?P<d_init>\d+)-(?P<optimizer>adam|sparse_adam)"
+RUN = re.compile(r"^(?P<init>base|asi|random_subspace)-d(?P<d_init>\d+)-(?P<optimizer>adam|sparse_adam|masked_adam)"
                  r"-n(?P<d_sae>\d+)-k(?P<k>\d+)(?P<auxk>-auxk)?$")
 RUN_PATH = re.compile(r"(?P<model>[^/]+)/(?P<dataset>[^/]+)/L(?P<layer>\d+)/(?P<site>[a-z_]+)/(?P<run>[^/]+)/metrics\.json$")
 
@@ -33,14 +33,17 @@ VARIANTS = {
     "topk_auxk": ("base", "adam", True),
     "asi": ("asi", "adam", False),
     "asi_sparseadam": ("asi", "sparse_adam", False),
+    "asi_maskedadam": ("asi", "masked_adam", False),
 }
-"""Sweep variant -> (init, optimizer, auxk): TopK, TopK + AuxK, ASI, ASI + SparseAdam (Figures 6, 7)."""
+"""Sweep variant -> (init, optimizer, auxk): TopK, TopK + AuxK, ASI, ASI + SparseAdam (Figures 6, 7), and
+ASI with the authors' masked sparse Adam (attnspace.sae.optim.MaskedAdam), for Figure 7's comparison of the rules."""
 
 VARIANT_LABELS = {
     "topk": "TopK",
     "topk_auxk": "TopK + AuxK",
     "asi": "Active Subspace Init",
     "asi_sparseadam": "ASI + SparseAdam",
+    "asi_maskedadam": "ASI + masked Adam (authors' rule)",
 }
 
 

@@ -85,7 +85,7 @@ def train_sae(
     sample = stream.sample(config.asi_sample_tokens)  # [N, d] raw
     d = sample.shape[1]
     sae = TopKSAE(d, config.n_latents(d), config.k, dataset_norm=mean_norm(sample)).to(device)
-    sae.sparse_grad = config.optimizer == "sparse_adam"
+    sae.sparse_grad = config.optimizer in ("sparse_adam", "masked_adam")  # row-sparse gradients; Adam's are dense
     sae.fast = device.type == "cuda" if config.fast is None else config.fast  # same model, see attnspace.sae.fast
     sae.matmul_dtype = torch.bfloat16 if sae.fast and device.type == "cuda" else None
     opt = make_optimizer(config.optimizer, [getattr(sae, p) for p in _PARAMS], config.learning_rate,
