@@ -102,6 +102,21 @@ def cmd_gallery(a):
         log.info("refreshed the gallery and claims blocks of %s", a.readme)
 
 
+def cmd_plan(a):
+    from attnspace.config import check_config, load_config
+    from attnspace.files import write_csv
+    from attnspace.plan import plan_jobs, planned_commands, summary, summary_markdown
+
+    snakefile = Path(a.snakefile).resolve()
+    configfile = Path(a.configfile).resolve() if a.configfile else None
+    config = check_config(load_config(configfile or snakefile.parent / "config.yaml"))
+    jobs = plan_jobs(planned_commands(snakefile, configfile, Path(a.directory), a.targets), config,
+                     root=Path(a.directory))
+    if a.csv:
+        write_csv(jobs, a.csv)
+    print(summary_markdown(summary(jobs)), end="")
+
+
 def cmd_config_keys(a):
     from attnspace.defaults import config_keys_markdown
 
@@ -167,3 +182,12 @@ def add_commands(sub) -> None:
 
     s = sub.add_parser("config-keys", help="every configuration key with its default and meaning (Markdown)")
     s.set_defaults(func=cmd_config_keys)
+
+    s = sub.add_parser("plan", help="disk, activation rows, model-forward tokens, optimizer steps and GPU-hours "
+                                    "of a configuration, per stage, before anything runs")
+    s.add_argument("targets", nargs="*", help="plan only these targets (default: the whole run)")
+    s.add_argument("--configfile", help="the configuration (default: the embedded config.yaml)")
+    s.add_argument("--snakefile", default=str(Path(__file__).resolve().parents[3] / "Snakefile"))
+    s.add_argument("--directory", default=".", help="the working directory the run would use")
+    s.add_argument("--csv", help="write one row per job here as well")
+    s.set_defaults(func=cmd_plan)

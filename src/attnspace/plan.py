@@ -1,0 +1,186 @@
+"""The resource plan of a configuration, before anything runs.
+
+The plan is read off the jobs the workflow itself would run: a Snakemake dry run prints
+each job's ``attnspace`` command, and each command is parsed by the CLI's own parser, so
+the plan counts exactly the arguments the jobs will get. Per job it counts
+
+* disk: bytes of the activation stores a caching job writes (rows x (sum of site widths x
+  bytes per value + per-row metadata), per layer; stores are uncompressed) and of trained
+  dictionaries (float32 weights, and Adam's two moments in the checkpoint);
+* activation rows per site;
+* model-forward tokens: tokens run through the model by caching, the loss-recovered
+  interventions (each site and k is a pass from the layer on, counted as whole passes),
+  live SAE training and the LM loss with an SAE spliced in;
+* optimizer steps of SAEs and Lorsa;
+* GPU-hours of SAE training where a measured throughput exists
+  (``bench/results/sae_gpu_*.jsonl``); otherwise it says the number is unmeasured.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pandas as pd
+
+BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+"""Bytes per stored value by the model's dtype (bf16 is stored as its uint16 bits)."""
+META_BYTES_PER_ROW = 4 + 4 + 4 + 1
+"""token_id, doc, pos (int32) and keep (bool) beside every store's rows."""
+
+
+@dataclass
+class PlanRow:
+    stage: str
+    """The rule (cache_activations, train_sae, ...)."""
+    job: str
+    """What the job is (model/dataset, run name)."""
+    disk_bytes: int = 0
+    rows_per_site: int = 0
+    forward_tokens: int = 0
+    optimizer_steps: int = 0
+    gpu_hours: float | None = None
+    note: str = ""
+
+
+def _site_width(site: str, model_cfg: dict, z_width: int | None) -> tuple[int, str]:
+    if site == "attn_z" and z_width is None:
+        return model_cfg["d_model"], "attn_z width assumed d_model (known once the model is prepared)"
+    return (z_width if site == "attn_z" else model_cfg["d_model"]), ""
+
+
+def attn_z_width(model: str, root: Path = Path(".")) -> int | None:
+    """Width of the concatenated head outputs (heads x head_dim), from the prepared model's config."""
+    path = root / "resources" / "models" / model / "hf" / "config.json"
+    if not path.is_file():
+        return None
+    cfg = json.loads(path.read_text())
+    cfg = cfg.get("text_config", cfg)
+    heads = cfg["num_attention_heads"]
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    return int(heads * head_dim)
+
+
+def measured_throughput(root: Path = Path(".")) -> dict[tuple[str, int], float]:
+    """{(optimizer, n_latents): tokens/s} from the GPU benchmark's result files, where any exist."""
+    out = {}
+    for path in sorted((root / "bench" / "results").glob("sae_gpu_*.jsonl")):
+        for line in path.read_text().splitlines():
+            r = json.loads(line)
+            if r.get("what") in ("attnspace_adam", "attnspace_sparseadam") and r.get("tok_s") and not r.get("oom"):
+                opt = "sparse_adam" if r["what"] == "attnspace_sparseadam" else "adam"
+                out[(opt, int(r["n"]))] = float(r["tok_s"])
+    return out
+
+
+def plan_jobs(commands: list[list[str]], config: dict, root: Path = Path(".")) -> pd.DataFrame:
+    """One :class:`PlanRow` per planned ``attnspace`` command (argv without the program name)."""
+    from attnspace.cli import build_parser
+    from attnspace.interventions import k_grid
+    from attnspace.sae.runs import parse_run_name
+
+    parser = build_parser()
+    speed = measured_throughput(root)
+    rows = []
+    for argv in commands:
+        a = parser.parse_args(argv)
+        if a.command == "cache":
+            m = config["models"][a.model]
+            n_rows = config["tokens"]["train_tokens"] + config["tokens"]["heldout_tokens"]
+            notes, per_row = set(), 0
+            for site in a.sites:
+                width, note = _site_width(site, m, attn_z_width(a.model, root))
+                per_row += width * BYTES[a.dtype]
+                notes.add(note)
+            disk = len(a.layers) * n_rows * (per_row + META_BYTES_PER_ROW)
+            rows.append(PlanRow("cache_activations", f"{a.model}/{a.dataset}", disk, n_rows, n_rows,
+                                note="; ".join(sorted(n for n in notes if n))))
+        elif a.command == "loss-recovered":
+            d = config["models"][a.model]["d_model"]
+            passes = 1 + len(a.spectra) * (1 + len(k_grid(d, **json.loads(a.k_grid))))  # clean; per site zero + each k
+            rows.append(PlanRow("loss_recovered", f"{a.model}/{a.dataset} L{a.layer}",
+                                forward_tokens=a.heldout_tokens * passes,
+                                note=f"{passes} passes over {a.heldout_tokens} held-out tokens"))
+        elif a.command == "train-sae":
+            rows.append(_sae_row(a, parse_run_name(a.run), config, speed))
+        elif a.command == "train-lorsa":
+            n_tokens = config["tokens"]["train_tokens"]
+            steps = a.epochs * (n_tokens // a.batch_tokens)
+            rows.append(PlanRow("train_lorsa", Path(a.out_dir).relative_to(Path(a.out_dir).parents[3]).as_posix(),
+                                optimizer_steps=steps))
+    return pd.DataFrame([asdict(r) for r in rows], columns=list(PlanRow.__dataclass_fields__))
+
+
+def _sae_row(a, run: dict, config: dict, speed: dict) -> PlanRow:
+    from attnspace.sae.config import SAETrainConfig
+
+    defaults = SAETrainConfig()
+    batch = a.batch_size or defaults.batch_size
+    tokens = (a.train_tokens or defaults.train_tokens) // batch * batch
+    d = config["models"][Path(a.out_dir).parts[-5]]["d_model"] if len(Path(a.out_dir).parts) >= 5 else 0
+    params = 2 * run["d_sae"] * d + run["d_sae"] + d
+    disk = 4 * params * 3  # final weights, and a checkpoint with Adam's two moments
+    live = tokens if a.live_source else 0
+    lm = 3 * (a.lm_eval_tokens or 0)  # clean, zero-ablated and spliced passes
+    tok_s = speed.get((run["optimizer"], run["d_sae"]))
+    job = "/".join(Path(a.out_dir).parts[-5:])
+    return PlanRow("train_sae", job, disk, forward_tokens=live + lm, optimizer_steps=tokens // batch,
+                   gpu_hours=tokens / tok_s / 3600 if tok_s else None,
+                   note="" if tok_s else "GPU-hours unmeasured (no bench/results/sae_gpu_*.jsonl at this size)")
+
+
+def planned_commands(snakefile: Path, configfile: Path | None, workdir: Path, targets=()) -> list[list[str]]:
+    """The ``attnspace`` argv of every job a dry run plans (nothing is run or written)."""
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(snakefile), "-n", "-p", *targets]
+    if configfile:
+        cmd += ["--configfile", str(configfile)]
+    r = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"the dry run failed:\n{(r.stdout + r.stderr)[-3000:]}")
+    commands = []
+    for line in (r.stdout + r.stderr).splitlines():
+        line = line.strip().removeprefix("Shell command: ")
+        if line.startswith("attnspace "):
+            argv = shlex.split(re.split(r"\s+>\s+\S+\s+2>&1\s*$", line)[0])[1:]
+            commands.append(argv)
+    return commands
+
+
+def summary(plan: pd.DataFrame) -> pd.DataFrame:
+    """Per stage and in total: jobs, disk, rows per site, forward tokens, optimizer steps, GPU-hours."""
+    def agg(g: pd.DataFrame) -> dict:
+        hours = g["gpu_hours"]
+        return dict(jobs=len(g), disk_bytes=int(g["disk_bytes"].sum()), rows_per_site=int(g["rows_per_site"].sum()),
+                    forward_tokens=int(g["forward_tokens"].sum()), optimizer_steps=int(g["optimizer_steps"].sum()),
+                    gpu_hours=float(hours.sum()) if hours.notna().all() and len(hours) else None,
+                    unmeasured=int(hours.isna().sum()) if g["stage"].iloc[0] == "train_sae" else 0)
+
+    if plan.empty:
+        raise ValueError("the dry run planned no attnspace job: nothing to plan (is everything already built?)")
+    rows = [{"stage": stage, **agg(g)} for stage, g in plan.groupby("stage", sort=False)]
+    rows.append({"stage": "total", **agg(plan.assign(stage="total"))})
+    return pd.DataFrame(rows)
+
+
+def _human(n: float, unit: str) -> str:
+    for prefix in ("", "K", "M", "G", "T", "P"):
+        if abs(n) < 1000:
+            return f"{n:.3g} {prefix}{unit}".strip()
+        n /= 1000
+    return f"{n:.3g} E{unit}"
+
+
+def summary_markdown(table: pd.DataFrame) -> str:
+    lines = ["| stage | jobs | disk | activation rows | model-forward tokens | optimizer steps | GPU-hours |",
+             "|---|---|---|---|---|---|---|"]
+    for r in table.itertuples(index=False):
+        hours = f"{r.gpu_hours:.1f}" if r.gpu_hours is not None and r.gpu_hours == r.gpu_hours else (
+            f"unmeasured ({r.unmeasured} jobs)" if r.unmeasured else "-")
+        lines.append(f"| {r.stage} | {r.jobs} | {_human(r.disk_bytes, 'B')} | {_human(r.rows_per_site, '')} | "
+                     f"{_human(r.forward_tokens, '')} | {_human(r.optimizer_steps, '')} | {hours} |")
+    return "\n".join(lines) + "\n"
