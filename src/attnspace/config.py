@@ -17,10 +17,12 @@ from typing import Any
 import jsonschema
 import yaml
 
+from attnspace.errors import AttnspaceError
+
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "schemas" / "config.schema.yaml"
 
 
-class ConfigError(ValueError):
+class ConfigError(AttnspaceError, ValueError):
     """A configuration that cannot run; the message names the key and the fix."""
 
 

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from attnspace.errors import AttnspaceError
 from attnspace.files import read_safetensors
 
 ACT_FNS = ("jumprelu", "topk")
@@ -39,7 +40,7 @@ TENSORS = {"encoder.weight": ("d_sae", "d_model"), "encoder.bias": ("d_sae",),
            "decoder.weight": ("d_model", "d_sae"), "decoder.bias": ("d_model",)}
 
 
-class LlamaScopeError(ValueError):
+class LlamaScopeError(AttnspaceError, ValueError):
     """A folder that is not a valid LlamaScope SAE; the message names what is wrong."""
 
 

@@ -28,10 +28,12 @@ from pathlib import Path
 
 import torch
 
+from attnspace.errors import AttnspaceError
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-class ModelError(RuntimeError):
+class ModelError(AttnspaceError, RuntimeError):
     """A model that cannot be fetched, verified or loaded; names the fix."""
 
 

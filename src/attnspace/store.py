@@ -36,6 +36,7 @@ import torch
 import zarr
 from zarr.codecs import Crc32cCodec
 
+from attnspace.errors import AttnspaceError
 from attnspace.files import write_json
 
 LOGICAL_DTYPES = ("float32", "float16", "bfloat16")
@@ -55,7 +56,7 @@ _META_FILL = {"token_id": -1, "doc": -1, "pos": -1, "keep": False}
 _BLOCK_BYTES = 32 * 2**20  # default Dask block: about 32 MiB once widened to float64 (at least one chunk)
 
 
-class StoreError(RuntimeError):
+class StoreError(AttnspaceError, RuntimeError):
     """An activation store is missing, incomplete, stale or inconsistent."""
 
 
