@@ -120,7 +120,10 @@ def check_config(config: dict, schema: dict | None = None) -> dict:
     validator = _Validator(schema or load_schema())
     errors = sorted(validator.iter_errors(config), key=lambda e: (len(e.absolute_path), e.path))
     if errors:
-        raise ConfigError(_explain(jsonschema.exceptions.best_match(errors)))
+        # A source block (oneOf) is explained against the branch its kind selects, not
+        # against whichever branch jsonschema finds closest.
+        one_of = [e for e in errors if e.validator == "oneOf" and isinstance(e.instance, dict)]
+        raise ConfigError(_explain(one_of[0] if one_of else jsonschema.exceptions.best_match(errors)))
     _check_semantics(config)
     return config
 

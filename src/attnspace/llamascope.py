@@ -96,7 +96,8 @@ def load_llamascope(folder: Path | str, d_model: int | None = None, dtype=torch.
     hyper_path, weights_path = folder / "hyperparams.json", folder / "checkpoints" / "final.safetensors"
     for path in (hyper_path, weights_path):
         if not path.is_file():
-            raise LlamaScopeError(f"{folder} is not a LlamaScope SAE: {path.relative_to(folder)} is missing.")
+            raise LlamaScopeError(f"{folder} is not a LlamaScope SAE: {path.relative_to(folder)} is missing.",
+                                  _REFETCH)
     try:
         hyper = json.loads(hyper_path.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as e:
@@ -105,7 +106,8 @@ def load_llamascope(folder: Path | str, d_model: int | None = None, dtype=torch.
         raise LlamaScopeError(f"{hyper_path}: holds a {type(hyper).__name__}, not a JSON object.", _REFETCH)
     act_fn = hyper.get("act_fn")
     if act_fn not in ACT_FNS:
-        raise LlamaScopeError(f"{hyper_path}: act_fn {act_fn!r} is not supported; expected one of {ACT_FNS}.")
+        raise LlamaScopeError(f"{hyper_path}: act_fn {act_fn!r} is not supported; expected one of {ACT_FNS}.",
+                              _REFETCH)
     for key in ("d_model", "d_sae"):
         if not isinstance(hyper.get(key), int) or isinstance(hyper[key], bool) or hyper[key] < 1:
             raise LlamaScopeError(f"{hyper_path}: {key} is missing or not a positive integer.", _REFETCH)
@@ -120,7 +122,7 @@ def load_llamascope(folder: Path | str, d_model: int | None = None, dtype=torch.
                               _REFETCH) from e
     for name, shape_names in TENSORS.items():
         if name not in tensors:
-            raise LlamaScopeError(f"{weights_path}: tensor {name!r} is missing (has {sorted(tensors)}).")
+            raise LlamaScopeError(f"{weights_path}: tensor {name!r} is missing (has {sorted(tensors)}).", _REFETCH)
         want = tuple(dims[s] for s in shape_names)
         if tuple(tensors[name].shape) != want:
             raise LlamaScopeError(f"{weights_path}: {name} has shape {tuple(tensors[name].shape)}, "
@@ -147,7 +149,7 @@ def load_llamascope(folder: Path | str, d_model: int | None = None, dtype=torch.
     folded = not torch.allclose(n, torch.ones_like(n), atol=1e-4)
     if folded:
         if (n == 0).any():
-            raise LlamaScopeError(f"{weights_path}: {int((n == 0).sum())} decoder columns are zero.")
+            raise LlamaScopeError(f"{weights_path}: {int((n == 0).sum())} decoder columns are zero.", _REFETCH)
         W_dec, W_enc, b_enc = W_dec / n, W_enc * n[:, None], b_enc * n
     threshold, top_k, rank_scale = None, None, None
     if act_fn == "jumprelu":
