@@ -96,7 +96,10 @@ def _writer_gone(tmp: Path, prefix: str) -> bool:
         return True
     except PermissionError:
         return False
-    return False
+    try:  # a killed writer whose parent is gone too may linger as a zombie nobody reaps
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except (OSError, IndexError):
+        return False
 
 
 def drop_incomplete_cache(record: Path | str) -> list[str]:
