@@ -12,7 +12,7 @@
 
 import os
 
-from attnspace.config import check_config
+from attnspace.config import check_config, check_models_on_disk
 
 
 # The embedded default, unless --configfile names another (never merged with it).
@@ -22,9 +22,11 @@ if not config:
 
 
 
-# JSON-Schema validation (defaults filled in) and the checks a schema cannot make,
-# before any job: one message naming the key and the fix.
+# JSON-Schema validation (defaults filled in), the checks a schema cannot make, and the
+# declared model shapes against the models' own metadata already on disk, before any
+# job: one message naming the key and the fix.
 check_config(config)
+check_models_on_disk(config)
 
 
 include: "rules/common.smk"

@@ -1,7 +1,21 @@
 # The activation cache: one forward pass per (model, dataset) fills every site of
 # every configured layer, train and held-out splits. Each store gets a manifest
 # beside it (L{layer}.manifest.json), written last; cache.json, the rule's output,
-# lists them all and is written after every store is complete.
+# lists them all and is written after every store is complete. A record whose stores are
+# not all published (a manifest deleted or lost) is dropped when the workflow loads, so
+# this run rebuilds that cache instead of finding nothing to do.
+
+import sys
+
+from attnspace.store import drop_incomplete_cache
+
+for _model in MODELS:
+    for _dataset in DATASETS:
+        _record = f"results/activations/{_model}/{_dataset}/cache.json"
+        _missing = drop_incomplete_cache(_record)
+        if _missing:
+            print(f"{_record}: stores without a manifest ({', '.join(_missing)}); the cache will be rebuilt.",
+                  file=sys.stderr)
 
 
 rule cache_activations:

@@ -21,7 +21,7 @@ rule fetch_llamascope:
     conda:
         "../envs/attnspace.yaml"
     shell:
-        "attnspace fetch-llamascope --repo {params.repo} --folder {params.folder} "
+        "attnspace fetch-llamascope --repo {params.repo:q} --folder {params.folder:q} "
         "--out-dir {params.out_dir} > {log} 2>&1"
 
 

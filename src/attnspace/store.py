@@ -13,20 +13,30 @@ Storage is lossless in the model's dtype: float32 and float16 as is; bfloat16
 Site arrays carry ``model, dataset, layer, site, logical_dtype, n_tokens, split``;
 the group carries ``model, dataset, layer, split, n_tokens, n_kept, config_hash``.
 
-Writing is atomic: rows go to ``<name>.zarr.tmp-<pid>`` in whole shards (one writer
-per array: zarr-python 3 loses data on concurrent partial-shard writes), the
+Writing is atomic: rows go to ``<name>.zarr.tmp-<host>-<pid>`` in whole shards (one
+writer per array: zarr-python 3 loses data on concurrent partial-shard writes), the
 directory is renamed into place, and ``<name>.manifest.json`` is written last. The
 manifest is the checkable output: a store without one (a killed job) is never
-accepted by :func:`open_store`.
+accepted by :func:`open_store`. A writer removes another's temporary folder only when
+that writer is gone (same host, process no longer running).
+
+Integrity: the manifest records a digest of every chunk of every array (SHA-256 of
+the stored bytes of its rows, taken from memory as each shard is written). Readers
+check each chunk the first time they read it, so a damaged chunk, or a shard copied
+over from another store or array, is refused with one line naming the store, the
+array and the command that rebuilds it. (The crc32c codec inside each chunk catches
+flipped bytes too, but not a swapped shard, whose checksums are intact.)
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import socket
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -36,6 +46,7 @@ import torch
 import zarr
 from zarr.codecs import Crc32cCodec
 
+from attnspace.errors import AttnspaceError
 from attnspace.files import write_json
 
 LOGICAL_DTYPES = ("float32", "float16", "bfloat16")
@@ -44,7 +55,7 @@ LOGICAL_DTYPES = ("float32", "float16", "bfloat16")
 META_ARRAYS = ("token_id", "doc", "pos", "keep")
 """Per-row arrays stored beside the sites."""
 
-FORMAT = "attnspace-activations/1"
+FORMAT = "attnspace-activations/2"
 """Manifest format tag; bump when the layout changes."""
 
 _STORED_DTYPE = {"float32": "float32", "float16": "float16", "bfloat16": "uint16"}
@@ -55,8 +66,62 @@ _META_FILL = {"token_id": -1, "doc": -1, "pos": -1, "keep": False}
 _BLOCK_BYTES = 32 * 2**20  # default Dask block: about 32 MiB once widened to float64 (at least one chunk)
 
 
-class StoreError(RuntimeError):
+class StoreError(AttnspaceError, RuntimeError):
     """An activation store is missing, incomplete, stale or inconsistent."""
+
+
+def chunk_digest(raw: np.ndarray) -> str:
+    """Digest of one chunk's stored values (rows x width, stored dtype): 16 hex digits of SHA-256."""
+    return hashlib.sha256(memoryview(np.ascontiguousarray(raw)).cast("B")).hexdigest()[:16]
+
+
+def rebuild_fix(store_path: Path) -> str:
+    """The command that rebuilds the cache a store belongs to."""
+    return f"rm {manifest_path(store_path)} && snakemake --cores all (the cache rule rebuilds the store)"
+
+
+def _tmp_name(path: Path) -> Path:
+    """``<name>.tmp-<host>-<pid>``: the writer that owns a temporary store."""
+    return path.with_name(f"{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+
+
+def _writer_gone(tmp: Path, prefix: str) -> bool:
+    """Whether the writer named in ``tmp``'s suffix (host-pid) is no longer running on this host."""
+    host, _, pid = tmp.name[len(prefix):].rpartition("-")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False  # another machine's writer (shared filesystem), or not ours to judge
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    try:  # a killed writer whose parent is gone too may linger as a zombie nobody reaps
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except (OSError, IndexError):
+        return False
+
+
+def drop_incomplete_cache(record: Path | str) -> list[str]:
+    """Remove a cache record (cache.json) whose stores are not all published; return what is missing.
+
+    A store whose manifest or folder is gone (deleted, damaged) leaves its cache record
+    claiming a complete cache; without the record, the next plain ``snakemake`` run
+    rebuilds the cache instead of reporting nothing to do. Called when the workflow loads.
+    """
+    record = Path(record)
+    if not record.is_file():
+        return []
+    try:
+        stores = json.loads(record.read_text())["stores"]
+        paths = [record.parent / ("" if m["split"] == "train" else m["split"]) / m["store"] for m in stores]
+    except (OSError, ValueError, KeyError, TypeError):
+        paths = None
+    missing = ["unreadable record"] if paths is None else [
+        str(p) for p in paths if not (p.is_dir() and manifest_path(p).is_file())]
+    if missing:
+        record.unlink()
+    return missing
 
 
 def manifest_path(store_path: Path) -> Path:
@@ -199,14 +264,16 @@ class StoreWriter:
         self.logical_dtype = logical_dtype
         self.info = dict(model=model, dataset=dataset, layer=int(layer), split=split)
         self.config_hash = config_hash
-        self.tmp = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
+        self.tmp = _tmp_name(self.path)
 
         # Unpublish first: from here on no stale store can pass for this one.
         self.path.parent.mkdir(parents=True, exist_ok=True)
         _remove(self.manifest_file)
         _remove(self.path)
-        for stale in self.path.parent.glob(f"{self.path.name}.tmp-*"):
-            _remove(stale)
+        prefix = f"{self.path.name}.tmp-"
+        for stale in self.path.parent.glob(f"{prefix}*"):
+            if _writer_gone(stale, prefix):
+                _remove(stale)
 
         group = zarr.open_group(
             str(self.tmp),
@@ -237,6 +304,7 @@ class StoreWriter:
         self._filled = 0  # rows in the buffers
         self._written = 0  # rows flushed to the store (always a multiple of shard_rows until close)
         self._n_kept = 0
+        self._digests: dict[str, list[str]] = {name: [] for name in self._arrays}
         self._state = "open"
 
     def _create(self, group, name, shape, dtype, fill, attributes) -> zarr.Array:
@@ -307,7 +375,11 @@ class StoreWriter:
 
     def _write(self, buffers: dict[str, np.ndarray], start: int, stop: int) -> None:
         for name, arr in self._arrays.items():
-            arr[start:stop] = buffers[name][: stop - start]
+            rows = buffers[name][: stop - start]
+            arr[start:stop] = rows
+            # start is a whole number of shards, so of chunks: digest each chunk from memory
+            self._digests[name] += [chunk_digest(rows[i : i + self.chunk_rows])
+                                    for i in range(0, stop - start, self.chunk_rows)]
 
     def _wait(self) -> None:
         """Block until the shard in flight is written; re-raise its error here."""
@@ -342,6 +414,8 @@ class StoreWriter:
                 chunk_rows=self.chunk_rows,
                 shard_rows=self.shard_rows,
                 config_hash=self.config_hash,
+                digest="sha256/16 of each chunk's stored bytes",
+                chunk_digests=self._digests,
                 store=self.path.name,
                 created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 zarr_version=zarr.__version__,
@@ -386,6 +460,8 @@ class Store:
     """The parsed manifest."""
     group: zarr.Group
     """The open zarr group (read-only)."""
+    _verified: set = field(default_factory=set, repr=False)
+    """(array, chunk) pairs already checked against the manifest's digests."""
 
     @property
     def model(self) -> str:
@@ -447,10 +523,58 @@ class Store:
         if block_rows % self.chunk_rows and block_rows < self.n_rows:
             raise ValueError(f"block_rows ({block_rows}) must be a multiple of chunk_rows ({self.chunk_rows})")
         block_rows = min(block_rows, self.n_rows)
-        raw = da.from_zarr(self.group[site], chunks=(block_rows, width))
+        site = self._site(site)
+        sizes = tuple(min(block_rows, self.n_rows - s) for s in range(0, self.n_rows, block_rows))
+        dtype = np.dtype(self.manifest["sites"][site]["dtype"])
+
+        def block(block_info=None):  # every block is read through _read, so every chunk is checked
+            (start, stop), _ = block_info[None]["array-location"]
+            return self._read(site, start, stop)
+
+        raw = da.map_blocks(block, chunks=(sizes, (width,)), dtype=dtype, meta=np.empty((0, 0), dtype))
         if self.logical_dtype == "bfloat16":
             return raw.map_blocks(decode_bf16, dtype=np.float32)
         return raw.astype(np.float32)
+
+    def _read(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Stored values of rows ``start:stop`` of array ``name``, each chunk checked against its digest once."""
+        cr = self.chunk_rows
+        lo, hi = start // cr * cr, min(-(-stop // cr) * cr, self.n_rows)
+        try:
+            raw = np.asarray(self.group[name][lo:hi])
+        except Exception as e:  # zarr reports a failed checksum or a broken shard in several types
+            raise StoreError(f"{self.path}: array {name!r} rows {lo}-{hi - 1} cannot be read "
+                             f"({type(e).__name__}: {e}); the store is damaged.", rebuild_fix(self.path)) from e
+        self._check(name, lo, raw)
+        return raw[start - lo : stop - lo]
+
+    def _check(self, name: str, lo: int, raw: np.ndarray) -> None:
+        """Compare each whole chunk of ``raw`` (rows from ``lo``, a chunk boundary) with the manifest."""
+        cr, digests = self.chunk_rows, self.manifest["chunk_digests"][name]
+        for offset in range(0, raw.shape[0], cr):
+            i = (lo + offset) // cr
+            if (name, i) in self._verified:
+                continue
+            if chunk_digest(raw[offset : offset + cr]) != digests[i]:
+                raise StoreError(
+                    f"{self.path}: array {name!r} chunk {i} (rows {i * cr}-{min((i + 1) * cr, self.n_rows) - 1}) does "
+                    f"not match its digest in {manifest_path(self.path).name}: the chunk is damaged or was copied "
+                    "from another store.", rebuild_fix(self.path))
+            self._verified.add((name, i))
+
+    def take(self, site: str, ids: np.ndarray) -> np.ndarray:
+        """Stored values [len(ids), width] of rows ``ids`` (sorted, unique); chunks touched are checked first."""
+        site = self._site(site)
+        ids = np.asarray(ids, dtype=np.int64)
+        cr = self.chunk_rows
+        for i in np.unique(ids // cr):
+            if (site, int(i)) not in self._verified:
+                self._read(site, int(i) * cr, min((int(i) + 1) * cr, self.n_rows))
+        try:
+            return np.asarray(self.group[site].get_orthogonal_selection((ids, slice(None))))
+        except Exception as e:
+            raise StoreError(f"{self.path}: array {site!r} cannot be read ({type(e).__name__}: {e}); "
+                             "the store is damaged.", rebuild_fix(self.path)) from e
 
     def keep(self) -> np.ndarray:
         """bool [n_rows]: False for BOS/EOS rows."""
@@ -460,13 +584,13 @@ class Store:
         """One per-row array [n_rows]: 'token_id' | 'doc' | 'pos' (int32) or 'keep' (bool)."""
         if name not in META_ARRAYS:
             raise KeyError(f"meta name must be one of {META_ARRAYS}, got {name!r}")
-        return np.asarray(self.group[name][:])
+        return self._read(name, 0, self.n_rows)
 
     def rows(self, site: str, start: int, stop: int, kept_only: bool = True) -> np.ndarray:
         """float32 [rows, width] of rows ``start:stop`` (only kept rows if ``kept_only``)."""
-        x = _decode(self.group[self._site(site)][start:stop], self.logical_dtype)
+        x = _decode(self._read(self._site(site), start, stop), self.logical_dtype)
         if kept_only:
-            x = x[np.asarray(self.group["keep"][start:stop])]
+            x = x[self._read("keep", start, stop)]
         return x
 
 
@@ -483,9 +607,10 @@ def open_store(path: Path, expect_hash: str | None = None) -> Store:
         spath = path.with_name(path.name[: -len(".manifest.json")] + ".zarr")
     else:
         spath, mpath = path, manifest_path(path)
-    fix = "rerun the cache rule (e.g. snakemake --rerun-incomplete)"
+    fix = f"Fix: {rebuild_fix(spath)}" if mpath.is_file() else "Fix: run snakemake (the cache rule rebuilds it)"
     if not mpath.is_file():
-        raise StoreError(f"{spath}: no manifest at {mpath}; the cache job did not finish, {fix}")
+        raise StoreError(f"{spath}: no manifest at {mpath}; the cache job did not finish or the manifest was "
+                         f"deleted. {fix}")
     try:
         manifest = json.loads(mpath.read_text())
     except (OSError, ValueError) as e:
@@ -525,6 +650,9 @@ def open_store(path: Path, expect_hash: str | None = None) -> Store:
         if name in manifest["sites"]:
             if arr.attrs.get("logical_dtype") != manifest["sites"][name]["logical_dtype"]:
                 raise StoreError(f"{spath}/{name}: logical_dtype attribute disagrees with the manifest; {fix}")
+        n_chunks = -(-n // int(manifest["chunk_rows"]))
+        if len(manifest.get("chunk_digests", {}).get(name, [])) != n_chunks:
+            raise StoreError(f"{mpath}: no digest for each of the {n_chunks} chunks of {name!r}; {fix}")
         n_shards = -(-n // arr.shards[0])
         present = _count_shards(spath / name)
         if present != n_shards:

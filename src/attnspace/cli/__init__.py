@@ -26,11 +26,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; errors end as one line ``error: ... Fix: ...`` (``--debug``: the traceback)."""
+    from attnspace.errors import run_command
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         stream=sys.stderr)
     args = build_parser().parse_args(argv)
-    args.func(args)
-    return 0
+    return run_command(lambda: args.func(args), debug=debug)
 
 
 if __name__ == "__main__":

@@ -145,7 +145,7 @@ class StoreStream:
         if ids.size == 0:
             return torch.empty(0, self.d)
         uniq, inverse = np.unique(ids, return_inverse=True)
-        raw = self.store.group[self.site].get_orthogonal_selection((uniq, slice(None)))
+        raw = self.store.take(self.site, uniq)
         rows = decode_bf16(raw) if self.store.logical_dtype == "bfloat16" else np.asarray(raw, dtype=np.float32)
         return torch.from_numpy(np.ascontiguousarray(rows[inverse]))
 
