@@ -2,7 +2,8 @@
 # A one-node SLURM cluster on this machine, for testing profiles/slurm against a real
 # slurmctld/slurmd (make test-cluster). Debian/Ubuntu, as root.
 #
-#   scripts/slurm-cluster.sh up       install nothing; configure munge and SLURM, start them (idempotent)
+#   scripts/slurm-cluster.sh install  apt-get install slurm-wlm and munge where missing
+#   scripts/slurm-cluster.sh up       configure munge and SLURM, start them (idempotent)
 #   scripts/slurm-cluster.sh status   munge, controller, node and partitions
 #   scripts/slurm-cluster.sh down     stop slurmd, slurmctld and munged started by `up` (idempotent)
 #
@@ -169,9 +170,17 @@ down() {
     echo "slurm-cluster: down"
 }
 
+install() {
+    if command -v slurmctld >/dev/null && command -v munged >/dev/null; then return; fi
+    command -v apt-get >/dev/null || die "no apt-get here. Fix: install SLURM (slurmctld, slurmd, client tools) and munge with this system's package manager"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null
+}
+
 case "${1:-}" in
+    install) need_root install; install ;;
     up) need_root up; need_packages; munge_up; slurm_up; status ;;
     down) need_root down; down ;;
     status) need_packages; status ;;
-    *) echo "usage: $0 up|down|status" >&2; exit 2 ;;
+    *) echo "usage: $0 install|up|down|status" >&2; exit 2 ;;
 esac

@@ -17,7 +17,8 @@ The text comes from the embedded corpora (English prose, Python code) plus a Chi
 passage per document for CCI3.
 
 Usage: python tests/hub_fixture.py <root>   (writes <root>/hf_home, <root>/datasets,
-<root>/config.yaml: config/paper.yaml's structure at tiny sizes, pointing at them).
+<root>/config.yaml: config/paper.yaml's structure at tiny sizes, pointing at them; then run
+HF_HOME=<root>/hf_home HF_HUB_OFFLINE=1 snakemake --configfile <root>/config.yaml ...).
 """
 
 from __future__ import annotations
@@ -120,15 +121,25 @@ def write_datasets(root: Path, n_docs: int = 200) -> dict[str, Path]:
     return {"slimpajama": slim, "redpajama-github": red, "cci3": cci3}
 
 
+E2E_MODELS = ("llama-3.1-8b", "pythia-2.8b")
+E2E_DATASETS = ("slimpajama", "cci3")
+"""The models and corpora the end-to-end run keeps: the focus model and one of another family,
+English and Chinese text. On 2 CPU cores each job costs seconds of start-up, so all 4 x 3 (94 jobs)
+would take a quarter of an hour; every model and corpus is loaded by tests/test_hub.py."""
+
+
 def hub_test_config(paper: dict, datasets: dict[str, Path]) -> dict:
-    """``config/paper.yaml`` at tiny sizes: same keys, same models (ids, revisions) and corpora
-    (read from ``datasets``), one SAE from the live source."""
+    """``config/paper.yaml`` at tiny sizes: same keys, the paper's models (ids, revisions) and
+    corpora (read from ``datasets``) of E2E_MODELS and E2E_DATASETS, one SAE from the live source."""
     cfg = copy.deepcopy(paper)
+    cfg["models"] = {name: cfg["models"][name] for name in E2E_MODELS}
+    cfg["datasets"] = {name: cfg["datasets"][name] for name in E2E_DATASETS}
     for m in cfg["models"].values():
         m.update(n_layers=TINY_MODEL["num_hidden_layers"], d_model=TINY_MODEL["hidden_size"], layers=[2],
                  dtype="float32")
     for name, d in cfg["datasets"].items():
         d["source"]["path"] = str(datasets[name])
+    assert cfg["focus"]["model"] in cfg["models"] and cfg["focus"]["dataset"] in cfg["datasets"]
     cfg["tokens"].update(max_doc_tokens=128, train_tokens=1024, heldout_tokens=384)
     cfg["cache"].update(chunk_rows=256, shard_rows=512)
     cfg["focus"]["layer"] = 2

@@ -156,8 +156,10 @@ print(json.dumps(out))
 
 
 def test_hub_datasets_stream_through_load_dataset_with_the_real_fields(hub_fixture):
-    cfg = yaml.safe_load((hub_fixture / "config.yaml").read_text())
-    r = run_python(STREAM % json.dumps(cfg["datasets"]), hub_env(hub_fixture))
+    # the paper's dataset settings, the hub id replaced by the local repository of the same name
+    datasets = {name: {"source": {**d["source"], "path": str(hub_fixture / "datasets" / d["source"]["path"])}}
+                for name, d in PAPER["datasets"].items()}
+    r = run_python(STREAM % json.dumps(datasets), hub_env(hub_fixture))
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["slimpajama"]["fields"] == ["meta", "text"]
@@ -168,7 +170,8 @@ def test_hub_datasets_stream_through_load_dataset_with_the_real_fields(hub_fixtu
         assert len(d["docs"]) == 5 and all(isinstance(t, str) and t for t in d["docs"]), name
     assert "def " in "".join(out["redpajama-github"]["docs"])       # code
     assert all("人工智能" in t for t in out["cci3"]["docs"])          # Chinese web text
-    # the paper config reads the same fields from the same sources, only the path differs
+    # the end-to-end configuration reads its corpora with the paper's settings, only the path differs
+    cfg = yaml.safe_load((hub_fixture / "config.yaml").read_text())
     for name, d in cfg["datasets"].items():
         paper = PAPER["datasets"][name]["source"]
         assert {k: v for k, v in d["source"].items() if k != "path"} == {k: v for k, v in paper.items() if k != "path"}
@@ -198,7 +201,8 @@ def check_hub_run(root: Path, workdir: Path) -> None:
                                     TAG_COMMIT if revision else MAIN_COMMIT), name
     idim = pd.read_csv(workdir / "results/tables/intrinsic_dim.csv")
     assert set(idim["model"]) == set(cfg["models"]) and set(idim["dataset"]) == set(cfg["datasets"])
-    assert (idim["d"] == 32).all() and len(idim) == 4 * 3 * 3 * len(cfg["spectrum"]["thresholds"])
+    assert (idim["d"] == 32).all()
+    assert len(idim) == len(cfg["models"]) * len(cfg["datasets"]) * 3 * len(cfg["spectrum"]["thresholds"])
     for name in ("fig1", "fig2a", "fig2b", "fig3", "fig8", "fig9"):
         assert (workdir / f"results/figures/{name}.pdf").stat().st_size > 0, name
     metrics = json.loads((workdir / "results/saes/llama-3.1-8b/slimpajama/L2/attn_out/base-d0-adam-n64-k4/"
