@@ -149,10 +149,10 @@ def test_pipeline_on_slurm_equals_the_local_run_and_retries_a_failed_job(tmp_pat
     watcher = threading.Thread(target=cancel_first_running, args=(CANCEL_RULE, done, cancelled), daemon=True)
     watcher.start()
     t0 = time.time()
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--configfile", str(root / "config.yaml"),
-           "--workflow-profile", str(REPO / "profiles/slurm"), "--slurm-status-command", "squeue",
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), *SLURM_TARGETS,
+           "--configfile", str(root / "config.yaml"), "--workflow-profile", str(REPO / "profiles/slurm"), "--slurm-status-command", "squeue",
            "--slurm-init-seconds-before-status-checks", "2", "--slurm-keep-successful-logs",
-           "--max-threads", "2", "--jobs", "4", "--latency-wait", "5", *SLURM_TARGETS]
+           "--max-threads", "2", "--jobs", "4", "--latency-wait", "5"]
     proc = subprocess.run(cmd, cwd=cluster, env=hub_env(root), stdin=subprocess.DEVNULL, capture_output=True,
                           text=True, timeout=1500, start_new_session=True)
     done.set()

@@ -184,8 +184,9 @@ HUB_TARGETS = ("fig1", "fig2a", "fig2b", "fig3", "fig8", "fig9", "table1",
 
 
 def run_hub_config(root: Path, workdir: Path, *args, targets=HUB_TARGETS, timeout=1500) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"),
-                           "--configfile", str(root / "config.yaml"), *args, *targets],
+    # targets first: --configfile and --set-threads take every word after them
+    return subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), *targets,
+                           "--configfile", str(root / "config.yaml"), *args],
                           cwd=workdir, env=hub_env(root), capture_output=True, text=True, timeout=timeout)
 
 
