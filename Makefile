@@ -46,9 +46,11 @@ test-hub: $(STAMP)
 	$(BIN)/python -m pytest -q -m hub tests/test_hub.py
 
 # Brings the local cluster up, runs the test, and takes the cluster down again whatever the outcome.
+# A base folder of its own: pytest prunes old folders under its shared temporary root, so a
+# concurrent pytest run could delete this long run's folders.
 test-cluster: $(CLUSTER_STAMP)
 	scripts/slurm-cluster.sh up
-	$(BIN)/python -m pytest -q -rA -m cluster tests/test_cluster.py; rc=$$?; scripts/slurm-cluster.sh down; exit $$rc
+	$(BIN)/python -m pytest -q -rA -m cluster --basetemp=/tmp/attnspace-test-cluster tests/test_cluster.py; rc=$$?; scripts/slurm-cluster.sh down; exit $$rc
 
 bench: $(STAMP)
 	$(BIN)/python bench/cache_throughput.py
