@@ -1,6 +1,9 @@
 # make run   : set up .venv, fetch the embedded models, run the whole pipeline on config.yaml
 # make test  : set up .venv if needed, run the test suite (what .ci/run calls)
 # make test-interop : SAE folders against the real SAELens and llamascopium, in .venv-interop (.ci/run too)
+# make test-hub     : the paper configuration's structure end to end on an offline hub fixture
+# make test-cluster : the same through profiles/slurm on a local one-node SLURM cluster (root;
+#                     scripts/slurm-cluster.sh install|up|down); see docs/cluster.md
 # make report / gallery / times : the Snakemake report, the README gallery, per-stage times
 
 PYTHON ?= python3
@@ -11,14 +14,20 @@ CORES  ?= all
 # Rules call the `attnspace` CLI: put the venv first on PATH.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: run test test-interop test-all bench lint dry-run report gallery times clean
+CLUSTER_STAMP := $(VENV)/.installed-cluster
+
+.PHONY: run test test-interop test-all test-hub test-cluster bench lint dry-run report gallery times clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e ".[test]"
+	$(BIN)/pip install --quiet -e ".[test,hub]"
 	touch $(STAMP)
+
+$(CLUSTER_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet -e ".[test,hub,cluster]"
+	touch $(CLUSTER_STAMP)
 
 run: $(STAMP)
 	$(BIN)/snakemake --cores $(CORES) --workflow-profile profiles/default
@@ -44,7 +53,17 @@ test-interop: $(INTEROP)/.installed
 	ATTNSPACE_INTEROP=1 $(INTEROP)/bin/python -m pytest -q -p no:cacheprovider -W ignore::DeprecationWarning tests/interop
 
 test-all: $(STAMP)
-	$(BIN)/python -m pytest -q -m ""
+	$(BIN)/python -m pytest -q -m "not hub and not cluster"
+
+test-hub: $(STAMP)
+	$(BIN)/python -m pytest -q -m hub tests/test_hub.py
+
+# Brings the local cluster up, runs the test, and takes the cluster down again whatever the outcome.
+# A base folder of its own: pytest prunes old folders under its shared temporary root, so a
+# concurrent pytest run could delete this long run's folders.
+test-cluster: $(CLUSTER_STAMP)
+	scripts/slurm-cluster.sh up
+	$(BIN)/python -m pytest -q -rA -m cluster --basetemp=/tmp/attnspace-test-cluster tests/test_cluster.py; rc=$$?; scripts/slurm-cluster.sh down; exit $$rc
 
 bench: $(STAMP)
 	$(BIN)/python bench/cache_throughput.py

@@ -193,6 +193,44 @@ def gguf_shape(path: Path) -> dict:
                          f"delete {path} and rerun snakemake, or use a GGUF model file.") from e
 
 
+def resolve_hub_revision(source: dict) -> str:
+    """The commit that ``source``'s revision (a commit, tag or branch; null = main) names on the hub.
+
+    Online it asks the hub; with ``HF_HUB_OFFLINE=1`` it reads the local hub cache (``HF_HOME``).
+    Raises :class:`ModelError` naming the config key or the environment variable to fix.
+    """
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError,
+                                        RevisionNotFoundError)
+
+    repo_id, revision = source["id"], source.get("revision")
+    try:
+        path = Path(hf_hub_download(repo_id, "config.json", revision=revision))
+    except GatedRepoError as e:
+        raise ModelError(f"{repo_id} is a gated model and this request carried no accepted token. "
+                         "Fix: accept its licence on the hub, then set HF_TOKEN in the environment "
+                         "(or run `hf auth login`).") from e
+    except RevisionNotFoundError as e:
+        raise ModelError(f"revision {revision!r} does not exist in {repo_id}. "
+                         "Fix: correct models.<name>.source.revision (a commit, tag or branch).") from e
+    except RepositoryNotFoundError as e:
+        raise ModelError(f"no model {repo_id!r} on the hub (or it is private and HF_TOKEN is not set). "
+                         "Fix: correct models.<name>.source.id, or set HF_TOKEN.") from e
+    except LocalEntryNotFoundError as e:
+        cached = Path(constants.HF_HUB_CACHE) / ("models--" + repo_id.replace("/", "--"))
+        if constants.HF_HUB_OFFLINE and cached.is_dir():
+            raise ModelError(f"revision {revision!r} of {repo_id} is not in the local hub cache {cached} "
+                             "(HF_HUB_OFFLINE=1). Fix: correct models.<name>.source.revision, or fetch that "
+                             "revision once with network access.") from e
+        raise ModelError(f"{repo_id} is not in the local hub cache {constants.HF_HUB_CACHE} and the hub "
+                         "cannot be reached. Fix: point HF_HOME at a cache that holds it, or unset "
+                         "HF_HUB_OFFLINE on a machine with network access.") from e
+    # The hub cache keeps every file under snapshots/<commit>/, whatever the revision was called.
+    if path.parent.parent.name != "snapshots":
+        raise ModelError(f"{path} is not inside a hub cache snapshot; cannot tell which commit was loaded.")
+    return path.parent.name
+
+
 def prepare_model(source: dict, out_dir: Path, *, architecture: str, n_layers: int,
                   d_model: int, dtype: str, gguf_path: Path | None = None) -> dict:
     """Load a model from ``source`` once and save it as safetensors in ``out_dir``.
@@ -205,6 +243,7 @@ def prepare_model(source: dict, out_dir: Path, *, architecture: str, n_layers: i
     from attnspace.sites import family_of
 
     kind = source["kind"]
+    commit = None
     if kind == "pypi_gguf":
         if gguf_path is None or not Path(gguf_path).is_file():
             raise ModelError(f"GGUF file {gguf_path} is missing. Fix: run the fetch_gguf rule first.")
@@ -212,7 +251,10 @@ def prepare_model(source: dict, out_dir: Path, *, architecture: str, n_layers: i
         gguf_shape(gguf_path)  # a damaged header is named here, not deep inside transformers
         kwargs = dict(pretrained_model_name_or_path=str(Path(gguf_path).parent), gguf_file=Path(gguf_path).name)
     elif kind == "hub":
-        kwargs = dict(pretrained_model_name_or_path=source["id"], revision=source.get("revision"),
+        # Load the resolved commit, so that the weights and the commit recorded agree even if
+        # a branch moves meanwhile.
+        commit = resolve_hub_revision(source)
+        kwargs = dict(pretrained_model_name_or_path=source["id"], revision=commit,
                       trust_remote_code=source.get("trust_remote_code", False))
     elif kind == "local":
         kwargs = dict(pretrained_model_name_or_path=source["path"])
@@ -242,7 +284,7 @@ def prepare_model(source: dict, out_dir: Path, *, architecture: str, n_layers: i
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
     return {**facts, "dtype": dtype, "source": source, "folder": str(out_dir),
-            "commit": getattr(model.config, "_commit_hash", None),
+            "commit": commit,
             "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
             "vocab_size": cfg.vocab_size}
 
