@@ -38,23 +38,34 @@ FUSED: bool | None = None
 """Fused row kernel for SparseAdam: None = on CUDA when Triton is importable; True/False forces it (tests)."""
 
 
-class SparseAdam(torch.optim.Optimizer):
-    """Lazy Adam: params [n, ...] with sparse (row-indexed) or dense gradients."""
+class _RowAdam(torch.optim.Optimizer):
+    """Adam over params [n, ...] with sparse (row-indexed) or dense gradients: the settings,
+    the per-tensor step count and moments, and the bias-corrected step size. A subclass says
+    which steps count (:meth:`_counts`) and how the touched rows move (:meth:`_update`)."""
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
         if lr <= 0 or eps <= 0 or not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
-            raise ValueError(f"invalid SparseAdam settings lr={lr} betas={betas} eps={eps}")
+            raise ValueError(f"invalid {type(self).__name__} settings lr={lr} betas={betas} eps={eps}")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps))
+
+    def _counts(self, g: Tensor) -> bool:
+        """Whether a step with these gradient values counts (state created, step advanced)."""
+        return True
+
+    def _update(self, p, m, v, rows, g, beta1, beta2, eps, step_size) -> None:
+        raise NotImplementedError
 
     @torch.no_grad()
     def step(self, closure=None):
         if closure is not None:
-            raise ValueError("SparseAdam takes no closure")
+            raise ValueError(f"{type(self).__name__} takes no closure")
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
-            eps = group["eps"]
             for p in group["params"]:
                 if p.grad is None:
+                    continue
+                rows, g = _rows_and_values(p.grad)
+                if not self._counts(g):
                     continue
                 state = self.state[p]
                 if not state:
@@ -62,35 +73,44 @@ class SparseAdam(torch.optim.Optimizer):
                     state["exp_avg"] = torch.zeros_like(p)
                     state["exp_avg_sq"] = torch.zeros_like(p)
                 state["step"] += 1
-                rows, g = _rows_and_values(p.grad)
                 if g.numel() == 0:
                     continue
-                m, v = state["exp_avg"], state["exp_avg_sq"]
                 step = state["step"]
                 step_size = group["lr"] * math.sqrt(1 - beta2**step) / (1 - beta1**step)
-                if rows is not None and _use_fused(p, g):
-                    _fused_row_step(p, m, v, rows, g, beta1, beta2, eps, step_size)
-                    continue
-                old_m = m if rows is None else m.index_select(0, rows)
-                old_v = v if rows is None else v.index_select(0, rows)
-                # Same operations, in the same order, as torch.optim._functional.sparse_adam.
-                dm = g.sub(old_m).mul_(1 - beta1)
-                dv = g.pow(2).sub_(old_v).mul_(1 - beta2)
-                new_m = old_m + dm
-                new_v = old_v + dv
-                denom = (dv + old_v).sqrt_().add_(eps)
-                update = -step_size * (dm + old_m).div_(denom)
-                if rows is None:
-                    m.copy_(new_m)
-                    v.copy_(new_v)
-                    p.add_(update)
-                else:
-                    m.index_copy_(0, rows, new_m)
-                    v.index_copy_(0, rows, new_v)
-                    p.index_copy_(0, rows, p.index_select(0, rows) + update)
+                self._update(p, state["exp_avg"], state["exp_avg_sq"], rows, g, beta1, beta2, group["eps"], step_size)
 
 
-class MaskedAdam(torch.optim.Optimizer):
+def _write_rows(p: Tensor, m: Tensor, v: Tensor, rows: Tensor | None, new_m: Tensor, new_v: Tensor,
+                update: Tensor) -> None:
+    """Store the new moments of the touched rows (all rows when ``rows`` is None) and add ``update``."""
+    if rows is None:
+        m.copy_(new_m)
+        v.copy_(new_v)
+        p.add_(update)
+    else:
+        m.index_copy_(0, rows, new_m)
+        v.index_copy_(0, rows, new_v)
+        p.index_copy_(0, rows, p.index_select(0, rows) + update)
+
+
+class SparseAdam(_RowAdam):
+    """Lazy Adam (``torch.optim.SparseAdam``): only the rows that fired update their moments."""
+
+    def _update(self, p, m, v, rows, g, beta1, beta2, eps, step_size) -> None:
+        if rows is not None and _use_fused(p, g):
+            _fused_row_step(p, m, v, rows, g, beta1, beta2, eps, step_size)
+            return
+        old_m = m if rows is None else m.index_select(0, rows)
+        old_v = v if rows is None else v.index_select(0, rows)
+        # Same operations, in the same order, as torch.optim._functional.sparse_adam.
+        dm = g.sub(old_m).mul_(1 - beta1)
+        dv = g.pow(2).sub_(old_v).mul_(1 - beta2)
+        denom = (dv + old_v).sqrt_().add_(eps)
+        update = -step_size * (dm + old_m).div_(denom)
+        _write_rows(p, m, v, rows, old_m + dm, old_v + dv, update)
+
+
+class MaskedAdam(_RowAdam):
     """The sparse Adam of the authors' library (llamascopium's ``SparseAdam``): a masked dense rule.
 
     On every step, both moments of every entry decay (m <- beta1 m, v <- beta2 v); where the
@@ -108,50 +128,20 @@ class MaskedAdam(torch.optim.Optimizer):
     is llamascopium's, operation for operation, on the touched rows; untouched rows only decay.
     """
 
-    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
-        if lr <= 0 or eps <= 0 or not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
-            raise ValueError(f"invalid MaskedAdam settings lr={lr} betas={betas} eps={eps}")
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps))
+    def _counts(self, g: Tensor) -> bool:
+        return g.numel() > 0 and bool(g.any())  # an all-zero gradient is skipped, moments included
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        if closure is not None:
-            raise ValueError("MaskedAdam takes no closure")
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            eps = group["eps"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                rows, g = _rows_and_values(p.grad)
-                if g.numel() == 0 or not bool(g.any()):
-                    continue
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p)
-                    state["exp_avg_sq"] = torch.zeros_like(p)
-                state["step"] += 1
-                m, v = state["exp_avg"], state["exp_avg_sq"]
-                step = state["step"]
-                step_size = group["lr"] * math.sqrt(1 - beta2**step) / (1 - beta1**step)
-                m.mul_(beta1)
-                v.mul_(beta2)
-                old_m = m if rows is None else m.index_select(0, rows)
-                old_v = v if rows is None else v.index_select(0, rows)
-                mask = g != 0
-                # llamascopium's expressions, in its order: (1 - beta2) * g * g is ((1 - beta2) g) g.
-                new_m = torch.where(mask, old_m + (1 - beta1) * g, old_m)
-                new_v = torch.where(mask, old_v + (1 - beta2) * g * g, old_v)
-                update = torch.where(mask, step_size * new_m / new_v.sqrt().add_(eps), torch.zeros_like(new_m))
-                if rows is None:
-                    m.copy_(new_m)
-                    v.copy_(new_v)
-                    p.sub_(update)
-                else:
-                    m.index_copy_(0, rows, new_m)
-                    v.index_copy_(0, rows, new_v)
-                    p.index_copy_(0, rows, p.index_select(0, rows) - update)
+    def _update(self, p, m, v, rows, g, beta1, beta2, eps, step_size) -> None:
+        m.mul_(beta1)
+        v.mul_(beta2)
+        old_m = m if rows is None else m.index_select(0, rows)
+        old_v = v if rows is None else v.index_select(0, rows)
+        mask = g != 0
+        # llamascopium's expressions, in its order: (1 - beta2) * g * g is ((1 - beta2) g) g.
+        new_m = torch.where(mask, old_m + (1 - beta1) * g, old_m)
+        new_v = torch.where(mask, old_v + (1 - beta2) * g * g, old_v)
+        update = torch.where(mask, step_size * new_m / new_v.sqrt().add_(eps), torch.zeros_like(new_m))
+        _write_rows(p, m, v, rows, new_m, new_v, -update)
 
 
 def _rows_and_values(grad: Tensor) -> tuple[Tensor | None, Tensor]:
