@@ -1,0 +1,1 @@
+"""Tests against the real SAELens and llamascopium packages (make test-interop)."""
