@@ -144,7 +144,7 @@ def test_pipeline_on_slurm_equals_the_local_run_and_retries_a_failed_job(tmp_pat
     check_hub_run(root, local)
     local_seconds = time.time() - t0
 
-    # The SLURM run, submitted from its own session with no terminal (as from a login node).
+    # The SLURM run, submitted detached from any terminal (setsid), as from a login node.
     done, cancelled = threading.Event(), []
     watcher = threading.Thread(target=cancel_first_running, args=(CANCEL_RULE, done, cancelled), daemon=True)
     watcher.start()
