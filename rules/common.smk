@@ -97,6 +97,11 @@ def stage_tables():
     return [table for table, names in STAGE_TABLES.items() if any(n in config["figures"] for n in names)]
 
 
+def spectrum_bootstrap_args():
+    b = config["spectrum"]["bootstrap"]
+    return f"--resamples {b['resamples']} --groups {b['groups']} --seed {b['seed']}"
+
+
 def spectrum_file(model, dataset, layer, site):
     return f"results/spectra/{model}/{dataset}/L{layer}/{site}.npz"
 
