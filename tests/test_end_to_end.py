@@ -50,7 +50,8 @@ def test_every_figure_with_its_data(run):
 def test_intrinsic_dimension_table(run):
     idim = pd.read_csv(run / "results/tables/intrinsic_dim.csv")
     assert list(idim.columns) == ["model", "dataset", "layer", "site", "d", "n_tokens", "threshold", "k",
-                                  "fraction", "n_sv_above_5pct"]
+                                  "fraction", "fraction_lo", "fraction_hi", "level", "resamples", "n_groups",
+                                  "n_sv_above_5pct"]
     # one row per (dataset, layer, site, threshold); k is monotone in the threshold
     assert len(idim) == 2 * 2 * 3 * 5
     for _, g in idim.groupby(["dataset", "layer", "site"]):
