@@ -27,6 +27,7 @@ wildcard_constraints:
     model="|".join(map(re.escape, MODELS)),
     dataset="|".join(map(re.escape, DATASETS)),
     layer=r"\d+",
+    replicate=r"\d+",
     site="|".join(config["cache"]["sites"]),
 
 
@@ -97,6 +98,11 @@ def stage_tables():
     return [table for table, names in STAGE_TABLES.items() if any(n in config["figures"] for n in names)]
 
 
+def spectrum_bootstrap_args():
+    b = config["spectrum"]["bootstrap"]
+    return f"--resamples {b['resamples']} --groups {b['groups']} --seed {b['seed']}"
+
+
 def spectrum_file(model, dataset, layer, site):
     return f"results/spectra/{model}/{dataset}/L{layer}/{site}.npz"
 
@@ -160,7 +166,8 @@ def sae_settings(wildcards):
     """Training settings shared by every SAE run (the run name carries init, d_init, optimizer, size, k);
     the learning rate is the run's optimizer's; a live source adds the documents to run the model on."""
     aux = SAE["auxk"]
-    lr = SAE["lr"][parse_run_name(wildcards.run)["optimizer"]]
+    parsed = parse_run_name(wildcards.run)
+    lr = SAE["lr"][parsed["optimizer"]]
     # The LM loss with the SAE spliced in is drawn by Figure 6 only: other runs skip it (and the model load).
     run = sae_run(wildcards.model, wildcards.dataset, wildcards.layer, wildcards.site, wildcards.run)
     lm_tokens = SAE["lm_eval_tokens"] if run in FIG6_RUNS else 0
@@ -168,7 +175,7 @@ def sae_settings(wildcards):
         f"--batch-size {SAE['batch_size']} --train-tokens {SAE['train_tokens']} "
         f"--buffer-rows {SAE['buffer_rows']} --lr {lr} --eval-tokens {SAE['eval_tokens']} "
         f"--lm-eval-tokens {lm_tokens} --k-aux {aux['k_aux']} --auxk-alpha {aux['alpha']} "
-        f"--dead-threshold-tokens {aux['dead_threshold_tokens']} --seed {SAE['seed']}"
+        f"--dead-threshold-tokens {aux['dead_threshold_tokens']} --seed {SAE['seed'] + parsed['replicate']}"
     )
     if SAE["source"] == "live":
         source = shlex.quote(json.dumps(dataset_cfg(wildcards)["source"]))
@@ -187,13 +194,20 @@ def focus_run(site, name):
     return sae_run(FOCUS_MODEL, FOCUS_DATASET, config["focus"]["layer"], site, name)
 
 
+def replicates():
+    """(centred, replicate) of each claim-carrying run: every form of sae.forms, sae.seeds seeds each."""
+    return [(form == "centred", r) for form in SAE["forms"] for r in range(SAE["seeds"])]
+
+
 def fig5_runs():
-    """Base init as the reference, then ASI and the random-subspace control at each d_init."""
+    """Base init as the reference, then ASI and the random-subspace control at each d_init; each in
+    every form and seed (the comparison behind claim C4)."""
     n, k, opt = d_sae(FOCUS_MODEL), SAE["k"], SAE["optimizer"]
-    names = [run_name("base", None, opt, n, k)] + [
-        run_name(init, d_init, opt, n, k)
+    names = [run_name("base", None, opt, n, k, centred=c, replicate=r) for c, r in replicates()] + [
+        run_name(init, d_init, opt, n, k, centred=c, replicate=r)
         for d_init in config["fig5"]["d_init"]
         for init in ("asi", "random_subspace")
+        for c, r in replicates()
     ]
     return [focus_run(config["fig5"]["site"], name) for name in names]
 
@@ -209,11 +223,14 @@ FIG6_RUNS = set(fig6_runs()) if "fig6" in config["figures"] else set()
 
 
 def fig7_runs():
-    """Figure 7: every variant at every size (expansion x d_model), at fixed k."""
+    """Figure 7: every variant at every size (expansion x d_model), at fixed k; at the largest size
+    (the comparison behind claim C6) in every form and seed."""
     f7 = config["fig7"]
     d = config["models"][FOCUS_MODEL]["d_model"]
-    return [focus_run(f7["site"], variant_run(v, e * d, f7["k"], f7["d_init"]))
-            for v in f7["variants"] for e in f7["expansion"]]
+    largest = max(f7["expansion"])
+    return [focus_run(f7["site"], variant_run(v, e * d, f7["k"], f7["d_init"], centred=c, replicate=r))
+            for v in f7["variants"] for e in f7["expansion"]
+            for c, r in (replicates() if e == largest else [(False, 0)])]
 
 
 def suite_runs():
@@ -243,7 +260,8 @@ def sweep_args(name):
     if name == "fig6":  # a frontier over k at one size
         grid = f"--k-list {' '.join(map(str, sweep['k']))} --expansion {sweep['expansion']}"
     else:  # sizes at one k
-        grid = f"--expansions {' '.join(map(str, sweep['expansion']))} --k {sweep['k']}"
+        grid = (f"--expansions {' '.join(map(str, sweep['expansion']))} --k {sweep['k']} "
+                f"--seeds {SAE['seeds']} --forms {' '.join(SAE['forms'])}")
     return (
         f"--model {FOCUS_MODEL} --dataset {FOCUS_DATASET} --layer {config['focus']['layer']} "
         f"--site {sweep['site']} --d-model {config['models'][FOCUS_MODEL]['d_model']} {grid} "
@@ -296,16 +314,18 @@ def lorsa_settings(wildcards):
     return (
         f"--n-ov-heads {lo['expansion'] * config['models'][wildcards.model]['d_model']} "
         f"--n-qk-heads {lo['n_qk_heads']} --d-qk {lo['d_qk']} --k {lo['k']} --d-init {lo['d_init']} "
-        f"--lr {lo['lr']} --epochs {lo['epochs']} --batch-tokens {lo['batch_tokens']} --seed {lo['seed']}"
+        f"--lr {lo['lr']} --epochs {lo['epochs']} --batch-tokens {lo['batch_tokens']} "
+        f"--seed {lo['seed'] + int(wildcards.replicate)}"
     )
 
 
 def all_lorsa_runs():
     focus = FOCUS_LAYER_OF
     return [
-        f"results/lorsa/{model}/{FOCUS_DATASET}/L{focus[model]}/{init}/metrics.json"
+        f"results/lorsa/{model}/{FOCUS_DATASET}/L{focus[model]}/{init}-r{replicate}/metrics.json"
         for model in config["lorsa"]["models"]
         for init in ("vanilla", "asi")
+        for replicate in range(config["lorsa"]["seeds"])
     ]
 
 

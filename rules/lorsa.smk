@@ -1,5 +1,6 @@
 # Lorsa (low-rank sparse attention) at the focus layer: vanilla init vs active-subspace
-# init of its output vectors, same data order; Table 1.
+# init of its output vectors, same data order; lorsa.seeds replicates of each (replicate n seeded
+# lorsa.seed + n); Table 1.
 
 
 rule train_lorsa:
@@ -8,7 +9,7 @@ rule train_lorsa:
         spectrum="results/spectra/{model}/{dataset}/L{layer}/attn_out.npz",
         model=prepared_model,
     output:
-        "results/lorsa/{model}/{dataset}/L{layer}/{init}/metrics.json",
+        "results/lorsa/{model}/{dataset}/L{layer}/{init}-r{replicate}/metrics.json",
     params:
         store="results/activations/{model}/{dataset}/L{layer}.manifest.json",
         heldout="results/activations/{model}/{dataset}/heldout/L{layer}.manifest.json",
@@ -16,9 +17,9 @@ rule train_lorsa:
         settings=lorsa_settings,
         out_dir=lambda w, output: os.path.dirname(output[0]),
     log:
-        "results/logs/train_lorsa/{model}/{dataset}/L{layer}/{init}.log",
+        "results/logs/train_lorsa/{model}/{dataset}/L{layer}/{init}-r{replicate}.log",
     benchmark:
-        "results/benchmarks/train_lorsa/{model}/{dataset}/L{layer}/{init}.tsv"
+        "results/benchmarks/train_lorsa/{model}/{dataset}/L{layer}/{init}-r{replicate}.tsv"
     threads: 1
     resources:
         gpu=GPU,

@@ -1,20 +1,23 @@
-# Spectra with Dask: one float64 pass (Gram + column sums) per cached site, then eigh.
+# Spectra with Dask: one float64 pass (Gram + column sums per document group) per cached site, then eigh
+# and the bootstrap replicates; one job per (model, dataset, layer) computes all its spectrum sites.
 
 
 rule spectrum:
     input:
         cache="results/activations/{model}/{dataset}/cache.json",
     output:
-        "results/spectra/{model}/{dataset}/L{layer}/{site}.npz",
+        expand("results/spectra/{{model}}/{{dataset}}/L{{layer}}/{site}.npz", site=config["spectrum"]["sites"]),
     params:
         store="results/activations/{model}/{dataset}/L{layer}.manifest.json",
+        sites=config["spectrum"]["sites"],
         n_vectors=(
             f"--n-vectors {config['spectrum']['n_vectors']}" if config["spectrum"]["n_vectors"] else ""
         ),
+        bootstrap=spectrum_bootstrap_args(),
     log:
-        "results/logs/spectrum/{model}/{dataset}/L{layer}/{site}.log",
+        "results/logs/spectrum/{model}/{dataset}/L{layer}.log",
     benchmark:
-        "results/benchmarks/spectrum/{model}/{dataset}/L{layer}/{site}.tsv"
+        "results/benchmarks/spectrum/{model}/{dataset}/L{layer}.tsv"
     threads: 1
     resources:
         mem_mb=4000,
@@ -22,7 +25,7 @@ rule spectrum:
     conda:
         "../envs/attnspace.yaml"
     shell:
-        "attnspace spectrum --store {params.store} --site {wildcards.site} {params.n_vectors} "
+        "attnspace spectrum --store {params.store} --sites {params.sites} {params.n_vectors} {params.bootstrap} "
         "--threads {threads} --out {output} > {log} 2>&1"
 
 
@@ -34,6 +37,7 @@ rule intrinsic_dim_table:
         "results/tables/intrinsic_dim.csv",
     params:
         thresholds=config["spectrum"]["thresholds"],
+        level=config["spectrum"]["bootstrap"]["level"],
     log:
         "results/logs/intrinsic_dim_table.log",
     benchmark:
@@ -45,7 +49,8 @@ rule intrinsic_dim_table:
     conda:
         "../envs/attnspace.yaml"
     shell:
-        "attnspace idim-table --spectra {input.spectra} --thresholds {params.thresholds} --out {output} > {log} 2>&1"
+        "attnspace idim-table --spectra {input.spectra} --thresholds {params.thresholds} --level {params.level} "
+        "--out {output} > {log} 2>&1"
 
 
 rule spectra_table:

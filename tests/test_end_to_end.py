@@ -4,6 +4,7 @@ failure names its stage."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -49,7 +50,8 @@ def test_every_figure_with_its_data(run):
 def test_intrinsic_dimension_table(run):
     idim = pd.read_csv(run / "results/tables/intrinsic_dim.csv")
     assert list(idim.columns) == ["model", "dataset", "layer", "site", "d", "n_tokens", "threshold", "k",
-                                  "fraction", "n_sv_above_5pct"]
+                                  "fraction", "fraction_lo", "fraction_hi", "level", "resamples", "n_groups",
+                                  "n_sv_above_5pct"]
     # one row per (dataset, layer, site, threshold); k is monotone in the threshold
     assert len(idim) == 2 * 2 * 3 * 5
     for _, g in idim.groupby(["dataset", "layer", "site"]):
@@ -91,13 +93,18 @@ def test_wo_decomposition(run):
 
 
 def test_sae_runs(run):
-    # fig5's runs (base, then ASI and random subspace at d_init 4 and 8) and the suite
+    # fig5's runs (base, then ASI and random subspace at d_init 4 and 8), two seeds in two forms each, and the suite
     runs = pd.read_csv(run / "results/tables/sae_runs.csv")
     fig5_runs = runs[(runs["layer"] == 2) & (runs["site"] == "attn_out") & (runs["d_sae"] == 96) & (runs["k"] == 4)
                      & ~runs["auxk"] & (runs["optimizer"] == "adam")]
-    assert sorted(fig5_runs["run"]) == sorted(["base-d0-adam-n96-k4", "asi-d4-adam-n96-k4", "asi-d8-adam-n96-k4",
-                                               "random_subspace-d4-adam-n96-k4",
-                                               "random_subspace-d8-adam-n96-k4"])
+    names = ["base-d0-adam-n96-k4", "asi-d4-adam-n96-k4", "asi-d8-adam-n96-k4", "random_subspace-d4-adam-n96-k4",
+             "random_subspace-d8-adam-n96-k4"]
+    assert sorted(fig5_runs["run"]) == sorted(n + x for n in names for x in ("", "-r1", "-c", "-c-r1"))
+    assert set(fig5_runs["seed"]) == {0, 1} and fig5_runs["centred"].sum() == 10
+    # NMSE on the training tokens beside the held-out NMSE, for every run
+    assert runs["train_nmse"].notna().all() and (runs["train_nmse"] > 0).all()
+    centred = run / "results/saes/tiny/pydocs/L2/attn_out/asi-d4-adam-n96-k4-c"
+    assert json.loads((centred / "hyperparams.json").read_text())["apply_decoder_bias_to_pre_encoder"] is True
     assert not runs.duplicated(["layer", "site", "run"]).any()
     assert (runs["status"] == "ok").all()
     assert runs["tokens_trained"].nunique() == 1
@@ -114,8 +121,8 @@ def test_sweeps(run):
     runs = pd.read_csv(run / "results/tables/sae_runs.csv")
     fig6 = pd.read_csv(run / "results/figures/fig6.csv")
     assert len(fig6) == 6 and set(fig6["variant"]) == {"topk", "topk_auxk", "asi"} and set(fig6["k"]) == {2, 4}
-    fig7 = pd.read_csv(run / "results/figures/fig7.csv")
-    assert len(fig7) == 8 and set(fig7["d_sae"]) == {48, 96} and (fig7["k"] == 4).all()
+    fig7 = pd.read_csv(run / "results/figures/fig7.csv")  # the largest size in 2 seeds x 2 forms
+    assert len(fig7) == 4 + 4 * 4 and set(fig7["d_sae"]) == {48, 96} and (fig7["k"] == 4).all()
     assert fig7["fit_exponent"].notna().all() and (fig7["n_alive"] == fig7["d_sae"] - fig7["n_dead"]).all()
     assert set(fig6["run"]) | set(fig7["run"]) <= set(runs["run"])
     # the LM loss with the SAE spliced in: measured for Figure 6's runs (which draw it), skipped elsewhere
@@ -137,7 +144,8 @@ def test_dead_feature_suite(run):
 
 def test_lorsa_table1(run):
     table1 = pd.read_csv(run / "results/tables/table1_lorsa.csv")
-    assert sorted(table1["init"]) == ["asi", "vanilla"] and (table1["n_ov_heads"] == 96).all()
+    assert sorted(table1["init"]) == ["asi", "asi", "vanilla", "vanilla"] and (table1["n_ov_heads"] == 96).all()
+    assert set(table1["seed"]) == {0, 1}
     assert (run / "results/tables/table1_lorsa.md").read_text().strip()
 
 
@@ -145,7 +153,10 @@ def test_claims_and_captions(run):
     # one row per claim at least, each with a verdict; every figure has a caption with numbers
     claims = pd.read_csv(run / "results/claims.csv")
     assert set(claims["claim"]) == {f"C{i}" for i in range(1, 8)}
-    assert set(claims["verdict"]) <= {"holds", "does not hold", "not run"}
+    assert set(claims["verdict"]) <= {"holds", "does not hold", "inconclusive", "not run"}
+    idim = pd.read_csv(run / "results/tables/intrinsic_dim.csv")
+    assert (idim["resamples"] == 20).all() and (idim["fraction_lo"] <= idim["fraction_hi"]).all()
+    assert set(claims.loc[claims["claim"] == "C4", "tested_on"].str.rsplit(", ", n=1).str[1]) == {"uncentred", "centred"}
     assert (claims.loc[claims["claim"] != "C1", "verdict"] != "not run").all()
     assert "strict majority" in (run / "results/claims.md").read_text()
     for name in FIGURES:

@@ -387,14 +387,21 @@ def test_save_load_round_trip(tmp_path):
 
 
 def test_table1_frame_and_markdown():
-    rows = [dict(model="m", dataset="d", layer=1, init=init, n_ov_heads=8, n_qk_heads=2, k=2, dead_heads=dh,
+    rows = [dict(model="m", dataset="d", layer=1, init=init, seed=0, n_ov_heads=8, n_qk_heads=2, k=2, dead_heads=dh,
                  dead_param_fraction=f, nmse=n, n_eval_tokens=100, extra=0)
             for init, dh, f, n in (("asi", 1, 0.405, 0.121), ("vanilla", 3, 0.684, 0.130))]
     frame = table1_frame(rows)
     assert list(frame.columns) == list(TABLE1_COLUMNS)
     md = table1_markdown(frame)
     assert "| | vanilla | asi |" in md and "| Dead parameters (%) | 68.4 | 40.5 |" in md
-    assert "| Normalized MSE | 0.130 | 0.121 |" in md
+    assert "| Normalized MSE | 0.130 | 0.121 |" in md and "one seed" in md
+    # three seeds: mean ± standard deviation (ddof 1) in every cell
+    seeds = [dict(r, seed=s, dead_param_fraction=r["dead_param_fraction"] + e, nmse=r["nmse"] + e / 10,
+                  dead_heads=r["dead_heads"] + 10 * e)
+             for r in rows for s, e in enumerate((-0.01, 0.0, 0.01))]
+    md = table1_markdown(table1_frame(seeds))
+    assert "| Dead parameters (%) | 68.4 ± 1.0 | 40.5 ± 1.0 |" in md and "over 3 seeds" in md
+    assert "| Normalized MSE | 0.130 ± 0.001 | 0.121 ± 0.001 |" in md
 
 
 def test_heads_selected_with_value_zero_are_not_counted(stores):

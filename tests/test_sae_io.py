@@ -130,3 +130,26 @@ def test_evaluate_against_a_dense_reference():
     dead = (z > 0).sum(0) == 0
     assert res.n_dead == int(dead.sum()) and res.dead_fraction == pytest.approx(float(dead.float().mean()))
     assert res.dead_window_tokens == 90
+
+
+def test_centred_form_subtracts_the_decoder_bias_before_the_encoder_and_round_trips(tmp_path):
+    sae = random_sae(seed=3)
+    sae.centred = True
+    x = torch.randn(12, D) * 4
+    # numpy reference: pre = W_enc (x f - b_dec) + b_enc, top-k, ReLU, decode, add b_dec, undo f
+    f = sae.norm_factor
+    W_enc, b_enc = sae.W_enc.detach().double().numpy(), sae.b_enc.detach().double().numpy()
+    W_dec, b_dec = sae.W_dec.detach().double().numpy(), sae.b_dec.detach().double().numpy()
+    pre = (x.double().numpy() * f - b_dec) @ W_enc.T + b_enc
+    z = np.zeros_like(pre)
+    top = np.argsort(-pre, axis=1)[:, :K]
+    np.put_along_axis(z, top, np.maximum(np.take_along_axis(pre, top, axis=1), 0), axis=1)
+    ref = (z @ W_dec + b_dec) / f
+    np.testing.assert_allclose(reconstruct(sae, x).double().numpy(), ref, rtol=1e-4, atol=1e-4)
+    save_sae(sae, tmp_path / "sae", layer=1, site="attn_out")
+    hyper = json.loads((tmp_path / "sae" / "hyperparams.json").read_text())
+    assert hyper["apply_decoder_bias_to_pre_encoder"] is True
+    loaded = load_sae(tmp_path / "sae")
+    assert loaded.centred and torch.equal(reconstruct(loaded, x), reconstruct(sae, x))
+    sae.centred = False  # the uncentred form reads x itself: a different reconstruction
+    assert not torch.allclose(reconstruct(sae, x), reconstruct(loaded, x))

@@ -8,14 +8,23 @@ from attnspace.sae.runs import RUN_COLUMNS, parse_run_name, run_name, runs_table
 
 
 @pytest.mark.parametrize("args", [
-    ("base", None, "adam", 4608, 32, False),
-    ("asi", 64, "sparse_adam", 4608, 50, False),
-    ("random_subspace", 128, "adam", 2304, 8, True),
+    ("base", None, "adam", 4608, 32, False, False, 0),
+    ("asi", 64, "sparse_adam", 4608, 50, False, True, 0),
+    ("random_subspace", 128, "adam", 2304, 8, True, False, 2),
+    ("asi", 128, "adam", 2304, 8, True, True, 11),
 ])
 def test_name_round_trip(args):
-    init, d_init, opt, n, k, auxk = args
-    name = run_name(init, d_init, opt, n, k, auxk)
-    assert parse_run_name(name) == dict(init=init, d_init=d_init, optimizer=opt, d_sae=n, k=k, auxk=auxk)
+    init, d_init, opt, n, k, auxk, centred, replicate = args
+    name = run_name(init, d_init, opt, n, k, auxk, centred, replicate)
+    assert parse_run_name(name) == dict(init=init, d_init=d_init, optimizer=opt, d_sae=n, k=k, auxk=auxk,
+                                        centred=centred, replicate=replicate)
+
+
+def test_replicate_zero_and_the_uncentred_form_keep_the_plain_name():
+    assert run_name("asi", 64, "adam", 4608, 32) == "asi-d64-adam-n4608-k32"
+    assert run_name("asi", 64, "adam", 4608, 32, centred=True, replicate=2) == "asi-d64-adam-n4608-k32-c-r2"
+    with pytest.raises(ValueError):
+        parse_run_name("asi-d64-adam-n4608-k32-r0")  # replicate 0 has one name only
 
 
 def test_bad_name_says_what_a_name_looks_like():

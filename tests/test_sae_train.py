@@ -165,3 +165,27 @@ def test_a_diverged_run_is_recorded_as_failed_not_dropped(stores, tmp_path):
     assert row["status"] == "failed" and "not finite" in row["failure"]
     ok = train_sae(small_config(train_tokens=128 * 2), PoisonedStream(poison_at=99), heldout, tmp_path / "ok")
     assert ok["status"] == "ok" and ok["failure"] is None
+
+
+def test_centred_form_starts_at_the_training_mean_and_reports_train_nmse(stores, tmp_path):
+    train, heldout = stores
+    cfg = small_config(init="asi", d_init=D_ACTIVE, centred=True, train_tokens=128)  # one step
+    m = train_sae(cfg, train, heldout, tmp_path / "sae")
+    sae = load_sae(tmp_path / "sae")
+    assert sae.centred and m["centred"] is True
+    # b_dec started at the mean of the normalisation sample (the first asi_sample_tokens kept rows), then took one
+    # Adam step of at most lr per coordinate
+    from attnspace.sae.data import first_kept_rows
+
+    sample = first_kept_rows(train, "attn_out", cfg.asi_sample_tokens).double()
+    mean = (sample.mean(0) * sae.norm_factor).float()
+    assert torch.allclose(sae.b_dec.detach(), mean, atol=1.5 * cfg.lr)
+    # train NMSE: on the first min(eval_tokens, trained tokens) kept training rows, beside the held-out NMSE
+    assert m["train_eval_tokens"] == 128 and 0 < m["train_nmse"] < 1 and 0 < m["nmse"] < 1
+    from attnspace.sae.data import heldout_batches
+    from attnspace.sae.evaluate import evaluate
+
+    assert m["train_nmse"] == pytest.approx(evaluate(sae, heldout_batches(train, "attn_out", 64, 128)).nmse, rel=1e-6)
+    plain = train_sae(small_config(init="asi", d_init=D_ACTIVE, train_tokens=128), train, heldout, tmp_path / "plain")
+    assert plain["centred"] is False and not load_sae(tmp_path / "plain").centred
+    assert float(load_sae(tmp_path / "plain").b_dec.detach().abs().max()) <= 1.5 * cfg.lr  # starts at zero

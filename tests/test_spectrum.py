@@ -8,7 +8,11 @@ import pytest
 
 from attnspace.spectrum import (
     Spectrum,
+    bootstrap_interval,
+    bootstrap_singular_values,
     compute_spectrum,
+    document_groups,
+    group_moments,
     explained_fraction,
     gram,
     intrinsic_dim_rows,
@@ -158,12 +162,87 @@ def test_intrinsic_dim_rows():
     x, _, _ = planted(seed=5)
     spec = spectrum_from_gram(*gram(da.from_array(x, chunks=(2000, D)), None))
     rows = intrinsic_dim_rows(spec, model="m", dataset="d", layer=2, site="attn_out", thresholds=(0.5, 0.99))
-    assert rows == [
+    no_interval = {"fraction_lo": rows[0]["fraction_lo"], "fraction_hi": rows[0]["fraction_hi"]}
+    assert all(np.isnan(v) for v in no_interval.values())  # no replicates: no interval
+    assert [{k: v for k, v in r.items() if k not in no_interval} for r in rows] == [
         {"model": "m", "dataset": "d", "layer": 2, "site": "attn_out", "d": D, "n_tokens": N, "threshold": 0.5,
-         "k": 3, "fraction": 3 / D, "n_sv_above_5pct": R},
+         "k": 3, "fraction": 3 / D, "level": 0.9, "resamples": 0, "n_groups": 0, "n_sv_above_5pct": R},
         {"model": "m", "dataset": "d", "layer": 2, "site": "attn_out", "d": D, "n_tokens": N, "threshold": 0.99,
-         "k": 8, "fraction": 8 / D, "n_sv_above_5pct": R},
+         "k": 8, "fraction": 8 / D, "level": 0.9, "resamples": 0, "n_groups": 0, "n_sv_above_5pct": R},
     ]
+
+
+def test_document_groups_keep_documents_whole():
+    doc = np.repeat(np.arange(10), [5, 1, 30, 2, 2, 2, 40, 3, 3, 12])
+    keep = np.ones(doc.size, dtype=bool)
+    keep[np.r_[0, np.flatnonzero(np.diff(doc)) + 1]] = False  # BOS rows
+    g = document_groups(doc, keep, 4)
+    assert np.all(np.diff(g) >= 0) and set(g) == set(range(g.max() + 1))  # consecutive runs, no empty group
+    for d in np.unique(doc):
+        assert np.unique(g[doc == d]).size == 1  # a document never straddles two groups
+    assert g.max() + 1 <= 4
+    # More groups than documents: one per document with kept rows (document 1 is a lone BOS, which joins the next).
+    assert document_groups(doc, keep, 100).max() + 1 == 9
+
+
+def test_group_moments_sum_to_gram_and_match_numpy():
+    x, _, _ = planted(seed=6, n=1000)
+    rows, keep = with_bos(x, every=37)
+    doc = np.cumsum(~keep) - 1
+    groups = document_groups(doc, keep, 7)
+    m = group_moments(da.from_array(rows, chunks=(100, D)), keep, groups, threads=2, blocks_per_step=3)
+    G, colsum, n = gram(da.from_array(rows, chunks=(100, D)), keep)
+    np.testing.assert_allclose(m.sum(axis=0)[:D, :D], G, rtol=1e-12)
+    np.testing.assert_allclose(m.sum(axis=0)[:D, D], colsum, rtol=1e-12)
+    for gid in range(m.shape[0]):
+        xs = rows[(groups == gid) & keep]
+        np.testing.assert_allclose(m[gid, :D, :D], xs.T @ xs, rtol=1e-10)
+        assert m[gid, D, D] == xs.shape[0]
+
+
+def test_bootstrap_replicate_is_the_spectrum_of_the_resampled_documents():
+    x, _, _ = planted(seed=7, n=600)
+    rows, keep = with_bos(x, every=60)
+    doc = np.cumsum(~keep) - 1
+    groups = document_groups(doc, keep, 5)
+    m = group_moments(da.from_array(rows, chunks=(128, D)), keep, groups)
+    boot = bootstrap_singular_values(m, resamples=3, seed=11)
+    counts = np.random.default_rng(11).multinomial(5, np.full(5, 0.2), size=3)
+    for r in range(3):  # numpy reference: stack each drawn group's kept rows as often as it was drawn
+        xs = np.concatenate([rows[(groups == g) & keep] for g in range(5) for _ in range(counts[r, g])])
+        ref = np.linalg.svd(xs - xs.mean(axis=0), compute_uv=False)
+        np.testing.assert_allclose(boot[r, :R], ref[:R], rtol=1e-7)
+
+
+def test_bootstrap_interval_in_the_table(tmp_path):
+    """Store -> spectrum with replicates -> saved -> table rows with an interval around the estimate."""
+    rng = np.random.default_rng(8)
+    n_docs, per_doc = 40, 50
+    # Each document has its own spread along 16 directions: the intrinsic dimension varies across documents.
+    scales = np.exp(rng.normal(0, 0.6, size=(n_docs, 16)))
+    x = np.concatenate([rng.standard_normal((per_doc, 16)) * scales[i] for i in range(n_docs)]) @ \
+        np.linalg.qr(rng.standard_normal((D, 16)))[0].T
+    doc = np.repeat(np.arange(n_docs), per_doc)
+    path = tmp_path / "L0.zarr"
+    with StoreWriter(path, model="m", dataset="d", layer=0, split="train", n_rows=x.shape[0], sites={"attn_out": D},
+                     logical_dtype="float32", chunk_rows=128, shard_rows=512) as w:
+        w.append({"attn_out": x.astype(np.float32)}, np.zeros(x.shape[0]), doc, np.zeros(x.shape[0]),
+                 np.ones(x.shape[0], dtype=bool))
+    spec = compute_spectrum(open_store(path), "attn_out", resamples=50, groups=20, seed=0)
+    assert spec.boot_singular_values.shape == (50, D) and spec.n_groups == 20
+    plain = compute_spectrum(open_store(path), "attn_out")
+    np.testing.assert_allclose(spec.singular_values[:16], plain.singular_values[:16], rtol=1e-9)
+    save_spectrum(spec, tmp_path / "s.npz")
+    back = load_spectrum(tmp_path / "s.npz")
+    np.testing.assert_array_equal(back.boot_singular_values, spec.boot_singular_values)
+    (row,) = intrinsic_dim_rows(back, model="m", dataset="d", layer=0, site="attn_out", thresholds=(0.9,), level=0.9)
+    ks = [intrinsic_dimension(s, 0.9) for s in spec.boot_singular_values]
+    k_hat = intrinsic_dimension(spec.singular_values, 0.9)  # basic interval: replicate quantiles reflected
+    assert row["fraction_lo"] == pytest.approx(max(1, 2 * k_hat - np.quantile(ks, 0.95)) / D)
+    assert row["fraction_hi"] == pytest.approx(min(D, 2 * k_hat - np.quantile(ks, 0.05)) / D)
+    assert row["fraction_lo"] < row["fraction_hi"]  # documents differ: the interval has width
+    assert row["fraction_lo"] <= row["fraction"] <= row["fraction_hi"]
+    assert (row["resamples"], row["n_groups"], row["level"]) == (50, 20, 0.9)
 
 
 def test_gram_memory_flat_in_rows():
@@ -186,3 +265,34 @@ def test_gram_memory_flat_in_rows():
     # (one dask tree over all 256 blocks adds about 14 of them here).
     moment_bytes = (d + 1) ** 2 * 8
     assert peaks[1] - peaks[0] < 8 * moment_bytes, (peaks, moment_bytes)
+
+
+def test_bootstrap_interval_covers_the_population_value():
+    """Coverage on planted data: documents drawn from a population whose intrinsic dimension is known
+    (from 20,000 documents). A sample of 40 documents underestimates it, and a resample (repeated
+    documents) underestimates it further; the basic interval reflects that shift and contains the
+    population value in most of 40 samples, where the replicates' own percentiles almost never do.
+    Moments are built here with numpy ([x, 1]^T [x, 1] per document), not by the store pass."""
+    rng = np.random.default_rng(3)
+    d, per_doc, tau, trials = 48, 8, 0.9, 40
+    base = np.linspace(1.0, 0.1, d)
+
+    def docs(n):  # each document stretches its own directions: a heavy-tailed mix
+        scales = base * np.exp(rng.normal(0, 1.0, size=(n, d)))
+        return rng.standard_normal((n, per_doc, d)) * scales[:, None, :]
+
+    def k_of(rows):
+        return intrinsic_dimension(np.linalg.svd(rows - rows.mean(0), compute_uv=False), tau)
+
+    k_true = k_of(docs(20000).reshape(-1, d))
+    basic = percentile = 0
+    for trial in range(trials):
+        x = docs(40)
+        z = np.concatenate([x, np.ones(x.shape[:2] + (1,))], axis=2)
+        boot = bootstrap_singular_values(np.einsum("gni,gnj->gij", z, z), resamples=200, seed=trial)
+        lo, hi = bootstrap_interval(boot, tau, 0.9, estimate=k_of(x.reshape(-1, d)))
+        basic += lo <= k_true <= hi
+        q_lo, q_hi = np.quantile([intrinsic_dimension(s, tau) for s in boot], [0.05, 0.95])
+        percentile += q_lo <= k_true <= q_hi
+    assert basic >= 0.65 * trials, f"basic interval covered the population value in {basic} of {trials}"
+    assert percentile <= 0.2 * trials, f"percentile interval covered it in {percentile} of {trials}"

@@ -68,6 +68,13 @@ def planned_jobs(*targets, cwd: Path, configfile: Path | None = None) -> dict[st
     return counts
 
 
+def replicate_suffixes(cfg: dict) -> list[str]:
+    """Name suffixes of the claim-carrying runs: every form (-c: centred) times every seed (-r<n>, none for 0)."""
+    sae = cfg.get("sae", {})
+    forms, seeds = sae.get("forms", ["uncentred", "centred"]), sae.get("seeds", 3)
+    return [("-c" if form == "centred" else "") + (f"-r{r}" if r else "") for form in forms for r in range(seeds)]
+
+
 def expected_jobs(cfg: dict, target: str) -> dict[str, int]:
     """What each figure target must plan and nothing more, counted here from the config alone."""
     pairs = len(cfg["models"]) * len(cfg["datasets"])
@@ -85,9 +92,11 @@ def expected_jobs(cfg: dict, target: str) -> dict[str, int]:
         "fig2b": {"cache_activations": n_models, "loss_recovered": n_models},  # the focus dataset, per model
         "fig3": {"cache_activations": n_models},
         "fig4": {**one, suite_rule: suite},
-        "fig5": {**one, "train_sae": 1 + 2 * len(cfg["fig5"]["d_init"])},  # base, then ASI and random per d_init
+        # base, then ASI and random per d_init; each in every form and seed
+        "fig5": {**one, "train_sae": (1 + 2 * len(cfg["fig5"]["d_init"])) * len(replicate_suffixes(cfg))},
         "fig6": {**one, "train_sae": len(cfg["fig6"]["variants"]) * len(cfg["fig6"]["k"])},
-        "fig7": {**one, "train_sae": len(cfg["fig7"]["variants"]) * len(cfg["fig7"]["expansion"])},
+        "fig7": {**one, "train_sae": len(cfg["fig7"]["variants"])  # the largest size in every form and seed
+                 * (len(cfg["fig7"]["expansion"]) - 1 + len(replicate_suffixes(cfg)))},
     }
     return expected[target]
 
@@ -98,10 +107,11 @@ def all_run_folders(cfg: dict, d_model: int) -> set[str]:
     prefix = f"{f['model']}/{f['dataset']}"
     n, k = cfg["sae"]["expansion"] * d_model, cfg["sae"]["k"]
     focus = f"{prefix}/L{f['layer']}/{cfg['fig5']['site']}/"
-    runs = {focus + f"base-d0-adam-n{n}-k{k}"}
-    runs |= {focus + f"{init}-d{d}-adam-n{n}-k{k}" for d in cfg["fig5"]["d_init"] for init in ("asi", "random_subspace")}
+    runs = {focus + f"base-d0-adam-n{n}-k{k}" + x for x in replicate_suffixes(cfg)}
+    runs |= {focus + f"{init}-d{d}-adam-n{n}-k{k}" + x for d in cfg["fig5"]["d_init"]
+             for init in ("asi", "random_subspace") for x in replicate_suffixes(cfg)}
     for figure in ("fig6", "fig7"):
-        runs |= expected_sweep(cfg[figure], d_model, figure, f"{prefix}/L{f['layer']}")
+        runs |= expected_sweep(cfg[figure], d_model, figure, f"{prefix}/L{f['layer']}", replicate_suffixes(cfg))
     if cfg["suite"]["source"] == "pipeline":
         runs |= {f"{prefix}/L{layer}/{site}/base-d0-adam-n{n}-k{k}"
                  for layer in cfg["models"][f["model"]]["layers"] for site in cfg["suite"]["sites"]}
@@ -126,7 +136,8 @@ def test_whole_config_plans_every_job_once(configfile, tmp_path):
     n_pairs = len(cfg["models"]) * len(cfg["datasets"])
     lorsa_models = cfg["lorsa"].get("models") or [cfg["focus"]["model"]]
     expected = {"cache_activations": n_pairs, "loss_recovered": len(cfg["models"]),
-                "train_sae": len(all_run_folders(cfg, d_model)), "train_lorsa": 2 * len(lorsa_models)}
+                "train_sae": len(all_run_folders(cfg, d_model)),
+                "train_lorsa": 2 * len(lorsa_models) * cfg["lorsa"].get("seeds", 3)}
     if cfg["suite"]["source"] == "llamascope":
         expected["fetch_llamascope"] = len(cfg["models"][cfg["focus"]["model"]]["layers"]) * len(cfg["suite"]["sites"])
     assert planned_jobs(cwd=tmp_path, configfile=REPO / path) == expected
@@ -149,7 +160,7 @@ def test_paper_dry_run_plans_every_model_and_dataset(tmp_path):
     for site in ("attn_out", "mlp_out", "resid_post"):
         assert f"resources/llamascope/llama-3.1-8b/L15/{site}/hyperparams.json" in out
     for init in ("vanilla", "asi"):
-        assert f"results/lorsa/llama-3.1-8b/slimpajama/L15/{init}/metrics.json" in out
+        assert f"results/lorsa/llama-3.1-8b/slimpajama/L15/{init}-r0/metrics.json" in out
 
 
 def planned_sae_runs(*targets, cwd: Path, configfile: Path | None = None) -> dict[str, str]:
@@ -165,8 +176,9 @@ def planned_sae_runs(*targets, cwd: Path, configfile: Path | None = None) -> dic
     return runs
 
 
-def expected_sweep(sweep: dict, d_model: int, figure: str, prefix: str) -> set[str]:
-    """The run folders a sweep must expand to, written out here independently of rules/common.smk."""
+def expected_sweep(sweep: dict, d_model: int, figure: str, prefix: str, suffixes=("",)) -> set[str]:
+    """The run folders a sweep must expand to, written out here independently of rules/common.smk;
+    Figure 7's largest size once per name suffix (form and seed)."""
     names = {"topk": "base-d0-adam-n{n}-k{k}", "topk_auxk": "base-d0-adam-n{n}-k{k}-auxk",
              "asi": "asi-d{d}-adam-n{n}-k{k}", "asi_sparseadam": "asi-d{d}-sparse_adam-n{n}-k{k}",
              "asi_maskedadam": "asi-d{d}-masked_adam-n{n}-k{k}"}
@@ -174,28 +186,33 @@ def expected_sweep(sweep: dict, d_model: int, figure: str, prefix: str) -> set[s
         grid = [(sweep["expansion"] * d_model, k) for k in sweep["k"]]
     else:
         grid = [(e * d_model, sweep["k"]) for e in sweep["expansion"]]
-    return {f"{prefix}/{sweep['site']}/" + names[v].format(n=n, k=k, d=sweep["d_init"])
-            for v in sweep["variants"] for n, k in grid}
+    largest = max(n for n, _ in grid)
+    return {f"{prefix}/{sweep['site']}/" + names[v].format(n=n, k=k, d=sweep["d_init"]) + x
+            for v in sweep["variants"] for n, k in grid
+            for x in (suffixes if figure == "fig7" and n == largest else ("",))}
 
 
 @pytest.mark.parametrize("figure", ["fig6", "fig7"])
 def test_default_sweep_expands_to_exactly_the_configured_jobs(figure, tmp_path):
     cfg = yaml.safe_load((REPO / "config.yaml").read_text())
     planned = planned_sae_runs(figure, cwd=tmp_path)
-    expected = expected_sweep(cfg[figure], 576, figure, "smollm2-135m/pydocs/L15")
+    expected = expected_sweep(cfg[figure], 576, figure, "smollm2-135m/pydocs/L15", replicate_suffixes(cfg))
     assert set(planned) == expected
     n_grid = len(cfg[figure]["k"] if figure == "fig6" else cfg[figure]["expansion"])
-    assert len(expected) == len(cfg[figure]["variants"]) * n_grid
-    for run, command in planned.items():  # per-optimizer learning rates from config, same seed for all
+    extra = (len(replicate_suffixes(cfg)) - 1) if figure == "fig7" else 0
+    assert len(expected) == len(cfg[figure]["variants"]) * (n_grid + extra)
+    for run, command in planned.items():  # per-optimizer learning rates from config; replicate r seeded seed + r
         lr = cfg["sae"]["lr"][next((o for o in ("sparse_adam", "masked_adam") if f"-{o}-" in run), "adam")]
-        assert f"--lr {lr} " in command and f"--seed {cfg['sae'].get('seed', 0)} " in command
+        replicate = int(run.rsplit("-r", 1)[1]) if "-r" in run.rsplit("/", 1)[1].split("-k")[1] else 0
+        assert f"--lr {lr} " in command and f"--seed {cfg['sae'].get('seed', 0) + replicate} " in command
 
 
 def test_paper_fig7_plans_every_size_from_live_activations(tmp_path):
     cfg = yaml.safe_load((REPO / "config/paper.yaml").read_text())
     planned = planned_sae_runs("fig7", cwd=tmp_path, configfile=REPO / "config/paper.yaml")
-    assert set(planned) == expected_sweep(cfg["fig7"], 4096, "fig7", "llama-3.1-8b/slimpajama/L15")
-    assert len(planned) == 4 * 7  # 16,384 .. 1,048,576 latents, four variants
+    assert set(planned) == expected_sweep(cfg["fig7"], 4096, "fig7", "llama-3.1-8b/slimpajama/L15",
+                                          replicate_suffixes(cfg))
+    assert len(planned) == 4 * (6 + len(replicate_suffixes(cfg)))  # 16,384 .. 1,048,576 latents, four variants
     assert any("-n1048576-k50" in run for run in planned)
     for run, command in planned.items():
         assert "--live-source" in command and "--train-tokens 2500000000 " in command

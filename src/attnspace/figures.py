@@ -230,7 +230,7 @@ def _select_idim(idim: pd.DataFrame, thresholds: Sequence[float]) -> pd.DataFram
 
 
 def _draw_idim_panel(ax, panel: pd.DataFrame, shared_layers: pd.Series) -> None:
-    """Fraction vs layer, one line per site, y fixed to [0, 1].
+    """Fraction vs layer, one line per site with its bootstrap interval as a band, y fixed to [0, 1].
 
     ``shared_layers`` are the layers of every panel sharing this x axis; the ticks
     are set from them, since on a shared axis the last panel's ticks win.
@@ -242,6 +242,10 @@ def _draw_idim_panel(ax, panel: pd.DataFrame, shared_layers: pd.Series) -> None:
                 rows["layer"], rows["fraction"], color=SITE_COLORS[site],
                 marker="o", markersize=4, linewidth=1.6, label=SITE_LABELS[site],
             )
+            if {"fraction_lo", "fraction_hi"} <= set(rows) and rows["fraction_lo"].notna().any():
+                # The bootstrap interval over documents (spectrum.bootstrap): a band around the line.
+                ax.fill_between(rows["layer"], rows["fraction_lo"], rows["fraction_hi"],
+                                color=SITE_COLORS[site], alpha=0.25, linewidth=0)
     ax.set_ylim(0.0, 1.02)
     layers = sorted(pd.unique(shared_layers))
     if len(layers) <= _MAX_LAYER_TICKS:  # a few sampled layers: tick exactly those
@@ -636,10 +640,14 @@ def fig5(runs: pd.DataFrame, model: str, dataset: str, layer: int, site: str, d_
     top-d_init principal directions of the activations (ASI), inside a random d_init-
     dimensional subspace (control), or uniformly on the sphere (base init, drawn as a
     horizontal reference line). Dead = never fires on the held-out window; NMSE on the
-    same window. Failed runs (no finite NMSE) are listed in the title, never dropped silently.
+    same window. Each point is the mean over seeds with +- one seed standard deviation; the
+    centred form (decoder bias at the training mean, subtracted before the encoder) is drawn
+    dashed with hollow markers. Failed runs (no finite NMSE) are listed in the title, never
+    dropped silently.
 
     Args:
-        runs: the SAE runs table (``attnspace.sae.runs.RUN_COLUMNS``).
+        runs: the SAE runs table (``attnspace.sae.runs.RUN_COLUMNS``); the csv beside the
+            figure holds every run drawn, one row per seed.
     """
     _require_columns(runs, RUN_COLUMNS, "the SAE runs table")
     sel = runs[(runs["model"] == model) & (runs["dataset"] == dataset) & (runs["layer"] == layer)
@@ -652,27 +660,43 @@ def fig5(runs: pd.DataFrame, model: str, dataset: str, layer: int, site: str, d_
                          f"available: {runs[['model', 'dataset', 'layer', 'site', 'd_sae', 'k']].drop_duplicates().to_dict('records')}")
     ok = sel[sel["status"] == "ok"]
     failed = sel[sel["status"] != "ok"]
-    data = sel.sort_values(["init", "d_init"], na_position="first").reset_index(drop=True)
-    base = ok[ok["init"] == "base"]
+    centred = sel["centred"].astype(bool) if "centred" in sel else pd.Series(False, index=sel.index)
+    data = sel.assign(centred=centred).sort_values(["centred", "init", "d_init", "seed"], na_position="first")
+    data = data.reset_index(drop=True)
+    ok = data[data["status"] == "ok"]
+    forms = sorted(ok["centred"].unique())
     with _style():
         fig = _new_figure((11.0, 4.4))
         axes = fig.subplots(1, 2, sharex=True)
         for ax, metric, label in ((axes[0], "dead_fraction", "dead features / d_sae"), (axes[1], "nmse", "NMSE")):
-            for init, (text, color, marker) in INIT_STYLE.items():
-                rows = ok[ok["init"] == init].sort_values("d_init")
-                if not rows.empty:
-                    ax.plot(rows["d_init"], rows[metric], color=color, marker=marker, linewidth=1.6, label=text)
-            if not base.empty:
-                ax.axhline(float(base[metric].iloc[0]), color="0.3", linestyle="--", linewidth=1.2,
-                           label="base init (sphere)")
+            for form in forms:
+                mine = ok[ok["centred"] == form]
+                style, suffix = ("--", ", centred") if form else ("-", "")
+                face = "white" if form else None
+                for init, (text, color, marker) in INIT_STYLE.items():
+                    stats = mine[mine["init"] == init].groupby("d_init")[metric].agg(["mean", "std", "count"])
+                    if stats.empty:
+                        continue
+                    # Mean over seeds with +- one seed standard deviation (no bar for a single seed).
+                    ax.errorbar(stats.index, stats["mean"], yerr=stats["std"].where(stats["count"] > 1),
+                                color=color, marker=marker, linestyle=style, linewidth=1.6, capsize=3,
+                                markerfacecolor=face, label=text + suffix)
+                base = mine.loc[mine["init"] == "base", metric]
+                if not base.empty:
+                    ax.axhline(float(base.mean()), color="0.3", linestyle=":" if form else "--", linewidth=1.2,
+                               label="base init (sphere)" + suffix)
+                    if len(base) > 1:
+                        ax.axhspan(base.mean() - base.std(ddof=1), base.mean() + base.std(ddof=1), color="0.3",
+                                   alpha=0.12, linewidth=0)
             ax.set_xscale("log", base=2)
             ax.set_xlabel("d_init (subspace dimension)")
             ax.set_ylabel(label)
         axes[0].set_ylim(0, 1.02)
-        axes[0].legend(loc="best", fontsize="small")
-        note = f"; failed: {', '.join(failed['init'] + '-d' + failed['d_init'].astype(str))}" if len(failed) else ""
+        axes[0].legend(loc="best", fontsize="x-small")
+        seeds = int(ok.groupby(["centred", "init", "d_init"], dropna=False).size().min()) if len(ok) else 0
+        note = (f"; failed: {', '.join(failed['run'].astype(str))}" if len(failed) else "")
         fig.suptitle(f"Active subspace initialisation, {model} · {dataset} · layer {layer} · {site}\n"
-                     f"TopK SAE, {d_sae} latents, k = {k}{note}")
+                     f"TopK SAE, {d_sae} latents, k = {k}; mean ± sd over {seeds} seed(s){note}")
     return fig, data
 
 
@@ -773,7 +797,8 @@ def power_law(n: np.ndarray, y: np.ndarray) -> tuple[float, float]:
 
 
 def fig7(runs: pd.DataFrame, model: str, dataset: str, layer: int, site: str, sizes: Sequence[int], k: int,
-         d_init: int, variants: Sequence[str]) -> tuple[Figure, pd.DataFrame]:
+         d_init: int, variants: Sequence[str], seeds: int = 1,
+         forms: Sequence[str] = ("uncentred",)) -> tuple[Figure, pd.DataFrame]:
     """Figure 7: scaling in the number of features at fixed k.
 
     The rule behind the figure: each variant is trained at each size d_sae on the same
@@ -781,44 +806,62 @@ def fig7(runs: pd.DataFrame, model: str, dataset: str, layer: int, site: str, si
     d_sae, log-log, with a power law NMSE = a * d_sae^(-b) fitted per variant (b in the
     legend, a and b in the csv); (B) fraction of dead features (never fire on the
     held-out window); (C) NMSE against the number of alive features, d_sae - dead.
-    Failed runs are named in the title, never dropped.
+    At the largest size every variant is trained with ``seeds`` seeds in each of ``forms``:
+    the uncentred points there are means with +- one seed standard deviation, the centred
+    ones hollow markers beside them. Failed runs are named in the title, never dropped.
 
     Args:
         runs: the SAE runs table. sizes: the d_sae grid; variants: keys of ``VARIANTS``.
     """
     from attnspace.sae.runs import variant_run
 
-    expected = {variant_run(v, n, k, d_init): (v, n) for v in variants for n in sizes}
+    largest = max(sizes)
+    expected = {variant_run(v, n, k, d_init, centred=form == "centred", replicate=r): (v, n)
+                for v in variants for n in sizes
+                for form, r in ([(f, r) for f in forms for r in range(seeds)] if n == largest else [("uncentred", 0)])}
     data = _sweep_rows(runs, model, dataset, layer, site, expected)
+    data["centred"] = data["centred"].astype(bool)
     data["n_alive"] = data["d_sae"] - data["n_dead"]
     data["fit_coefficient"] = np.nan
     data["fit_exponent"] = np.nan
     ok = data["status"] == "ok"
+    # One point per (variant, size): the mean over the uncentred seeds; the fit goes through those.
+    means = (data[ok & ~data["centred"]].groupby(["variant", "d_sae"])
+             .agg(nmse=("nmse", "mean"), nmse_sd=("nmse", "std"), dead_fraction=("dead_fraction", "mean"),
+                  dead_sd=("dead_fraction", "std"), n_alive=("n_alive", "mean")).reset_index())
     for v in variants:
-        mine = ok & (data["variant"] == v)
-        if mine.sum() >= 2:
-            a, b = power_law(data.loc[mine, "d_sae"], data.loc[mine, "nmse"])
+        mine = means[means["variant"] == v]
+        if len(mine) >= 2:
+            a, b = power_law(mine["d_sae"], mine["nmse"])
             data.loc[data["variant"] == v, ["fit_coefficient", "fit_exponent"]] = a, b
     with _style():
         fig = _new_figure((15.0, 4.6))
         axes = fig.subplots(1, 3)
         for v in variants:
-            rows = data[ok & (data["variant"] == v)].sort_values("d_sae")
+            rows = means[means["variant"] == v].sort_values("d_sae")
             if rows.empty:
                 continue
             color, marker, style = VARIANT_STYLE[v]
-            label = rows["variant_label"].iloc[0]
-            b = rows["fit_exponent"].iloc[0]
+            label = data.loc[data["variant"] == v, "variant_label"].iloc[0]
+            b = data.loc[data["variant"] == v, "fit_exponent"].iloc[0]
             fit_label = f"{label} (b = {b:.2f})" if np.isfinite(b) else label
-            axes[0].plot(rows["d_sae"], rows["nmse"], color=color, marker=marker, linestyle="none", label=fit_label)
+            axes[0].errorbar(rows["d_sae"], rows["nmse"], yerr=rows["nmse_sd"], color=color, marker=marker,
+                             linestyle="none", capsize=3, label=fit_label)
             if np.isfinite(b):
                 grid = np.geomspace(rows["d_sae"].min(), rows["d_sae"].max(), 50)
-                axes[0].plot(grid, rows["fit_coefficient"].iloc[0] * grid ** -b, color=color, linestyle=style,
-                             linewidth=1.4)
-            axes[1].plot(rows["d_sae"], rows["dead_fraction"], color=color, marker=marker, linestyle=style,
-                         linewidth=1.6, label=label)
+                axes[0].plot(grid, data.loc[data["variant"] == v, "fit_coefficient"].iloc[0] * grid ** -b,
+                             color=color, linestyle=style, linewidth=1.4)
+            axes[1].errorbar(rows["d_sae"], rows["dead_fraction"], yerr=rows["dead_sd"], color=color, marker=marker,
+                             linestyle=style, linewidth=1.6, capsize=3, label=label)
             axes[2].plot(rows["n_alive"], rows["nmse"], color=color, marker=marker, linestyle=style, linewidth=1.6,
                          label=label)
+            cen = data[ok & data["centred"] & (data["variant"] == v)]
+            if not cen.empty:  # the centred form at the largest size: hollow markers, nudged right
+                c = cen.groupby("d_sae").agg(nmse=("nmse", "mean"), nmse_sd=("nmse", "std"),
+                                             dead=("dead_fraction", "mean"), dead_sd=("dead_fraction", "std"))
+                for ax, y, e in ((axes[0], c["nmse"], c["nmse_sd"]), (axes[1], c["dead"], c["dead_sd"])):
+                    ax.errorbar(c.index * 1.12, y, yerr=e, color=color, marker=marker, markerfacecolor="white",
+                                linestyle="none", capsize=3)
         axes[0].set(xscale="log", yscale="log", xlabel="d_sae (features)", ylabel="NMSE (held-out)",
                     title="(A) NMSE ≈ a · d_sae^(−b), fitted")
         axes[1].set(xscale="log", xlabel="d_sae (features)", ylabel="dead features / d_sae", ylim=(0, 1.02),
@@ -833,8 +876,10 @@ def fig7(runs: pd.DataFrame, model: str, dataset: str, layer: int, site: str, si
         _plain_log_axis(axes[2].yaxis)
         handles, labels = axes[0].get_legend_handles_labels()
         fig.legend(handles, labels, loc="outside lower center", ncols=len(handles), frameon=False)
+        spread = (f"; at {largest}: mean ± sd over {seeds} seeds" + (", hollow: centred" if "centred" in forms else "")
+                  if seeds > 1 or "centred" in forms else "")
         fig.suptitle(f"Scaling the number of features, {model} · {dataset} · layer {layer} · {site}\n"
-                     f"TopK SAEs with k = {k}; ASI with d_init = {d_init}{_failed_note(data)}")
+                     f"TopK SAEs with k = {k}; ASI with d_init = {d_init}{spread}{_failed_note(data)}")
     return fig, data
 
 

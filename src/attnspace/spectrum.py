@@ -13,6 +13,13 @@ Definitions (one function each, used everywhere else):
 * intrinsic dimension at tau: :func:`intrinsic_dimension`, the smallest k with
   sum_{i<=k} s_i^2 / sum_i s_i^2 >= tau;
 * singular values above a fraction of the largest: :func:`n_above_fraction_of_max`.
+
+Uncertainty: the same pass keeps the moments per *document group* (consecutive whole
+documents dealt into groups of about equal kept rows, :func:`document_groups`). Resampling
+the groups with replacement and summing their moments gives a bootstrap replicate of the
+spectrum without a second pass over the store (:func:`bootstrap_singular_values`);
+:func:`intrinsic_dim_rows` turns the replicates into a basic bootstrap interval per threshold
+(:func:`bootstrap_interval`).
 """
 
 from __future__ import annotations
@@ -35,6 +42,8 @@ THRESHOLDS = tuple(schema_default("spectrum.thresholds"))
 """Intrinsic-dimension thresholds reported by default (the config's ``spectrum.thresholds``)."""
 THRESHOLD = schema_default("spectrum.threshold")
 """The main threshold (``spectrum.threshold``; the paper's 0.99)."""
+LEVEL = schema_default("spectrum.bootstrap.level")
+"""Coverage of the bootstrap intervals (``spectrum.bootstrap.level``)."""
 
 
 @dataclass
@@ -51,6 +60,10 @@ class Spectrum:
     """Kept rows used."""
     key: dict | None = None
     """{model, dataset, layer, site} of the cached site it was computed from (recorded in the file)."""
+    boot_singular_values: np.ndarray | None = None
+    """[R, d] float64: singular values of R bootstrap replicates (document groups resampled), or None."""
+    n_groups: int = 0
+    """Document groups the replicates resample (0: no bootstrap)."""
 
     @property
     def d(self) -> int:
@@ -134,6 +147,83 @@ def gram(
     return np.ascontiguousarray(total[:d, :d]), total[:d, d].copy(), int(round(total[d, d]))
 
 
+def document_groups(doc: np.ndarray, keep: np.ndarray, n_groups: int) -> np.ndarray:
+    """Group id [n_rows] (int64, 0 .. G-1) of each row: whole consecutive documents, dealt into at
+    most ``n_groups`` groups of about equal kept rows (fewer when there are fewer documents).
+
+    doc: int [n_rows] document index of each row, documents contiguous in row order;
+    keep: bool [n_rows]. A document goes to group floor(n_groups * kept rows before it / kept rows).
+    """
+    doc, keep = np.asarray(doc), np.asarray(keep, dtype=bool)
+    if doc.shape != keep.shape or doc.ndim != 1:
+        raise ValueError(f"doc {doc.shape} and keep {keep.shape} must be the same 1-D shape")
+    if n_groups < 1:
+        raise ValueError(f"n_groups must be >= 1, got {n_groups}")
+    if doc.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    new_doc = np.r_[True, doc[1:] != doc[:-1]]  # first row of each document
+    run = np.cumsum(new_doc) - 1  # [n_rows] document run of each row
+    kept_before = np.cumsum(keep) - keep
+    n_kept = max(int(keep.sum()), 1)
+    group_of_run = np.minimum(kept_before[new_doc] * n_groups // n_kept, n_groups - 1)
+    _, labels = np.unique(group_of_run, return_inverse=True)  # consecutive ids, no empty group
+    return labels[run].astype(np.int64)
+
+
+def group_moments(x, keep, groups: np.ndarray, threads: int = 1, blocks_per_step: int | None = None) -> np.ndarray:
+    """One float64 pass over rows: packed moments per group, [G, d+1, d+1] (as :func:`gram` packs them).
+
+    x: dask array [n_rows, d]; keep: bool [n_rows] numpy or None; groups: int [n_rows], each
+    group a run of consecutive rows (:func:`document_groups`). Row blocks are split at group
+    boundaries, so each block adds to exactly one group. Summing over groups gives :func:`gram`.
+    """
+    import dask.array as da
+
+    groups = np.asarray(groups, dtype=np.int64)
+    if x.ndim != 2 or groups.shape != (x.shape[0],):
+        raise ValueError(f"groups {groups.shape} must give one id per row of x {x.shape}")
+    if groups.size and np.any(np.diff(groups) < 0):
+        raise ValueError("each group must be a run of consecutive rows (ids non-decreasing)")
+    threads = max(1, int(threads))
+    d = x.shape[1]
+    n_groups = int(groups.max()) + 1 if groups.size else 0
+    bounds = np.cumsum((0,) + x.chunks[0])
+    cuts = np.union1d(bounds, np.r_[np.flatnonzero(np.diff(groups)) + 1, 0, x.shape[0]])
+    x = x.rechunk({0: tuple(int(c) for c in np.diff(cuts)), 1: -1})
+    keep_arr = None if keep is None else da.from_array(np.asarray(keep, dtype=bool), chunks=(x.chunks[0],))
+    block_group = groups[cuts[:-1]]
+    out = np.zeros((n_groups, d + 1, d + 1), dtype=np.float64)
+    step = blocks_per_step or 8 * threads
+    with threadpool_limits(limits=1 if threads > 1 else None):
+        for b in range(0, x.numblocks[0], step):
+            part = _moments(x.blocks[b : b + step], None if keep_arr is None else keep_arr.blocks[b : b + step])
+            part = part.compute(scheduler="threads", num_workers=threads)
+            np.add.at(out, block_group[b : b + step], part)
+    return out
+
+
+def bootstrap_singular_values(moments: np.ndarray, resamples: int, seed: int = 0) -> np.ndarray:
+    """[R, d] singular values of R bootstrap replicates: groups drawn with replacement, their moments summed.
+
+    moments: [G, d+1, d+1] packed per-group moments (:func:`group_moments`). Replicate r
+    weights group g by its count c_rg ~ Multinomial(G, 1/G); its spectrum is that of the
+    weighted sum, exactly what a pass over the resampled documents would give.
+    """
+    G = moments.shape[0]
+    if G < 2:
+        raise ValueError(f"a bootstrap needs at least 2 document groups, got {G}")
+    d = moments.shape[1] - 1
+    counts = np.random.default_rng(seed).multinomial(G, np.full(G, 1.0 / G), size=int(resamples))  # [R, G]
+    flat = moments.reshape(G, -1)
+    out = np.empty((int(resamples), d), dtype=np.float64)
+    for r in range(int(resamples)):
+        m = (counts[r].astype(np.float64) @ flat).reshape(d + 1, d + 1)
+        n = m[d, d]
+        C = m[:d, :d] - np.outer(m[:d, d], m[:d, d] / n)
+        out[r] = np.sqrt(np.clip(np.linalg.eigvalsh((C + C.T) / 2)[::-1], 0.0, None))
+    return out
+
+
 def spectrum_from_gram(G: np.ndarray, colsum: np.ndarray, n: int, n_vectors: int | None = None) -> Spectrum:
     """Spectrum from uncentred moments: G [d, d] = X^T X, colsum [d], n rows.
 
@@ -163,22 +253,36 @@ def spectrum_from_gram(G: np.ndarray, colsum: np.ndarray, n: int, n_vectors: int
 
 
 def compute_spectrum(
-    store: Store, site: str, threads: int = 1, n_vectors: int | None = None, max_tokens: int | None = None
+    store: Store, site: str, threads: int = 1, n_vectors: int | None = None, max_tokens: int | None = None,
+    resamples: int = 0, groups: int = 0, seed: int = 0,
 ) -> Spectrum:
     """Spectrum of the kept rows of ``site`` in ``store``, in one pass.
 
-    max_tokens caps the kept rows used (the first ones, in store order).
+    max_tokens caps the kept rows used (the first ones, in store order). With ``resamples``
+    > 0, the same pass keeps moments per document group (at most ``groups``) and the
+    spectrum carries ``resamples`` bootstrap replicates drawn with ``seed``.
     """
     x = store.dask(site)
     keep = store.keep()
+    stop = keep.shape[0]
     if max_tokens is not None:
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
         stop = min(int(np.searchsorted(np.cumsum(keep), max_tokens)) + 1, keep.shape[0])
         x, keep = x[:stop], keep[:stop]
-    G, colsum, n = gram(x, keep, threads=threads)
+    boot, n_groups = None, 0
+    if resamples > 0:
+        moments = group_moments(x, keep, document_groups(store.meta("doc")[:stop], keep, groups), threads=threads)
+        total = moments.sum(axis=0)
+        d = x.shape[1]
+        G, colsum, n = total[:d, :d], total[:d, d], int(round(total[d, d]))
+        n_groups = moments.shape[0]
+        boot = bootstrap_singular_values(moments, resamples, seed)
+    else:
+        G, colsum, n = gram(x, keep, threads=threads)
     spec = spectrum_from_gram(G, colsum, n, n_vectors=n_vectors)
     spec.key = {"model": store.model, "dataset": store.dataset, "layer": int(store.layer), "site": site}
+    spec.boot_singular_values, spec.n_groups = boot, n_groups
     return spec
 
 
@@ -186,7 +290,9 @@ def save_spectrum(spec: Spectrum, path: Path) -> None:
     """Write ``spec`` to ``path`` (.npz, uncompressed, atomically)."""
     write_npz(path, format=np.array(FORMAT), singular_values=spec.singular_values.astype(np.float64),
               mean=spec.mean.astype(np.float64), components=spec.components.astype(np.float64),
-              n_tokens=np.array(spec.n_tokens, dtype=np.int64),
+              n_tokens=np.array(spec.n_tokens, dtype=np.int64), n_groups=np.array(spec.n_groups, dtype=np.int64),
+              **({"boot_singular_values": spec.boot_singular_values.astype(np.float64)}
+                 if spec.boot_singular_values is not None else {}),
               **({f"key_{k}": np.array(v) for k, v in spec.key.items()} if spec.key else {}))
 
 
@@ -201,6 +307,8 @@ def load_spectrum(path: Path) -> Spectrum:
             components=z["components"],
             n_tokens=int(z["n_tokens"]),
             key=_key(z),
+            boot_singular_values=z["boot_singular_values"] if "boot_singular_values" in z else None,
+            n_groups=int(z["n_groups"]) if "n_groups" in z else 0,
         )
 
 
@@ -231,11 +339,11 @@ def load_keyed(paths) -> list[tuple[dict, Spectrum]]:
     return out
 
 
-def intrinsic_dim_frame(paths, thresholds=THRESHOLDS) -> pd.DataFrame:
+def intrinsic_dim_frame(paths, thresholds=THRESHOLDS, level: float = LEVEL) -> pd.DataFrame:
     """results/tables/intrinsic_dim.csv: :func:`intrinsic_dim_rows` of every spectrum file."""
     rows = []
     for key, spec in load_keyed(paths):
-        rows += intrinsic_dim_rows(spec, **key, thresholds=thresholds)
+        rows += intrinsic_dim_rows(spec, **key, thresholds=thresholds, level=level)
     return pd.DataFrame(rows)
 
 
@@ -302,24 +410,62 @@ class IntrinsicDimRow:
     """Intrinsic dimension at tau (:func:`intrinsic_dimension`)."""
     fraction: float
     """k / d."""
+    fraction_lo: float
+    """Lower end of the basic bootstrap interval of k / d (:func:`bootstrap_interval`; NaN without replicates)."""
+    fraction_hi: float
+    """Upper end of that interval (NaN without replicates)."""
+    level: float
+    """Coverage of the interval (e.g. 0.9: built from the 5th and 95th percentiles of the replicates)."""
+    resamples: int
+    """Bootstrap replicates behind the interval (0: none)."""
+    n_groups: int
+    """Document groups the replicates resample."""
     n_sv_above_5pct: int
     """Singular values above 5% of the largest (:func:`n_above_fraction_of_max`)."""
 
 
+def bootstrap_interval(
+    boot_singular_values: np.ndarray | None, tau: float, level: float, estimate: float | None = None,
+) -> tuple[float, float]:
+    """Basic bootstrap interval (lo, hi) of the intrinsic dimension k at ``tau`` over replicates [R, d];
+    (nan, nan) when there are none.
+
+    A resample repeats some document groups and drops others, so its variance is more concentrated
+    than the sample's and its k is biased low (measured: the replicates' percentiles sat entirely
+    below the estimate). The basic interval reflects the replicates' spread around the estimate
+    k_hat: [2 k_hat - q_hi, 2 k_hat - q_lo] with q the replicates' quantiles at (1 -/+ level) / 2,
+    which removes that bias; it is clipped to [1, d]. Callers pass the full-sample k as ``estimate``
+    (without it, the replicates' median stands in).
+    """
+    if boot_singular_values is None or len(boot_singular_values) == 0:
+        return float("nan"), float("nan")
+    ks = np.array([intrinsic_dimension(s, tau) for s in boot_singular_values], dtype=np.float64)
+    q_lo, q_hi = np.quantile(ks, [(1 - level) / 2, (1 + level) / 2])
+    if estimate is None:
+        estimate = float(np.median(ks))
+    d = boot_singular_values.shape[1]
+    lo, hi = np.clip([2 * estimate - q_hi, 2 * estimate - q_lo], 1, d)
+    return float(lo), float(hi)
+
+
 def intrinsic_dim_rows(
-    spec: Spectrum, *, model: str, dataset: str, layer: int, site: str, thresholds=THRESHOLDS
+    spec: Spectrum, *, model: str, dataset: str, layer: int, site: str, thresholds=THRESHOLDS, level: float = LEVEL,
 ) -> list[dict]:
     """Table rows (dicts with the fields of :class:`IntrinsicDimRow`), one per threshold."""
     d = spec.d
     above = n_above_fraction_of_max(spec.singular_values, 0.05)
+    boot = spec.boot_singular_values
+    resamples = 0 if boot is None else int(boot.shape[0])
     rows = []
     for tau in thresholds:
         k = intrinsic_dimension(spec.singular_values, float(tau))
+        lo, hi = bootstrap_interval(boot, float(tau), level, estimate=k)
         rows.append(
             asdict(
                 IntrinsicDimRow(
                     model=model, dataset=dataset, layer=int(layer), site=site, d=d, n_tokens=spec.n_tokens,
-                    threshold=float(tau), k=k, fraction=k / d, n_sv_above_5pct=above,
+                    threshold=float(tau), k=k, fraction=k / d, fraction_lo=lo / d, fraction_hi=hi / d,
+                    level=float(level), resamples=resamples, n_groups=spec.n_groups, n_sv_above_5pct=above,
                 )
             )
         )

@@ -13,18 +13,23 @@ def cmd_spectrum(a):
     from attnspace.spectrum import compute_spectrum, save_spectrum
     from attnspace.store import open_store
 
+    if len(a.sites) != len(a.out):
+        raise SystemExit(f"{len(a.sites)} --sites but {len(a.out)} --out paths; give one --out per site")
     set_threads(a.threads)
     store = open_store(Path(a.store))
-    spec = compute_spectrum(store, a.site, threads=a.threads, n_vectors=a.n_vectors)
-    save_spectrum(spec, a.out)
-    log.info("%s %s: d=%d from %d tokens", a.store, a.site, spec.singular_values.shape[0], spec.n_tokens)
+    for site, out in zip(a.sites, a.out):  # the sites of one layer in one job: one Python start-up
+        spec = compute_spectrum(store, site, threads=a.threads, n_vectors=a.n_vectors, resamples=a.resamples,
+                                groups=a.groups, seed=a.seed)
+        save_spectrum(spec, out)
+        log.info("%s %s: d=%d from %d tokens, %d bootstrap replicates over %d document groups", a.store, site,
+                 spec.singular_values.shape[0], spec.n_tokens, a.resamples, spec.n_groups)
 
 
 def cmd_idim_table(a):
     from attnspace.files import write_csv
     from attnspace.spectrum import intrinsic_dim_frame
 
-    write_csv(intrinsic_dim_frame(a.spectra, thresholds=a.thresholds), a.out)
+    write_csv(intrinsic_dim_frame(a.spectra, thresholds=a.thresholds, level=a.level), a.out)
 
 
 def cmd_spectra_table(a):
@@ -106,17 +111,21 @@ def cmd_concat_tables(a):
 
 
 def add_commands(sub) -> None:
-    s = sub.add_parser("spectrum", help="singular values and directions of one cached site")
+    s = sub.add_parser("spectrum", help="singular values, directions and bootstrap replicates of cached sites")
     s.add_argument("--store", required=True, help="the store's manifest (or .zarr) path")
-    s.add_argument("--site", required=True)
+    s.add_argument("--sites", nargs="+", required=True)
     s.add_argument("--n-vectors", type=int)
+    s.add_argument("--resamples", type=int, default=schema_default("spectrum.bootstrap.resamples"))
+    s.add_argument("--groups", type=int, default=schema_default("spectrum.bootstrap.groups"))
+    s.add_argument("--seed", type=int, default=schema_default("spectrum.bootstrap.seed"))
     s.add_argument("--threads", type=int, default=1)
-    s.add_argument("--out", required=True)
+    s.add_argument("--out", nargs="+", required=True, help="one .npz per site, in the order of --sites")
     s.set_defaults(func=cmd_spectrum)
 
     s = sub.add_parser("idim-table", help="intrinsic dimension table from spectra")
     s.add_argument("--spectra", nargs="+", required=True)
     s.add_argument("--thresholds", type=float, nargs="+", required=True)
+    s.add_argument("--level", type=float, default=schema_default("spectrum.bootstrap.level"))
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_idim_table)
 

@@ -22,7 +22,7 @@ def cmd_train_sae(a):
     run = parse_run_name(a.run)
     config = SAETrainConfig(
         site=a.site, d_sae=run["d_sae"], k=run["k"], init=run["init"], d_init=run["d_init"],
-        optimizer=run["optimizer"], auxk=run["auxk"], device=device(),
+        optimizer=run["optimizer"], auxk=run["auxk"], centred=run["centred"], device=device(),
         **given(lr=a.lr, auxk_alpha=a.auxk_alpha, k_aux=a.k_aux, dead_threshold_tokens=a.dead_threshold_tokens,
                 batch_size=a.batch_size, train_tokens=a.train_tokens, buffer_rows=a.buffer_rows,
                 eval_tokens=a.eval_tokens, seed=a.seed, checkpoint_every=a.checkpoint_every,
@@ -146,7 +146,7 @@ def add_commands(sub) -> None:
     s.add_argument("--heldout", required=True, help="held-out store for NMSE, L0 and dead features")
     s.add_argument("--spectrum", help="the site's spectrum (.npz): ASI's basis")
     s.add_argument("--site", required=True)
-    s.add_argument("--run", required=True, help="init-d<d_init>-optimizer-n<d_sae>-k<k>[-auxk]")
+    s.add_argument("--run", required=True, help="init-d<d_init>-optimizer-n<d_sae>-k<k>[-auxk][-c][-r<replicate>]")
     s.add_argument("--batch-size", type=int)
     s.add_argument("--train-tokens", type=int)
     s.add_argument("--buffer-rows", type=int)

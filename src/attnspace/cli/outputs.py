@@ -53,7 +53,7 @@ def cmd_figure(a):
                                  a.d_init, a.variants)
     elif a.name == "fig7":
         fig, data = figures.fig7(table, a.model, a.dataset, a.layer, a.site,
-                                 [e * a.d_model for e in a.expansions], a.k, a.d_init, a.variants)
+                                 [e * a.d_model for e in a.expansions], a.k, a.d_init, a.variants, a.seeds, a.forms)
     else:
         raise SystemExit(f"unknown figure {a.name}")
     for path in figures.save_figure(fig, data, a.out):
@@ -154,6 +154,8 @@ def add_commands(sub) -> None:
     s.add_argument("--expansions", type=int, nargs="+", help="fig7: the sizes, as multiples of d_model")
     s.add_argument("--d-init", type=int, help="fig6/fig7: ASI's subspace dimension")
     s.add_argument("--variants", nargs="+", help="fig6/fig7: the variants drawn")
+    s.add_argument("--seeds", type=int, default=1, help="fig7: seeds at the largest size")
+    s.add_argument("--forms", nargs="+", default=["uncentred"], help="fig7: forms at the largest size")
     s.add_argument("--caption", help="the figure's fixed caption (rst); writes <out stem>.caption.rst with the numbers")
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_figure)

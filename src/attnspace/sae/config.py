@@ -25,6 +25,8 @@ class SAETrainConfig:
     """Initialisation: 'base' (Appendix E.2), 'asi' (active subspace) or 'random_subspace' (Fig 5 control)."""
     d_init: int | None = None
     """Subspace dimension for 'asi' and 'random_subspace' (paper: 768 of 4096)."""
+    centred: bool = False
+    """The centred form: b_dec starts at the training mean and is subtracted before the encoder."""
     init_norm_grid: tuple[float, ...] = DEFAULT_NORM_GRID
     """Candidate global decoder norms for the initial grid search."""
     init_batch_tokens: int = 4096

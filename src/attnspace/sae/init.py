@@ -7,7 +7,9 @@ All three share one recipe and differ only in where the decoder directions live:
    (u_i = g_i Q / ||g_i Q||, g_i ~ N(0, I)): the top d_init right singular vectors of
    the centred activations (``asi``) or a random orthonormal basis (``random_subspace``);
 2. one global norm c from a grid, the one with the lowest initial NMSE on a batch;
-3. W_dec = c U, W_enc = W_dec^T (stored as the same [n, d] matrix), b_enc = b_dec = 0.
+3. W_dec = c U, W_enc = W_dec^T (stored as the same [n, d] matrix), b_enc = b_dec = 0; in the
+   centred form b_dec = the training mean m instead (the encoder then reads x - m), and the
+   norm search scores x - m.
 
 Step 2 is cheap: with zero biases, pre = c U x, so the TopK selection does not depend
 on c > 0 and x_hat = c^2 y with y = U^T ReLU(TopK(U x)); y is computed once and every
@@ -113,13 +115,15 @@ def initialize(
     d_init: int | None = None,
     source: Spectrum | Tensor | None = None,
     grid=DEFAULT_NORM_GRID,
+    decoder_bias: Tensor | None = None,
 ) -> InitResult:
     """Initialise ``sae`` in place by ``method`` ('base' | 'asi' | 'random_subspace').
 
     x [B, d]: normalised batch for the norm search. ``asi`` takes its basis from
     ``source`` (a Spectrum, or a sample of rows; default x itself) and needs d_init;
     ``random_subspace`` needs d_init. Directions are drawn on the CPU from ``generator``,
-    so the result does not depend on the device.
+    so the result does not depend on the device. ``decoder_bias`` [d] (the centred form: the
+    training mean on the normalised scale) becomes b_dec, and the norm search scores x - b_dec.
     """
     n, d = sae.d_sae, sae.d_model
     if method == "base":
@@ -133,10 +137,13 @@ def initialize(
         U = subspace_directions(n, basis, generator)
     else:
         raise ValueError(f"init must be one of {INITS}, got {method!r}")
-    result = search_norm(U, x, sae.k, grid)
+    bias = None if decoder_bias is None else decoder_bias.to(x.device, x.dtype)
+    result = search_norm(U, x if bias is None else x - bias, sae.k, grid)
     W = (result.norm * U).to(sae.W_dec.device, sae.W_dec.dtype)
     sae.W_dec.copy_(W)
     sae.W_enc.copy_(W)
     sae.b_enc.zero_()
     sae.b_dec.zero_()
+    if bias is not None:
+        sae.b_dec.copy_(bias)
     return result

@@ -60,7 +60,7 @@ def save_sae(sae: TopKSAE, folder: Path, *, metrics: dict | None = None, **info)
         norm_activation="dataset-wise",
         dataset_average_activation_norm={"in": sae.dataset_norm, "out": sae.dataset_norm},
         sparsity_include_decoder_norm=False,
-        apply_decoder_bias_to_pre_encoder=False,
+        apply_decoder_bias_to_pre_encoder=bool(sae.centred),
         use_decoder_bias=True,
         format=FORMAT,
         **info,
@@ -86,9 +86,9 @@ def load_sae(folder: Path, device: torch.device | str = "cpu") -> TopKSAE:
     hyper = json.loads((folder / "hyperparams.json").read_text())
     if hyper.get("act_fn") != "topk":
         raise ValueError(f"{folder}: act_fn {hyper.get('act_fn')!r}; this loader reads TopK SAEs only")
-    for key, want in (("apply_decoder_bias_to_pre_encoder", False), ("sparsity_include_decoder_norm", False)):
-        if hyper.get(key, want) != want:
-            raise ValueError(f"{folder}: {key}={hyper[key]!r} is a TopK variant this SAE class does not implement")
+    if hyper.get("sparsity_include_decoder_norm", False) is not False:
+        raise ValueError(f"{folder}: sparsity_include_decoder_norm={hyper['sparsity_include_decoder_norm']!r} "
+                         "is a TopK variant this SAE class does not implement")
     tensors, _ = read_safetensors(folder / WEIGHTS)
     norm = hyper["dataset_average_activation_norm"]["in"] if hyper.get("norm_activation") == "dataset-wise" else None
     sae = TopKSAE(int(hyper["d_model"]), int(hyper["d_sae"]), int(hyper["top_k"]), dataset_norm=norm)
@@ -97,6 +97,7 @@ def load_sae(folder: Path, device: torch.device | str = "cpu") -> TopKSAE:
         sae.b_enc.copy_(tensors["encoder.bias"])
         sae.W_dec.copy_(tensors["decoder.weight"].T)
         sae.b_dec.copy_(tensors["decoder.bias"])
+    sae.centred = bool(hyper.get("apply_decoder_bias_to_pre_encoder", False))
     return sae.to(device)
 
 

@@ -3,7 +3,10 @@
 Variant, stated once:
 
 * pre = W_enc x + b_enc (no decoder bias subtracted before the encoder, as in the paper
-  and LlamaScope's ``apply_decoder_bias_to_pre_encoder: false``);
+  and LlamaScope's ``apply_decoder_bias_to_pre_encoder: false``); in the *centred* form
+  (``centred = True``, ``apply_decoder_bias_to_pre_encoder: true``, the usual practice of
+  sparsify and others) pre = W_enc (x - b_dec) + b_enc, with b_dec initialised at the
+  training mean, so the encoder sees centred inputs;
 * z = ReLU on the K largest entries of pre, zero elsewhere (selection on the raw
   pre-activations; LlamaScope's ``sparsity_include_decoder_norm: false``);
 * x_hat = W_dec^T z + b_dec.
@@ -73,14 +76,21 @@ class TopKSAE(nn.Module):
         """Training forward (grad mode on) through :mod:`attnspace.sae.fast`; set by train_sae on CUDA."""
         self.matmul_dtype: torch.dtype | None = None
         """dtype of the fast path's encoder GEMM (None: the weights' dtype; train_sae: bf16 on CUDA)."""
+        self.centred = False
+        """Subtract b_dec from the input before the encoder (LlamaScope's apply_decoder_bias_to_pre_encoder)."""
 
     @property
     def norm_factor(self) -> float:
         """f = sqrt(d) / dataset_norm: raw activations times f have mean norm sqrt(d)."""
         return 1.0 if self.dataset_norm is None else math.sqrt(self.d_model) / self.dataset_norm
 
+    def encoder_input(self, x: Tensor) -> Tensor:
+        """What the encoder reads: x [B, d], less b_dec in the centred form (gradients reach b_dec)."""
+        return x - self.b_dec if self.centred else x
+
     def encode(self, x: Tensor) -> EncoderOutput:
         """x [B, d] (normalised) -> top-k activations."""
+        x = self.encoder_input(x)
         with torch.no_grad():
             pre = F.linear(x, self.W_enc, self.b_enc)  # [B, n]
             indices = pre.topk(self.k, dim=1, sorted=False).indices  # [B, k]
@@ -107,7 +117,8 @@ class TopKSAE(nn.Module):
                 # dead entries the AuxK gather reads are left untouched.
                 pre_dead = enc.pre.masked_fill_(~dead, -math.inf)
                 aux_idx = pre_dead.topk(min(k_aux, n_dead), dim=1, sorted=False).indices
-            aux_vals = encode_gather(x, self.W_enc, self.b_enc, pre_dead, aux_idx, self.sparse_grad)
+            aux_vals = encode_gather(self.encoder_input(x), self.W_enc, self.b_enc, pre_dead, aux_idx,
+                                     self.sparse_grad)
             aux = auxk_loss(x - x_hat, sparse_decode(aux_vals, aux_idx, self.W_dec, self.sparse_grad))
         return ForwardOutput(x_hat, enc.values, enc.indices, nmse(x, x_hat), aux)
 

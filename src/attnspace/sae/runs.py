@@ -1,7 +1,8 @@
 """Names of SAE training runs and the table of all runs.
 
-A run is named ``{init}-d{d_init}-{optimizer}-n{d_sae}-k{k}[-auxk]`` (d_init 0 for
-the base init), e.g. ``asi-d64-adam-n4608-k32``; it is the last folder of
+A run is named ``{init}-d{d_init}-{optimizer}-n{d_sae}-k{k}[-auxk][-c][-r{replicate}]``
+(d_init 0 for the base init; ``-c`` the centred form; ``-r{n}`` the n-th replicate, seeded
+``sae.seed + n``, none for replicate 0), e.g. ``asi-d64-adam-n4608-k32-c-r2``; it is the last folder of
 ``results/saes/{model}/{dataset}/L{layer}/{site}/{run}/``. This module is the one
 place that writes and reads the name.
 
@@ -20,11 +21,12 @@ from pathlib import Path
 import pandas as pd
 
 RUN = re.compile(r"^(?P<init>base|asi|random_subspace)-d(?P<d_init>\d+)-(?P<optimizer>adam|sparse_adam|masked_adam)"
-                 r"-n(?P<d_sae>\d+)-k(?P<k>\d+)(?P<auxk>-auxk)?$")
+                 r"-n(?P<d_sae>\d+)-k(?P<k>\d+)(?P<auxk>-auxk)?(?P<centred>-c)?(?:-r(?P<replicate>[1-9]\d*))?$")
 RUN_PATH = re.compile(r"(?P<model>[^/]+)/(?P<dataset>[^/]+)/L(?P<layer>\d+)/(?P<site>[a-z_]+)/(?P<run>[^/]+)/metrics\.json$")
 
 RUN_COLUMNS = ["model", "dataset", "layer", "site", "run", "variant", "init", "d_init", "optimizer", "auxk", "d_sae", "k",
-               "lr", "tokens_trained", "nmse", "explained_variance", "l0", "dead_fraction", "n_dead",
+               "centred", "replicate", "seed",
+               "lr", "tokens_trained", "nmse", "train_nmse", "explained_variance", "l0", "dead_fraction", "n_dead",
                "dead_window_tokens", "delta_lm_loss", "lm_loss_recovered", "tokens_per_second", "status", "failure"]
 
 
@@ -47,12 +49,12 @@ VARIANT_LABELS = {
 }
 
 
-def variant_run(variant: str, d_sae: int, k: int, d_init: int) -> str:
+def variant_run(variant: str, d_sae: int, k: int, d_init: int, centred: bool = False, replicate: int = 0) -> str:
     """The run name of a sweep variant (d_init applies to the ASI variants only)."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown SAE variant {variant!r}; choose from {', '.join(VARIANTS)}")
     init, optimizer, auxk = VARIANTS[variant]
-    return run_name(init, d_init if init != "base" else None, optimizer, d_sae, k, auxk)
+    return run_name(init, d_init if init != "base" else None, optimizer, d_sae, k, auxk, centred, replicate)
 
 
 def variant_of(init: str, optimizer: str, auxk: bool) -> str | None:
@@ -63,19 +65,21 @@ def variant_of(init: str, optimizer: str, auxk: bool) -> str | None:
     return None
 
 
-def run_name(init: str, d_init: int | None, optimizer: str, d_sae: int, k: int, auxk: bool = False) -> str:
+def run_name(init: str, d_init: int | None, optimizer: str, d_sae: int, k: int, auxk: bool = False,
+             centred: bool = False, replicate: int = 0) -> str:
     name = f"{init}-d{0 if init == 'base' else int(d_init)}-{optimizer}-n{d_sae}-k{k}"
-    return name + ("-auxk" if auxk else "")
+    return name + ("-auxk" if auxk else "") + ("-c" if centred else "") + (f"-r{int(replicate)}" if replicate else "")
 
 
 def parse_run_name(run: str) -> dict:
-    """init, d_init (None for base), optimizer, d_sae, k, auxk of a run name."""
+    """init, d_init (None for base), optimizer, d_sae, k, auxk, centred, replicate of a run name."""
     m = RUN.match(run)
     if not m:
         raise ValueError(f"{run!r} is not a run name like 'asi-d64-adam-n4608-k32' "
-                         "(init-d<d_init>-optimizer-n<d_sae>-k<k>[-auxk]).")
+                         "(init-d<d_init>-optimizer-n<d_sae>-k<k>[-auxk][-c][-r<replicate>]).")
     return dict(init=m["init"], d_init=None if m["init"] == "base" else int(m["d_init"]),
-                optimizer=m["optimizer"], d_sae=int(m["d_sae"]), k=int(m["k"]), auxk=bool(m["auxk"]))
+                optimizer=m["optimizer"], d_sae=int(m["d_sae"]), k=int(m["k"]), auxk=bool(m["auxk"]),
+                centred=bool(m["centred"]), replicate=int(m["replicate"] or 0))
 
 
 def runs_table(metrics_paths: list[str | Path]) -> pd.DataFrame:

@@ -7,8 +7,13 @@
    basis from ``spectrum`` when given, else from that sample;
 3. ``n_steps`` steps of NMSE (+ alpha AuxK) on shuffled batches, checkpointing every
    ``checkpoint_every`` steps to ``out_dir/train_state.safetensors``;
-4. evaluation on held-out tokens, the SAE folder (LlamaScope layout) and metrics.json;
-   the checkpoint is removed once they are written.
+4. evaluation on held-out tokens and on the first ``eval_tokens`` training tokens (``train_nmse``,
+   beside the held-out ``nmse``: their gap shows memorisation), the SAE folder (LlamaScope
+   layout) and metrics.json; the checkpoint is removed once they are written.
+
+The centred form (``config.centred``) starts b_dec at the mean of the normalisation sample
+and subtracts it before the encoder (:class:`attnspace.sae.model.TopKSAE`); it trains on the
+reference path (the CUDA fast path implements the uncentred form only).
 
 A run whose loss becomes NaN or infinite stops there: metrics.json records
 ``status: failed`` with the step and the reason, the metric fields stay None, and no
@@ -86,7 +91,8 @@ def train_sae(
     d = sample.shape[1]
     sae = TopKSAE(d, config.n_latents(d), config.k, dataset_norm=mean_norm(sample)).to(device)
     sae.sparse_grad = config.optimizer in ("sparse_adam", "masked_adam")  # row-sparse gradients; Adam's are dense
-    sae.fast = device.type == "cuda" if config.fast is None else config.fast  # same model, see attnspace.sae.fast
+    sae.centred = bool(config.centred)
+    sae.fast = (device.type == "cuda" if config.fast is None else config.fast) and not sae.centred  # attnspace.sae.fast
     sae.matmul_dtype = torch.bfloat16 if sae.fast and device.type == "cuda" else None
     opt = make_optimizer(config.optimizer, [getattr(sae, p) for p in _PARAMS], config.learning_rate,
                          config.betas, config.eps)
@@ -101,8 +107,10 @@ def train_sae(
         x0 = sample[: config.init_batch_tokens].to(device) * sae.norm_factor
         if spectrum is not None and spectrum.components.shape[1] != d:
             raise ValueError(f"spectrum width {spectrum.components.shape[1]} != site width {d}")
+        bias = sample.double().mean(0).float().to(device) * sae.norm_factor if sae.centred else None
         init = initialize(sae, config.init, x0, generator, d_init=config.d_init,
-                          source=spectrum if spectrum is not None else sample, grid=config.init_norm_grid)
+                          source=spectrum if spectrum is not None else sample, grid=config.init_norm_grid,
+                          decoder_bias=bias)
         init_norm = init.norm
     del sample
 
@@ -137,12 +145,14 @@ def train_sae(
 
     metrics = dict(
         d_model=d, d_sae=sae.d_sae, k=config.k, init=config.init, d_init=config.d_init, init_norm=init_norm,
+        centred=sae.centred,
         optimizer=config.optimizer, lr=config.learning_rate, auxk=config.auxk, k_aux=config.k_aux,
         auxk_alpha=config.auxk_alpha, batch_size=config.batch_size, tokens_trained=config.n_steps * config.batch_size,
         seed=config.seed, site=config.site, dataset_average_activation_norm=sae.dataset_norm,
         dead_for_auxk_at_end=int(tracker.dead().sum()), train_seconds_this_run=round(train_seconds, 3),
         tokens_per_second=round((config.n_steps - start) * config.batch_size / max(train_seconds, 1e-9), 1),
         nmse=None, explained_variance=None, l0=None, dead_fraction=None, dead_window_tokens=None, n_dead=None,
+        train_nmse=None, train_eval_tokens=None,
         delta_lm_loss=None, status="ok" if failure is None else "failed", failure=failure,
     )
     if failure is not None:
@@ -156,6 +166,11 @@ def train_sae(
         batches = (heldout_batches(heldout_store, config.site, config.batch_size, config.eval_tokens)
                    if isinstance(heldout_store, Store) else heldout_store)
         metrics.update(evaluate(sae, batches)._asdict())
+    train_rows = getattr(stream, "store", None)  # a cached training store: score its first eval_tokens rows
+    if train_rows is not None:
+        seen = evaluate(sae, heldout_batches(train_rows, config.site, config.batch_size,
+                                             min(config.eval_tokens, config.n_steps * config.batch_size)))
+        metrics.update(train_nmse=seen.nmse, train_eval_tokens=seen.dead_window_tokens)
     if lm_eval is not None:
         metrics.update(lm_eval(lambda x: reconstruct(sae, x)))
     save_sae(sae, out_dir, metrics=metrics, **{"site": config.site, **(info or {})})
