@@ -66,6 +66,39 @@ def test_fast_forward_and_gradients_match_reference_and_dense(sparse_grad, with_
             assert torch.equal(got._indices(), other.coalesce().indices())
 
 
+@pytest.mark.parametrize("sparse_grad", [False, True])
+@pytest.mark.parametrize("with_aux", [False, True])
+def test_centred_form_on_the_fast_path_matches_the_reference(sparse_grad, with_aux):
+    """The centred form (x - b_dec into the encoder): b_dec's gradient has an encoder share, which
+    the fast path computes as one bag of W_enc rows per token; the reference path differentiates
+    x - b_dec through autograd (its forward is checked against numpy in tests/test_sae_io.py)."""
+    ref, fast = twins(sparse_grad=sparse_grad)
+    with torch.no_grad():
+        ref.b_dec.normal_(0, 0.3, generator=torch.Generator().manual_seed(9))
+        fast.b_dec.copy_(ref.b_dec)
+    ref.centred = fast.centred = True
+    x = batch()
+    dead = (torch.arange(N) % 3 == 0) if with_aux else None
+    outs = []
+    for sae in (ref, fast):
+        out = sae(x, dead=dead, k_aux=6)
+        (out.nmse + 0.5 * out.auxk_loss).backward()
+        outs.append(out)
+    r, f = outs
+    assert torch.equal(f.indices, r.indices)
+    torch.testing.assert_close(f.x_hat, r.x_hat, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(f.auxk_loss, r.auxk_loss, rtol=1e-12, atol=0)
+    for name in NAMES:
+        got, want = getattr(fast, name).grad, getattr(ref, name).grad
+        torch.testing.assert_close(got.to_dense(), want.to_dense(), rtol=1e-10, atol=1e-12, msg=name)
+    plain = twins(sparse_grad=sparse_grad)[0]  # the encoder share is not zero: b_dec's gradient differs
+    with torch.no_grad():
+        plain.b_dec.copy_(ref.b_dec)
+    out = plain(x, dead=dead, k_aux=6)
+    (out.nmse + 0.5 * out.auxk_loss).backward()
+    assert not torch.allclose(plain.b_dec.grad, fast.b_dec.grad)
+
+
 def test_fast_touches_exactly_the_fired_latents_and_skips_selected_zeros():
     _, fast = twins(seed=3, sparse_grad=True)
     with torch.no_grad():
@@ -223,7 +256,7 @@ def test_fused_kernel_is_used_only_where_it_can_run():
 
 @pytest.mark.parametrize("optimizer", ["adam", "sparse_adam"])
 def test_train_sae_with_the_fast_path_gives_the_reference_weights(tmp_path, optimizer):
-    """train_sae takes the fast path where config.fast says so (default: on CUDA); on CPU both agree."""
+    """train_sae takes the fast path unless config.fast is False (the reference path); on CPU both agree."""
     from test_sae_train import PoisonedStream, small_config
 
     from attnspace.sae import load_sae, train_sae

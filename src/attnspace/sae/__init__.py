@@ -1,7 +1,7 @@
 """TopK sparse autoencoders: model, initialisations, losses, optimizers, data, training, evaluation, files.
 
 Modules: ``model`` (TopKSAE, reconstruct), ``sparse`` (sparse encoder/decoder autograd),
-``fast`` (the CUDA training path), ``init`` (base, ASI, random subspace), ``losses`` (NMSE,
+``fast`` (the training path), ``init`` (base, ASI, random subspace), ``losses`` (NMSE,
 AuxK, dead latents), ``optim`` (Adam, SparseAdam, MaskedAdam), ``data`` (shuffle buffer over a store, live
 prefetch), ``live``, ``evaluate``, ``io`` (LlamaScope layout, checkpoints), ``train``
 (train_sae), ``config``, ``runs`` (run names, the runs table).

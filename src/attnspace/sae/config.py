@@ -65,7 +65,8 @@ class SAETrainConfig:
     device: str = "cpu"
     """Torch device to train on."""
     fast: bool | None = None
-    """Fast training path (attnspace.sae.fast: bf16 encoder GEMM on CUDA, fused optimizer); None: on CUDA only."""
+    """Fast training path (attnspace.sae.fast: sparse backward plan on every device; bf16 encoder GEMM and fused
+    optimizer on CUDA); None: on. False: the reference path (same model and gradients, about 2x slower)."""
     log_every: int = 100
     """Steps between progress lines (0: silent)."""
 

@@ -13,8 +13,9 @@ Variant, stated once:
 * Decoder norms are free: neither constrained to 1 nor folded. Initialisation sets
   one global norm for every direction (Appendix E.2); training may change it.
 
-Training on CUDA takes :mod:`attnspace.sae.fast` (``fast = True``): the same model, rule and
-gradients with fewer bytes moved; everything else (evaluation, inference) runs here.
+Training takes :mod:`attnspace.sae.fast` (``fast = True``, set by train_sae unless told otherwise):
+the same model, rule and gradients with fewer bytes moved; everything else (evaluation, inference)
+runs here.
 
 The SAE works on dataset-wise normalised activations (mean norm sqrt(d)); the raw
 mean norm is kept in ``dataset_norm`` and :func:`reconstruct` maps raw to raw.
@@ -73,7 +74,7 @@ class TopKSAE(nn.Module):
         self.sparse_grad = False
         """Return sparse COO gradients for W_enc, b_enc, W_dec (SparseAdam) instead of dense (Adam)."""
         self.fast = False
-        """Training forward (grad mode on) through :mod:`attnspace.sae.fast`; set by train_sae on CUDA."""
+        """Training forward (grad mode on) through :mod:`attnspace.sae.fast`; set by train_sae."""
         self.matmul_dtype: torch.dtype | None = None
         """dtype of the fast path's encoder GEMM (None: the weights' dtype; train_sae: bf16 on CUDA)."""
         self.centred = False

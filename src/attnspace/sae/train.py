@@ -12,8 +12,8 @@
    layout) and metrics.json; the checkpoint is removed once they are written.
 
 The centred form (``config.centred``) starts b_dec at the mean of the normalisation sample
-and subtracts it before the encoder (:class:`attnspace.sae.model.TopKSAE`); it trains on the
-reference path (the CUDA fast path implements the uncentred form only).
+and subtracts it before the encoder (:class:`attnspace.sae.model.TopKSAE`), so b_dec's gradient
+has an encoder share (both training paths, reference and fast, compute it).
 
 A run whose loss becomes NaN or infinite stops there: metrics.json records
 ``status: failed`` with the step and the reason, the metric fields stay None, and no
@@ -92,7 +92,7 @@ def train_sae(
     sae = TopKSAE(d, config.n_latents(d), config.k, dataset_norm=mean_norm(sample)).to(device)
     sae.sparse_grad = config.optimizer in ("sparse_adam", "masked_adam")  # row-sparse gradients; Adam's are dense
     sae.centred = bool(config.centred)
-    sae.fast = (device.type == "cuda" if config.fast is None else config.fast) and not sae.centred  # attnspace.sae.fast
+    sae.fast = True if config.fast is None else config.fast  # attnspace.sae.fast: same model, about 2x faster on CPU too
     sae.matmul_dtype = torch.bfloat16 if sae.fast and device.type == "cuda" else None
     opt = make_optimizer(config.optimizer, [getattr(sae, p) for p in _PARAMS], config.learning_rate,
                          config.betas, config.eps)
