@@ -7,7 +7,8 @@ import shutil
 from pathlib import Path
 
 from attnspace.config import config_hash, focus_layers
-from attnspace.sae.runs import parse_run_name, run_name, variant_run
+from attnspace.sae.group import pack, training_bytes
+from attnspace.sae.runs import RUN_PATH, parse_run_name, run_name, variant_run
 
 # Jobs that use a GPU when there is one ask for the `gpu` resource only where a GPU exists, so
 # that on a CPU-only machine they run side by side (profiles/default caps gpu at 1).
@@ -162,26 +163,37 @@ def d_sae(model):
     return SAE["expansion"] * config["models"][model]["d_model"]
 
 
-def sae_settings(wildcards):
-    """Training settings shared by every SAE run (the run name carries init, d_init, optimizer, size, k);
-    the learning rate is the run's optimizer's; a live source adds the documents to run the model on."""
-    aux = SAE["auxk"]
-    parsed = parse_run_name(wildcards.run)
-    lr = SAE["lr"][parsed["optimizer"]]
-    # The LM loss with the SAE spliced in is drawn by Figure 6 only: other runs skip it (and the model load).
-    run = sae_run(wildcards.model, wildcards.dataset, wildcards.layer, wildcards.site, wildcards.run)
-    lm_tokens = SAE["lm_eval_tokens"] if run in FIG6_RUNS else 0
+def sae_stream_args(group):
+    """train-sae-group's shared options: the stream every member reads (replicates share its seed,
+    sae.seed, and so its batches); a live source adds the documents to run the model on."""
     settings = (
         f"--batch-size {SAE['batch_size']} --train-tokens {SAE['train_tokens']} "
-        f"--buffer-rows {SAE['buffer_rows']} --lr {lr} --eval-tokens {SAE['eval_tokens']} "
-        f"--lm-eval-tokens {lm_tokens} --k-aux {aux['k_aux']} --auxk-alpha {aux['alpha']} "
-        f"--dead-threshold-tokens {aux['dead_threshold_tokens']} --seed {SAE['seed'] + parsed['replicate']}"
+        f"--buffer-rows {SAE['buffer_rows']} --eval-tokens {SAE['eval_tokens']} --data-seed {SAE['seed']}"
     )
     if SAE["source"] == "live":
-        source = shlex.quote(json.dumps(dataset_cfg(wildcards)["source"]))
+        source = shlex.quote(json.dumps(config["datasets"][group["dataset"]]["source"]))
         settings += (f" --live-source {source} --live-seed {config['tokens']['seed']} "
                      f"--live-batch-docs {SAE['live_batch_docs']}")
     return settings
+
+
+def sae_member_args(group):
+    """One --member per SAE of the group: its run name and folder, its optimizer's learning rate,
+    AuxK settings, and init seed sae.seed + replicate."""
+    aux = SAE["auxk"]
+    members = []
+    for path in group["outputs"]:
+        parsed = parse_run_name(RUN_PATH.search(path)["run"])
+        # The LM loss with the SAE spliced in is drawn by Figure 6 only: other runs skip it.
+        lm_tokens = SAE["lm_eval_tokens"] if path in FIG6_RUNS else 0
+        own = (
+            f"--run {RUN_PATH.search(path)['run']} --out-dir {os.path.dirname(path)} "
+            f"--lr {SAE['lr'][parsed['optimizer']]} --lm-eval-tokens {lm_tokens} --k-aux {aux['k_aux']} "
+            f"--auxk-alpha {aux['alpha']} --dead-threshold-tokens {aux['dead_threshold_tokens']} "
+            f"--seed {SAE['seed'] + parsed['replicate']}"
+        )
+        members.append(f"--member {shlex.quote(own)}")
+    return " ".join(members)
 
 
 def sae_run(model, dataset, layer, site, name):
@@ -252,6 +264,82 @@ def all_sae_runs():
     if config["suite"]["source"] == "pipeline" and "fig4" in figures:
         runs += list(suite_runs().values())
     return list(dict.fromkeys(runs))
+
+
+def sae_run_bytes(path):
+    """Estimated training memory of one SAE run (attnspace.sae.group.training_bytes)."""
+    m = RUN_PATH.search(path)
+    return training_bytes(config["models"][m["model"]]["d_model"], parse_run_name(m["run"])["d_sae"],
+                          SAE["batch_size"])
+
+
+def sae_run_figures():
+    """{metrics.json of an SAE run: the figures that draw it}, over Figures 5, 6, 7 and the suite
+    (fig4, when the pipeline trains it), in that order."""
+    runs = {"fig5": fig5_runs(), "fig6": fig6_runs(), "fig7": fig7_runs()}
+    if config["suite"]["source"] == "pipeline":
+        runs["fig4"] = list(suite_runs().values())
+    figures = {}
+    for name, paths in runs.items():
+        for path in paths:
+            figures.setdefault(path, []).append(name)
+    return figures
+
+
+def sae_groups():
+    """The SAE groups, each one train_sae_* job on one stream (attnspace.sae.group).
+
+    A group's runs are drawn by the same figures (so that a figure's target plans only its own
+    runs: a run two figures share is in a group of such runs, named for both) and read the same
+    (model, dataset, layer, site); they are packed by attnspace.sae.group.pack, largest first, into
+    groups of at most sae.group.max_members whose estimated memory (training_bytes) fits
+    sae.group.memory_gb. Each: rule name, model, dataset, layer, site and outputs (metrics.json)."""
+    budget, most = SAE["group"]["memory_gb"] * 1e9, SAE["group"]["max_members"]
+    streams = {}
+    for path, figures in sae_run_figures().items():
+        m = RUN_PATH.search(path)
+        key = ("_".join(figures), m["model"], m["dataset"], int(m["layer"]), m["site"])
+        streams.setdefault(key, []).append((path, sae_run_bytes(path)))
+    groups, counts = [], {}
+    for (figures, model, dataset, layer, site), runs in streams.items():
+        for outputs in pack(runs, budget, most):
+            n = counts[figures] = counts.get(figures, -1) + 1
+            groups.append(dict(rule=f"train_sae_{figures}_{n}", model=model, dataset=dataset, layer=layer,
+                               site=site, outputs=outputs))
+    return groups
+
+
+def plain_setting(value):
+    """A profile's or command line's value for a rule (a Snakemake Resource, or a plain value through the
+    API) as a plain int, float or str; an expression is taken at the first attempt; None when it
+    depends on the job (its input)."""
+    if hasattr(value, "is_evaluable"):
+        try:
+            if value.is_evaluable():
+                value = value.evaluate(wildcards=None, input=[], attempt=1, threads=1, rulename="train_sae",
+                                       async_run=False)
+            value = value.value
+        except Exception:
+            return None
+    return value if isinstance(value, (int, float, str)) else None
+
+
+def sae_group_resources(group):
+    """gpu, mem_mb and runtime of an SAE group's job: on a CPU the estimated training memory on top of
+    8 GB; 120 min per member. The group rules have generated names, so the profile's set-resources
+    for train_sae (GPU partition and model, memory, runtime) apply to every group."""
+    estimate_mb = sum(sae_run_bytes(path) for path in group["outputs"]) // 10**6
+    resources = dict(gpu=GPU, mem_mb=8000 + (0 if GPU else estimate_mb), runtime=120 * len(group["outputs"]))
+    for key, value in workflow.resource_settings.overwrite_resources.get("train_sae", {}).items():
+        if plain_setting(value) is not None:
+            resources[key] = plain_setting(value)
+    return resources
+
+
+def sae_group_threads():
+    """Threads of an SAE group's job: the profile's set-threads for train_sae, else 1."""
+    threads = plain_setting(workflow.resource_settings.overwrite_threads.get("train_sae", 1))
+    return threads if isinstance(threads, int) else 1
 
 
 def sweep_args(name):

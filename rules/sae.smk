@@ -2,37 +2,42 @@
 # the runs table and Figure 5 (dead fraction and NMSE against d_init).
 
 
-rule train_sae:
-    input:
-        cache="results/activations/{model}/{dataset}/cache.json",
-        spectrum="results/spectra/{model}/{dataset}/L{layer}/{site}.npz",
-        tokens="results/tokens/{model}/{dataset}.npz",
-        model=prepared_model,
-    output:
-        "results/saes/{model}/{dataset}/L{layer}/{site}/{run}/metrics.json",
-    params:
-        store="results/activations/{model}/{dataset}/L{layer}.manifest.json",
-        heldout="results/activations/{model}/{dataset}/heldout/L{layer}.manifest.json",
-        model_dir="resources/models/{model}/hf",
-        dtype=lambda w: model_cfg(w)["dtype"],
-        settings=sae_settings,
-        out_dir=lambda w, output: os.path.dirname(output[0]),
-    log:
-        "results/logs/train_sae/{model}/{dataset}/L{layer}/{site}/{run}.log",
-    benchmark:
-        "results/benchmarks/train_sae/{model}/{dataset}/L{layer}/{site}/{run}.tsv"
-    threads: 1
-    resources:
-        gpu=GPU,
-        mem_mb=8000,
-        runtime=120,
-    conda:
-        "../envs/attnspace.yaml"
-    shell:
-        "attnspace train-sae --store {params.store} --heldout {params.heldout} --spectrum {input.spectrum} "
-        "--site {wildcards.site} --run {wildcards.run} {params.settings} "
-        "--model-dir {params.model_dir} --dtype {params.dtype} --tokens {input.tokens} --layer {wildcards.layer} "
-        "--threads {threads} --out-dir {params.out_dir} > {log} 2>&1"
+# One job per SAE group (rules/common.smk: sae_groups): its runs share one stream of activations.
+for group in sae_groups():
+
+    rule:
+        name:
+            group["rule"]
+        input:
+            cache=f"results/activations/{group['model']}/{group['dataset']}/cache.json",
+            spectrum=spectrum_file(group["model"], group["dataset"], group["layer"], group["site"]),
+            tokens=f"results/tokens/{group['model']}/{group['dataset']}.npz",
+            model=f"resources/models/{group['model']}/prepared.json",
+        output:
+            group["outputs"],
+        params:
+            store=f"results/activations/{group['model']}/{group['dataset']}/L{group['layer']}.manifest.json",
+            heldout=f"results/activations/{group['model']}/{group['dataset']}/heldout/L{group['layer']}.manifest.json",
+            model_dir=f"resources/models/{group['model']}/hf",
+            dtype=config["models"][group["model"]]["dtype"],
+            site=group["site"],
+            layer=group["layer"],
+            stream=sae_stream_args(group),
+            members=sae_member_args(group),
+        log:
+            f"results/logs/train_sae/{group['rule']}.log",
+        benchmark:
+            f"results/benchmarks/train_sae/{group['rule']}.tsv"
+        threads: sae_group_threads()
+        resources:
+            **sae_group_resources(group),
+        conda:
+            "../envs/attnspace.yaml"
+        shell:
+            "attnspace train-sae-group --store {params.store} --heldout {params.heldout} --spectrum {input.spectrum} "
+            "--site {params.site} {params.stream} "
+            "--model-dir {params.model_dir} --dtype {params.dtype} --tokens {input.tokens} --layer {params.layer} "
+            "--threads {threads} {params.members} > {log} 2>&1"
 
 
 rule sae_runs_table:

@@ -10,6 +10,7 @@ import pandas as pd
 import yaml
 
 from conftest import REPO
+from test_workflow import all_run_folders, expected_members, expected_sae_groups
 
 
 def plan(tmp_path: Path, configfile: str) -> pd.DataFrame:
@@ -39,25 +40,34 @@ def test_default_plan_by_hand(tmp_path):
     # loss recovered: 512 held-out tokens, clean + 3 sites x (zero + 22 values of k) passes, per model
     lr = jobs[jobs["stage"] == "loss_recovered"]
     assert len(lr) == 2 and (lr["forward_tokens"] == 512 * (1 + 3 * (1 + 22))).all()
-    # SAEs: 64 steps each (65,536 tokens / 1,024); the LM loss (3 passes of 512) for Figure 6's 12 runs only
+    # SAEs, one row each: 64 steps each (65,536 tokens / 1,024); the LM loss (3 passes of 512) for Figure 6's
+    # runs only; cached activations: no model forward for training
     sae = jobs[jobs["stage"] == "train_sae"]
-    assert len(sae) == 46 and (sae["optimizer_steps"] == 64).all()
-    assert sae["forward_tokens"].sum() == 12 * 3 * 512 and sae["gpu_hours"].isna().all()
+    assert len(sae) == len(all_run_folders(cfg, 576)) and (sae["optimizer_steps"] == 64).all()
+    assert sae["forward_tokens"].sum() == expected_members(cfg, "fig6", 576) * 3 * 512 and sae["gpu_hours"].isna().all()
     # each SAE's files: weights, and a checkpoint holding weights and Adam's two moments, in float32
     one = sae[sae["job"].str.endswith("/base-d0-adam-n4608-k32")].iloc[0]
     assert one["disk_bytes"] == 3 * 4 * (2 * 4608 * 576 + 4608 + 576)
-    lorsa = jobs[jobs["stage"] == "train_lorsa"]
-    assert len(lorsa) == 2 and (lorsa["optimizer_steps"] == 2 * 16384 // 512).all()
+    from attnspace.defaults import schema_default
+
+    lorsa = jobs[jobs["stage"] == "train_lorsa"]  # vanilla and ASI, each in every seed
+    seeds = cfg["lorsa"].get("seeds", schema_default("lorsa.seeds"))
+    assert len(lorsa) == 2 * seeds and (lorsa["optimizer_steps"] == 2 * 16384 // 512).all()
 
 
 def test_paper_plan_shows_the_scale(tmp_path):
+    cfg = yaml.safe_load((REPO / "config/paper.yaml").read_text())
     jobs = plan(tmp_path, "config/paper.yaml")
     cache = jobs[jobs["stage"] == "cache_activations"]
     assert len(cache) == 12 and (cache["rows_per_site"] == 11_000_000).all()
     llama = cache[cache["job"] == "llama-3.1-8b/slimpajama"].iloc[0]
-    layers = len(yaml.safe_load((REPO / "config/paper.yaml").read_text())["models"]["llama-3.1-8b"]["layers"])
+    layers = len(cfg["models"]["llama-3.1-8b"]["layers"])
     assert llama["disk_bytes"] == layers * 11_000_000 * (5 * 4096 * 2 + 13)  # bfloat16
     sae = jobs[jobs["stage"] == "train_sae"]
     whole_batches = 2_500_000_000 // 4096 * 4096
-    assert len(sae) == 49 and (sae["forward_tokens"] >= whole_batches).all()  # every SAE runs the 8B model live
-    assert (sae["optimizer_steps"] == 2_500_000_000 // 4096).all()
+    assert len(sae) == len(all_run_folders(cfg, 4096)) and (sae["optimizer_steps"] == 2_500_000_000 // 4096).all()
+    # the 8B model runs live once per SAE group (its members share the stream), not once per SAE; the LM
+    # loss (3 passes of 65,536 tokens) for each of Figure 6's runs
+    groups = len(expected_sae_groups(cfg, 4096))
+    assert groups < len(sae) and (sae["forward_tokens"] >= whole_batches).sum() == groups
+    assert sae["forward_tokens"].sum() == groups * whole_batches + expected_members(cfg, "fig6", 4096) * 3 * 65536

@@ -13,15 +13,21 @@ SLURM = REPO / "profiles" / "slurm" / "config.yaml"
 
 
 def rules_and_gpu_rules() -> tuple[set[str], set[str]]:
-    """Every rule of rules/*.smk, and those whose resources take the `gpu` resource."""
+    """Every rule of rules/*.smk, and those whose resources take the `gpu` resource. The SAE group
+    rules (generated names train_sae_*, resources from sae_group_resources, which gives gpu=GPU and
+    the profile's train_sae settings) count as the one rule train_sae."""
     rules, gpu = set(), set()
     for path in (REPO / "rules").glob("*.smk"):
-        for block in re.split(r"^(?=rule \w+:)", path.read_text(), flags=re.M):
-            m = re.match(r"rule (\w+):", block)
+        for block in re.split(r"^(?=\s*rule(?: \w+)?:)", path.read_text(), flags=re.M):
+            m = re.match(r"\s*rule (\w+):", block)
             if m:
                 rules.add(m.group(1))
                 if re.search(r"^\s+gpu=GPU,", block, re.M):
                     gpu.add(m.group(1))
+            elif re.match(r"\s*rule:", block) and re.search(r'name:\s+group\["rule"\]', block):
+                rules.add("train_sae")
+                if re.search(r"^\s+\*\*sae_group_resources\(group\),", block, re.M):
+                    gpu.add("train_sae")
     return rules, gpu
 
 

@@ -54,18 +54,31 @@ def test_dry_run_of_whole_config(configfile, tmp_path):
 PLANNED_RULES = ("cache_activations", "loss_recovered", "train_sae", "train_lorsa", "fetch_llamascope")
 
 
-def planned_jobs(*targets, cwd: Path, configfile: Path | None = None) -> dict[str, int]:
-    """{rule: job count} of the rules in PLANNED_RULES that a dry run of ``targets`` plans."""
-    args = ["-n", *targets] + (["--configfile", str(configfile)] if configfile else [])
+def dry_run_output(*targets, cwd: Path, configfile: Path | None = None) -> str:
+    """What a dry run of ``targets`` prints, shell commands included."""
+    args = ["-n", "-p", *targets] + (["--configfile", str(configfile)] if configfile else [])
     r = snakemake_cli(*args, cwd=cwd)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    stats = r.stdout.split("Job stats:")[1].split("\n\n")[0]
+    return r.stdout
+
+
+def job_counts(out: str) -> dict[str, int]:
+    """{rule: job count} of the rules in PLANNED_RULES in a dry run's output; the SAE group rules
+    (train_sae_<figures>_<n>) count together as train_sae."""
+    stats = out.split("Job stats:")[1].split("\n\n")[0]
     counts = {}
     for line in stats.splitlines():
         parts = line.split()
-        if len(parts) == 2 and parts[0] in PLANNED_RULES:
+        if len(parts) == 2 and parts[0].startswith("train_sae_"):
+            counts["train_sae"] = counts.get("train_sae", 0) + int(parts[1])
+        elif len(parts) == 2 and parts[0] in PLANNED_RULES:
             counts[parts[0]] = int(parts[1])
     return counts
+
+
+def planned_jobs(*targets, cwd: Path, configfile: Path | None = None) -> dict[str, int]:
+    """{rule: job count} of the rules in PLANNED_RULES that a dry run of ``targets`` plans."""
+    return job_counts(dry_run_output(*targets, cwd=cwd, configfile=configfile))
 
 
 def replicate_suffixes(cfg: dict) -> list[str]:
@@ -75,14 +88,72 @@ def replicate_suffixes(cfg: dict) -> list[str]:
     return [("-c" if form == "centred" else "") + (f"-r{r}" if r else "") for form in forms for r in range(seeds)]
 
 
-def expected_jobs(cfg: dict, target: str) -> dict[str, int]:
-    """What each figure target must plan and nothing more, counted here from the config alone."""
+def figure_run_folders(cfg: dict, d_model: int) -> dict[str, set[str]]:
+    """{figure: its SAE run folders} (fig4: the suite, when the pipeline trains it), written out
+    independently of rules/common.smk."""
+    f = cfg["focus"]
+    prefix = f"{f['model']}/{f['dataset']}"
+    n, k = cfg["sae"]["expansion"] * d_model, cfg["sae"]["k"]
+    focus = f"{prefix}/L{f['layer']}/{cfg['fig5']['site']}/"
+    fig5 = {focus + f"base-d0-adam-n{n}-k{k}" + x for x in replicate_suffixes(cfg)}
+    fig5 |= {focus + f"{init}-d{d}-adam-n{n}-k{k}" + x for d in cfg["fig5"]["d_init"]
+             for init in ("asi", "random_subspace") for x in replicate_suffixes(cfg)}
+    runs = {"fig5": fig5}
+    for figure in ("fig6", "fig7"):
+        runs[figure] = expected_sweep(cfg[figure], d_model, figure, f"{prefix}/L{f['layer']}", replicate_suffixes(cfg))
+    if cfg["suite"]["source"] == "pipeline":
+        runs["fig4"] = {f"{prefix}/L{layer}/{site}/base-d0-adam-n{n}-k{k}"
+                        for layer in cfg["models"][f["model"]]["layers"] for site in cfg["suite"]["sites"]}
+    return runs
+
+
+def all_run_folders(cfg: dict, d_model: int) -> set[str]:
+    """Every SAE run folder of the whole configuration, shared runs once."""
+    return set().union(*figure_run_folders(cfg, d_model).values())
+
+
+def expected_sae_groups(cfg: dict, d_model: int) -> list[tuple[tuple[str, ...], list[str]]]:
+    """The SAE groups the memory model gives, computed here by hand: runs drawn by the same figures
+    at the same layer and site, sorted by memory (float32 weights, gradients and two Adam moments:
+    16 bytes per parameter, plus 4 x batch x d_sae bytes of pre-activations), largest first, each
+    added to the last group while it fits sae.group.memory_gb and max_members. (figures, folders) each."""
+    from attnspace.defaults import schema_default
+
+    sae = cfg["sae"]
+    group = sae.get("group", {})
+    budget = group.get("memory_gb", schema_default("sae.group.memory_gb")) * 10**9
+    most = group.get("max_members", schema_default("sae.group.max_members"))
+    batch = sae.get("batch_size", schema_default("sae.batch_size"))
+    by_figure = figure_run_folders(cfg, d_model)
+    streams: dict[tuple, list[tuple[int, str]]] = {}
+    for folder in all_run_folders(cfg, d_model):
+        figures = tuple(name for name in ("fig5", "fig6", "fig7", "fig4") if folder in by_figure.get(name, ()))
+        n = int(folder.rsplit("-n", 1)[1].split("-")[0])
+        memory = 16 * (2 * n * d_model + n + d_model) + 4 * batch * n
+        streams.setdefault((figures, folder.rsplit("/", 1)[0]), []).append((memory, folder))
+    groups = []
+    for (figures, _), runs in streams.items():
+        used = None
+        for memory, folder in sorted(runs, key=lambda r: (-r[0], r[1])):
+            if used is not None and used + memory <= budget and len(groups[-1][1]) < most:
+                groups[-1][1].append(folder)
+                used += memory
+            else:
+                groups.append((figures, [folder]))
+                used = memory
+    return groups
+
+
+def expected_jobs(cfg: dict, target: str, d_model: int) -> dict[str, int]:
+    """What each figure target must plan and nothing more, counted here from the config alone; SAEs
+    in the groups whose runs that figure draws."""
     pairs = len(cfg["models"]) * len(cfg["datasets"])
     n_models = len(cfg["models"])
     focus = cfg["focus"]
     suite_layers = len(cfg["models"][focus["model"]]["layers"])
     suite = suite_layers * len(cfg["suite"]["sites"])
-    suite_rule = "fetch_llamascope" if cfg["suite"]["source"] == "llamascope" else "train_sae"
+    groups = {name: sum(name in figures for figures, _ in expected_sae_groups(cfg, d_model))
+              for name in ("fig4", "fig5", "fig6", "fig7")}
     one = {"cache_activations": 1}  # the focus (model, dataset)
     expected = {
         "fig1": {"cache_activations": pairs},
@@ -91,31 +162,27 @@ def expected_jobs(cfg: dict, target: str) -> dict[str, int]:
         "fig8": {"cache_activations": pairs - 1},  # every pair but the focus one, at its focus layer
         "fig2b": {"cache_activations": n_models, "loss_recovered": n_models},  # the focus dataset, per model
         "fig3": {"cache_activations": n_models},
-        "fig4": {**one, suite_rule: suite},
-        # base, then ASI and random per d_init; each in every form and seed
-        "fig5": {**one, "train_sae": (1 + 2 * len(cfg["fig5"]["d_init"])) * len(replicate_suffixes(cfg))},
-        "fig6": {**one, "train_sae": len(cfg["fig6"]["variants"]) * len(cfg["fig6"]["k"])},
-        "fig7": {**one, "train_sae": len(cfg["fig7"]["variants"])  # the largest size in every form and seed
-                 * (len(cfg["fig7"]["expansion"]) - 1 + len(replicate_suffixes(cfg)))},
+        "fig4": {**one, **({"fetch_llamascope": suite} if cfg["suite"]["source"] == "llamascope"
+                           else {"train_sae": groups["fig4"]})},
+        "fig5": {**one, "train_sae": groups["fig5"]},
+        "fig6": {**one, "train_sae": groups["fig6"]},
+        "fig7": {**one, "train_sae": groups["fig7"]},
     }
     return expected[target]
 
 
-def all_run_folders(cfg: dict, d_model: int) -> set[str]:
-    """Every SAE run folder of the whole configuration, shared runs once (written out independently)."""
-    f = cfg["focus"]
-    prefix = f"{f['model']}/{f['dataset']}"
-    n, k = cfg["sae"]["expansion"] * d_model, cfg["sae"]["k"]
-    focus = f"{prefix}/L{f['layer']}/{cfg['fig5']['site']}/"
-    runs = {focus + f"base-d0-adam-n{n}-k{k}" + x for x in replicate_suffixes(cfg)}
-    runs |= {focus + f"{init}-d{d}-adam-n{n}-k{k}" + x for d in cfg["fig5"]["d_init"]
-             for init in ("asi", "random_subspace") for x in replicate_suffixes(cfg)}
-    for figure in ("fig6", "fig7"):
-        runs |= expected_sweep(cfg[figure], d_model, figure, f"{prefix}/L{f['layer']}", replicate_suffixes(cfg))
-    if cfg["suite"]["source"] == "pipeline":
-        runs |= {f"{prefix}/L{layer}/{site}/base-d0-adam-n{n}-k{k}"
-                 for layer in cfg["models"][f["model"]]["layers"] for site in cfg["suite"]["sites"]}
-    return runs
+def expected_members(cfg: dict, target: str, d_model: int) -> int:
+    """SAE runs a figure target trains: base, then ASI and random per d_init, each in every form and
+    seed (Figure 5); every variant at every k (Figure 6); every variant at every size, the largest in
+    every form and seed (Figure 7); a base SAE per suite layer and site (Figure 4)."""
+    forms_seeds = len(replicate_suffixes(cfg))
+    return {
+        "fig4": len(cfg["models"][cfg["focus"]["model"]]["layers"]) * len(cfg["suite"]["sites"])
+        if cfg["suite"]["source"] == "pipeline" else 0,
+        "fig5": (1 + 2 * len(cfg["fig5"]["d_init"])) * forms_seeds,
+        "fig6": len(cfg["fig6"]["variants"]) * len(cfg["fig6"]["k"]),
+        "fig7": len(cfg["fig7"]["variants"]) * (len(cfg["fig7"]["expansion"]) - 1 + forms_seeds),
+    }.get(target, 0)
 
 
 CONFIGS = {"default": ("config.yaml", 576), "paper": ("config/paper.yaml", 4096)}
@@ -124,9 +191,15 @@ CONFIGS = {"default": ("config.yaml", 576), "paper": ("config/paper.yaml", 4096)
 @pytest.mark.parametrize("configfile", CONFIGS)
 @pytest.mark.parametrize("figure", FIGURES)
 def test_each_figure_plans_exactly_its_own_jobs(figure, configfile, tmp_path):
-    path = REPO / CONFIGS[configfile][0]
-    cfg = yaml.safe_load(path.read_text())
-    assert planned_jobs(figure, cwd=tmp_path, configfile=path) == expected_jobs(cfg, figure)
+    """Each figure target plans its own jobs, its SAEs in the groups the memory model gives, and
+    among them exactly the SAE runs the figure draws."""
+    path, d_model = CONFIGS[configfile]
+    cfg = yaml.safe_load((REPO / path).read_text())
+    out = dry_run_output(figure, cwd=tmp_path, configfile=REPO / path)
+    runs = sae_runs(out)
+    assert len(runs) == expected_members(cfg, figure, d_model)
+    assert set(runs) == figure_run_folders(cfg, d_model).get(figure, set())
+    assert job_counts(out) == expected_jobs(cfg, figure, d_model)
 
 
 @pytest.mark.parametrize("configfile", CONFIGS)
@@ -136,11 +209,13 @@ def test_whole_config_plans_every_job_once(configfile, tmp_path):
     n_pairs = len(cfg["models"]) * len(cfg["datasets"])
     lorsa_models = cfg["lorsa"].get("models") or [cfg["focus"]["model"]]
     expected = {"cache_activations": n_pairs, "loss_recovered": len(cfg["models"]),
-                "train_sae": len(all_run_folders(cfg, d_model)),
+                "train_sae": len(expected_sae_groups(cfg, d_model)),
                 "train_lorsa": 2 * len(lorsa_models) * cfg["lorsa"].get("seeds", 3)}
     if cfg["suite"]["source"] == "llamascope":
         expected["fetch_llamascope"] = len(cfg["models"][cfg["focus"]["model"]]["layers"]) * len(cfg["suite"]["sites"])
-    assert planned_jobs(cwd=tmp_path, configfile=REPO / path) == expected
+    out = dry_run_output(cwd=tmp_path, configfile=REPO / path)
+    assert job_counts(out) == expected
+    assert set(sae_runs(out)) == all_run_folders(cfg, d_model)
 
 
 def test_figure_targets_by_file_plan_as_by_name(tmp_path):
@@ -163,17 +238,27 @@ def test_paper_dry_run_plans_every_model_and_dataset(tmp_path):
         assert f"results/lorsa/llama-3.1-8b/slimpajama/L15/{init}-r0/metrics.json" in out
 
 
-def planned_sae_runs(*targets, cwd: Path, configfile: Path | None = None) -> dict[str, str]:
-    """{run folder: its shell command} of every train_sae job a dry run plans for ``targets``."""
-    args = ["-n", "-p", *targets] + (["--configfile", str(configfile)] if configfile else [])
-    r = snakemake_cli(*args, cwd=cwd)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+def sae_runs(out: str) -> dict[str, str]:
+    """{run folder: its group's shared options, then its own} of every SAE in a dry run's output."""
+    import shlex
+
     runs = {}
-    for line in r.stdout.splitlines():
-        if "attnspace train-sae " in line:
-            out_dir = line.split("--out-dir ")[1].split()[0]
-            runs[out_dir.split("results/saes/")[1]] = line
+    for line in out.splitlines():
+        if "attnspace train-sae-group " in line:
+            argv = shlex.split(line.split("attnspace ", 1)[1].split(" > ")[0])
+            shared = " ".join(a for i, a in enumerate(argv) if a != "--member" and argv[i - 1] != "--member")
+            for i, a in enumerate(argv):
+                if a == "--member":
+                    own = argv[i + 1]
+                    folder = own.split("--out-dir ")[1].split()[0].split("results/saes/")[1]
+                    assert folder not in runs  # each SAE in one group
+                    runs[folder] = f"{shared} {own} "
     return runs
+
+
+def planned_sae_runs(*targets, cwd: Path, configfile: Path | None = None) -> dict[str, str]:
+    """{run folder: its group's shared options, then its own} of every SAE a dry run plans for ``targets``."""
+    return sae_runs(dry_run_output(*targets, cwd=cwd, configfile=configfile))
 
 
 def expected_sweep(sweep: dict, d_model: int, figure: str, prefix: str, suffixes=("",)) -> set[str]:
@@ -201,10 +286,12 @@ def test_default_sweep_expands_to_exactly_the_configured_jobs(figure, tmp_path):
     n_grid = len(cfg[figure]["k"] if figure == "fig6" else cfg[figure]["expansion"])
     extra = (len(replicate_suffixes(cfg)) - 1) if figure == "fig7" else 0
     assert len(expected) == len(cfg[figure]["variants"]) * (n_grid + extra)
-    for run, command in planned.items():  # per-optimizer learning rates from config; replicate r seeded seed + r
+    for run, command in planned.items():  # per-optimizer learning rates from config; replicate r: init seed
         lr = cfg["sae"]["lr"][next((o for o in ("sparse_adam", "masked_adam") if f"-{o}-" in run), "adam")]
         replicate = int(run.rsplit("-r", 1)[1]) if "-r" in run.rsplit("/", 1)[1].split("-k")[1] else 0
-        assert f"--lr {lr} " in command and f"--seed {cfg['sae'].get('seed', 0) + replicate} " in command
+        seed = cfg["sae"].get("seed", 0)  # seed + r, the batches' order sae.seed for all (one stream)
+        assert f"--lr {lr} " in command and f"--seed {seed + replicate} " in command
+        assert f"--data-seed {seed} " in command
 
 
 def test_paper_fig7_plans_every_size_from_live_activations(tmp_path):
@@ -247,3 +334,17 @@ def test_every_report_caption_exists():
         for name in re.findall(r'report_caption\("(\w+)"\)', text):
             assert (REPO / "docs" / "captions" / f"{name}.rst").is_file(), (rule_file.name, name)
     assert {f"{name}.rst" for name in FIGURES} <= {p.name for p in (REPO / "docs" / "captions").iterdir()}
+
+
+def test_sae_groups_take_the_train_sae_resources_of_a_profile(tmp_path):
+    """The group rules have generated names: a profile's (or the command line's) set-resources and
+    set-threads for train_sae apply to each of them; without any, gpu=GPU and memory by estimate."""
+    r = snakemake_cli("-n", "-p", "--cores", "4", "fig6", "--set-resources", "train_sae:gpu=1",
+                      "train_sae:mem_mb=200000", 'train_sae:slurm_partition="gpu"', "--set-threads", "train_sae=4",
+                      cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    blocks = [b for b in r.stdout.split("\nrule ") if b.startswith("train_sae_")]
+    assert blocks
+    for block in blocks:
+        assert "gpu=1" in block and "slurm_partition=gpu," in block and "mem_mb=200000" in block, block
+        assert "--threads 4 " in block

@@ -10,7 +10,8 @@ the plan counts exactly the arguments the jobs will get. Per job it counts
 * activation rows per site;
 * model-forward tokens: tokens run through the model by caching, the loss-recovered
   interventions (each site and k is a pass from the layer on, counted as whole passes),
-  live SAE training and the LM loss with an SAE spliced in;
+  live SAE training (once per SAE group: its members share one stream; counted on the group's
+  first member) and the LM loss with an SAE spliced in (per member);
 * optimizer steps of SAEs and Lorsa;
 * GPU-hours of SAE training where a measured throughput exists
   (``bench/results/sae_gpu_*.jsonl``); otherwise it says the number is unmeasured.
@@ -81,6 +82,7 @@ def measured_throughput(root: Path = Path(".")) -> dict[tuple[str, int], float]:
 def plan_jobs(commands: list[list[str]], config: dict, root: Path = Path(".")) -> pd.DataFrame:
     """One :class:`PlanRow` per planned ``attnspace`` command (argv without the program name)."""
     from attnspace.cli import build_parser
+    from attnspace.cli.dictionaries import member_commands
     from attnspace.interventions import k_grid
     from attnspace.sae.runs import parse_run_name
 
@@ -108,6 +110,10 @@ def plan_jobs(commands: list[list[str]], config: dict, root: Path = Path(".")) -
                                 note=f"{passes} passes over {a.heldout_tokens} held-out tokens"))
         elif a.command == "train-sae":
             rows.append(_sae_row(a, parse_run_name(a.run), config, speed))
+        elif a.command == "train-sae-group":  # one row per member, parsed as its own train-sae command
+            members = [parser.parse_args(m) for m in member_commands(argv)]
+            for i, m in enumerate(members):
+                rows.append(_sae_row(m, parse_run_name(m.run), config, speed, group_size=len(members), first=i == 0))
         elif a.command == "train-lorsa":
             n_tokens = config["tokens"]["train_tokens"]
             steps = a.epochs * (n_tokens // a.batch_tokens)
@@ -116,7 +122,9 @@ def plan_jobs(commands: list[list[str]], config: dict, root: Path = Path(".")) -
     return pd.DataFrame([asdict(r) for r in rows], columns=list(PlanRow.__dataclass_fields__))
 
 
-def _sae_row(a, run: dict, config: dict, speed: dict) -> PlanRow:
+def _sae_row(a, run: dict, config: dict, speed: dict, group_size: int = 1, first: bool = True) -> PlanRow:
+    """One SAE's row; of a group of ``group_size`` SAEs on one stream, the live stream's tokens count on
+    the ``first`` member only."""
     from attnspace.sae.config import SAETrainConfig
 
     defaults = SAETrainConfig()
@@ -125,13 +133,15 @@ def _sae_row(a, run: dict, config: dict, speed: dict) -> PlanRow:
     d = config["models"][Path(a.out_dir).parts[-5]]["d_model"] if len(Path(a.out_dir).parts) >= 5 else 0
     params = 2 * run["d_sae"] * d + run["d_sae"] + d
     disk = 4 * params * 3  # final weights, and a checkpoint with Adam's two moments
-    live = tokens if a.live_source else 0
+    live = tokens if a.live_source and first else 0
     lm = 3 * (a.lm_eval_tokens or 0)  # clean, zero-ablated and spliced passes
     tok_s = speed.get((run["optimizer"], run["d_sae"]))
     job = "/".join(Path(a.out_dir).parts[-5:])
+    notes = [] if tok_s else ["GPU-hours unmeasured (no bench/results/sae_gpu_*.jsonl at this size)"]
+    if group_size > 1:
+        notes.append(f"one of {group_size} SAEs on one stream" + ("; its model forward counted here" if live else ""))
     return PlanRow("train_sae", job, disk, forward_tokens=live + lm, optimizer_steps=tokens // batch,
-                   gpu_hours=tokens / tok_s / 3600 if tok_s else None,
-                   note="" if tok_s else "GPU-hours unmeasured (no bench/results/sae_gpu_*.jsonl at this size)")
+                   gpu_hours=tokens / tok_s / 3600 if tok_s else None, note="; ".join(notes))
 
 
 def planned_commands(snakefile: Path, configfile: Path | None, workdir: Path, targets=()) -> list[list[str]]:

@@ -3,62 +3,159 @@ LlamaScope-format SAE (and the suite table), Lorsa and Table 1."""
 
 from __future__ import annotations
 
+import argparse
 import json
+import shlex
 from pathlib import Path
 
 from attnspace.cli.common import device, given, log, set_threads
 from attnspace.defaults import schema_default
 
 
-def cmd_train_sae(a):
-    from attnspace.models import load_model
+def sae_config(a):
+    """The SAETrainConfig of one train-sae command's arguments (the run name gives the architecture)."""
+    from attnspace.errors import AttnspaceError
     from attnspace.sae.config import SAETrainConfig
     from attnspace.sae.runs import parse_run_name
-    from attnspace.sae.train import train_sae
-    from attnspace.spectrum import load_spectrum
-    from attnspace.store import open_store
 
-    set_threads(a.threads)
-    run = parse_run_name(a.run)
-    config = SAETrainConfig(
+    try:
+        run = parse_run_name(a.run)
+    except ValueError as err:
+        raise AttnspaceError(str(err), fix="name the run as rules/common.smk does (attnspace.sae.runs.run_name)") from None
+    return SAETrainConfig(
         site=a.site, d_sae=run["d_sae"], k=run["k"], init=run["init"], d_init=run["d_init"],
         optimizer=run["optimizer"], auxk=run["auxk"], centred=run["centred"], device=device(),
         **given(lr=a.lr, auxk_alpha=a.auxk_alpha, k_aux=a.k_aux, dead_threshold_tokens=a.dead_threshold_tokens,
                 batch_size=a.batch_size, train_tokens=a.train_tokens, buffer_rows=a.buffer_rows,
-                eval_tokens=a.eval_tokens, seed=a.seed, checkpoint_every=a.checkpoint_every,
-                log_every=a.log_every))
-    if a.live_source and not (a.model_dir and a.tokens and a.layer is not None):
-        raise SystemExit("--live-source needs --model-dir, --tokens and --layer (the model to run and its documents)")
-    train, heldout = open_store(Path(a.store)), open_store(Path(a.heldout))
-    model = None
-    if a.model_dir and (a.lm_eval_tokens or a.live_source):
-        model, _ = load_model(a.model_dir, a.dtype)  # on the GPU when there is one; one copy for the live stream and the LM loss
-    lm_eval = None
-    if a.lm_eval_tokens and model:
-        from attnspace.interventions import spliced_lm_eval
+                eval_tokens=a.eval_tokens, seed=a.seed, data_seed=a.data_seed,
+                checkpoint_every=a.checkpoint_every, log_every=a.log_every))
 
-        lm_eval = spliced_lm_eval(model, a.tokens, a.layer, a.site, a.lm_eval_tokens)
+
+def member_commands(argv: list[str]) -> list[list[str]]:
+    """Each member's ``train-sae`` argv of a ``train-sae-group`` argv (program name left out): the
+    shared options, then the member's own. Trained alone, that command gives the member's result."""
+    if not argv or argv[0] != "train-sae-group":
+        raise ValueError(f"not a train-sae-group command: {argv[:1]}")
+    shared, members, i = [], [], 1
+    while i < len(argv):
+        if argv[i] == "--member" and i + 1 < len(argv):
+            members.append(shlex.split(argv[i + 1]))
+            i += 2
+        elif argv[i].startswith("--member="):
+            members.append(shlex.split(argv[i].split("=", 1)[1]))
+            i += 1
+        else:
+            shared.append(argv[i])
+            i += 1
+    return [["train-sae", *shared, *own] for own in members]
+
+
+def _train_members(shared, members: list) -> list[dict]:
+    """Train (config, member arguments) pairs on one stream per the shared arguments; their metrics."""
+    from attnspace.models import load_model
+    from attnspace.sae.group import Member, train_sae_group
+    from attnspace.spectrum import load_spectrum
+    from attnspace.store import open_store
+
+    set_threads(shared.threads)
+    if shared.live_source and not (shared.model_dir and shared.tokens and shared.layer is not None):
+        raise SystemExit("--live-source needs --model-dir, --tokens and --layer (the model to run and its documents)")
+    train, heldout = open_store(Path(shared.store)), open_store(Path(shared.heldout))
+    model = None
+    if shared.model_dir and (shared.live_source or any(m.lm_eval_tokens for _, m in members)):
+        model, _ = load_model(shared.model_dir, shared.dtype)  # one copy for the live stream and the LM losses
+    spectrum = load_spectrum(shared.spectrum) if shared.spectrum else None
+    group = []
+    for config, m in members:
+        lm_eval = None
+        if m.lm_eval_tokens and model:
+            from attnspace.interventions import spliced_lm_eval
+
+            lm_eval = spliced_lm_eval(model, shared.tokens, shared.layer, shared.site, m.lm_eval_tokens)
+        info = dict(model=train.model, dataset=train.dataset, layer=train.layer, run=m.run,
+                    source="live" if shared.live_source else "cache")
+        group.append(Member(config, Path(m.out_dir), spectrum, lm_eval, info))
     stream = train
-    if a.live_source:
+    if shared.live_source:
         from attnspace.sae.live import live_stream
 
-        stream = live_stream(model, tokens_path=a.tokens, model_dir=a.model_dir, source=json.loads(a.live_source),
-                             source_seed=a.live_seed, layer=a.layer, site=a.site, batch_docs=a.live_batch_docs,
-                             d=train.width(a.site), batch_size=config.batch_size, buffer_rows=config.buffer_rows,
-                             seed=config.seed)
+        first = group[0].config
+        stream = live_stream(model, tokens_path=shared.tokens, model_dir=shared.model_dir,
+                             source=json.loads(shared.live_source), source_seed=shared.live_seed, layer=shared.layer,
+                             site=shared.site, batch_docs=shared.live_batch_docs, d=train.width(shared.site),
+                             batch_size=first.batch_size, buffer_rows=first.buffer_rows, seed=first.stream_seed)
     try:
-        metrics = train_sae(config, stream, heldout, Path(a.out_dir),
-                            spectrum=load_spectrum(a.spectrum) if a.spectrum else None, lm_eval=lm_eval,
-                            info=dict(model=train.model, dataset=train.dataset, layer=train.layer, run=a.run,
-                                      source="live" if a.live_source else "cache"))
+        results = train_sae_group(group, stream, heldout)
     finally:
-        if a.live_source:
+        if shared.live_source:
             stream.close()
-    if metrics["status"] != "ok":
-        log.error("%s: failed (%s); recorded in metrics.json", a.run, metrics["failure"])
-        return
-    log.info("%s: nmse %.4f, dead %.3f, l0 %.1f, %.0f tok/s", a.run, metrics["nmse"], metrics["dead_fraction"],
-             metrics["l0"], metrics["tokens_per_second"])
+    for (_, m), metrics in zip(members, results):
+        if metrics["status"] != "ok":
+            log.error("%s: failed (%s); recorded in metrics.json", m.run, metrics["failure"])
+        else:
+            log.info("%s: nmse %.4f, dead %.3f, l0 %.1f, %.0f tok/s", m.run, metrics["nmse"],
+                     metrics["dead_fraction"], metrics["l0"], metrics["tokens_per_second"])
+    return results
+
+
+def cmd_train_sae(a):
+    _train_members(a, [(sae_config(a), a)])
+
+
+def cmd_train_sae_group(a):
+    members = []
+    for text in a.member:
+        m = _member_parser().parse_args(shlex.split(text))
+        members.append((sae_config(argparse.Namespace(**{**vars(a), **vars(m)})), m))
+    _train_members(a, members)
+
+
+class _MemberParser(argparse.ArgumentParser):
+    def error(self, message):  # a bad --member is an error of the group command, reported on one line
+        from attnspace.errors import AttnspaceError
+
+        raise AttnspaceError(f"train-sae-group --member: {message}",
+                             fix="give each --member its own options quoted as one argument (attnspace train-sae-group -h)")
+
+
+def _member_parser() -> argparse.ArgumentParser:
+    p = _MemberParser(prog="train-sae-group --member", add_help=False)
+    _add_sae_options(p, shared=False)
+    return p
+
+
+def _add_sae_options(s, *, shared: bool | None) -> None:
+    """train-sae's options: those a group shares (shared True), a member's own (False), or all (None)."""
+    if shared is not False:
+        s.add_argument("--store", required=True, help="training store (manifest or .zarr)")
+        s.add_argument("--heldout", required=True, help="held-out store for NMSE, L0 and dead features")
+        s.add_argument("--spectrum", help="the site's spectrum (.npz): ASI's basis")
+        s.add_argument("--site", required=True)
+        s.add_argument("--batch-size", type=int)
+        s.add_argument("--train-tokens", type=int)
+        s.add_argument("--buffer-rows", type=int)
+        s.add_argument("--eval-tokens", type=int)
+        s.add_argument("--data-seed", type=int, help="seed of the shuffle buffer (the batches' order); default --seed")
+        s.add_argument("--checkpoint-every", type=int)
+        s.add_argument("--log-every", type=int)
+        s.add_argument("--model-dir", help="prepared model, for the LM loss with the SAE spliced in")
+        s.add_argument("--dtype", default="float32")
+        s.add_argument("--tokens", help="token file with the held-out split")
+        s.add_argument("--layer", type=int)
+        s.add_argument("--live-source", help="train on live model activations of this dataset source (JSON, as in "
+                       "config datasets.*.source) instead of the cache; needs --model-dir, --tokens, --layer")
+        s.add_argument("--live-seed", type=int, default=0, help="the tokens stage's seed (document order)")
+        s.add_argument("--live-batch-docs", type=int, default=8, help="documents per live forward pass")
+        s.add_argument("--threads", type=int, default=1)
+    if shared is not True:
+        s.add_argument("--run", required=True, help="init-d<d_init>-optimizer-n<d_sae>-k<k>[-auxk][-c][-r<replicate>]")
+        s.add_argument("--lr", type=float)
+        s.add_argument("--k-aux", type=int)
+        s.add_argument("--auxk-alpha", type=float)
+        s.add_argument("--dead-threshold-tokens", type=int)
+        s.add_argument("--seed", type=int, help="seed of the initialisation")
+        s.add_argument("--lm-eval-tokens", type=int, default=0)
+        s.add_argument("--out-dir", required=True)
 
 
 def cmd_sae_runs_table(a):
@@ -142,34 +239,19 @@ def cmd_lorsa_table(a):
 
 def add_commands(sub) -> None:
     s = sub.add_parser("train-sae", help="train, evaluate and save one TopK SAE on a cached site")
-    s.add_argument("--store", required=True, help="training store (manifest or .zarr)")
-    s.add_argument("--heldout", required=True, help="held-out store for NMSE, L0 and dead features")
-    s.add_argument("--spectrum", help="the site's spectrum (.npz): ASI's basis")
-    s.add_argument("--site", required=True)
-    s.add_argument("--run", required=True, help="init-d<d_init>-optimizer-n<d_sae>-k<k>[-auxk][-c][-r<replicate>]")
-    s.add_argument("--batch-size", type=int)
-    s.add_argument("--train-tokens", type=int)
-    s.add_argument("--buffer-rows", type=int)
-    s.add_argument("--lr", type=float)
-    s.add_argument("--eval-tokens", type=int)
-    s.add_argument("--k-aux", type=int)
-    s.add_argument("--auxk-alpha", type=float)
-    s.add_argument("--dead-threshold-tokens", type=int)
-    s.add_argument("--seed", type=int)
-    s.add_argument("--checkpoint-every", type=int)
-    s.add_argument("--log-every", type=int)
-    s.add_argument("--model-dir", help="prepared model, for the LM loss with the SAE spliced in")
-    s.add_argument("--dtype", default="float32")
-    s.add_argument("--tokens", help="token file with the held-out split")
-    s.add_argument("--layer", type=int)
-    s.add_argument("--lm-eval-tokens", type=int, default=0)
-    s.add_argument("--live-source", help="train on live model activations of this dataset source (JSON, as in "
-                   "config datasets.*.source) instead of the cache; needs --model-dir, --tokens, --layer")
-    s.add_argument("--live-seed", type=int, default=0, help="the tokens stage's seed (document order)")
-    s.add_argument("--live-batch-docs", type=int, default=8, help="documents per live forward pass")
-    s.add_argument("--threads", type=int, default=1)
-    s.add_argument("--out-dir", required=True)
+    _add_sae_options(s, shared=None)
     s.set_defaults(func=cmd_train_sae)
+
+    s = sub.add_parser("train-sae-group", help="train several SAEs on one stream of the same site (attnspace.sae.group)",
+                       description="The shared options (store, site, stream, live source) once, then one --member "
+                       "per SAE with its own options quoted as one argument, e.g. --member '--run "
+                       "base-d0-adam-n4608-k32 --out-dir DIR --seed 0 --lr 0.001'. Each member trains as "
+                       "'train-sae SHARED OWN' would, on the group's one stream.")
+    _add_sae_options(s, shared=True)
+    s.add_argument("--member", action="append", required=True, metavar="'OPTIONS'",
+                   help="one SAE: --run, --out-dir and its own --seed, --lr, --k-aux, --auxk-alpha, "
+                   "--dead-threshold-tokens, --lm-eval-tokens, quoted as one argument")
+    s.set_defaults(func=cmd_train_sae_group)
 
     s = sub.add_parser("sae-runs-table", help="one row per trained SAE from its metrics.json")
     s.add_argument("--metrics", nargs="+", required=True)

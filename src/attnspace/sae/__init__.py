@@ -4,7 +4,7 @@ Modules: ``model`` (TopKSAE, reconstruct), ``sparse`` (sparse encoder/decoder au
 ``fast`` (the training path), ``init`` (base, ASI, random subspace), ``losses`` (NMSE,
 AuxK, dead latents), ``optim`` (Adam, SparseAdam, MaskedAdam), ``data`` (shuffle buffer over a store, live
 prefetch), ``live``, ``evaluate``, ``io`` (LlamaScope layout, checkpoints), ``train``
-(train_sae), ``config``, ``runs`` (run names, the runs table).
+(train_sae), ``group`` (several SAEs on one stream), ``config``, ``runs`` (run names, the runs table).
 
 The names below are imported on first use, so that the model and optimizer modules load
 with torch alone (the GPU benchmark runs where zarr and dask are not installed).
@@ -16,7 +16,7 @@ _EXPORTS = {
     "SAETrainConfig": "config", "LiveStream": "data", "PrefetchIterator": "data", "StoreStream": "data",
     "EvalResult": "evaluate", "evaluate": "evaluate", "initialize": "init", "load_sae": "io", "save_sae": "io",
     "ForwardOutput": "model", "TopKSAE": "model", "reconstruct": "model", "SparseAdam": "optim", "MaskedAdam": "optim",
-    "train_sae": "train",
+    "train_sae": "train", "train_sae_group": "group",
 }
 
 __all__ = sorted(_EXPORTS)

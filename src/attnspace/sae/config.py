@@ -61,7 +61,10 @@ class SAETrainConfig:
     checkpoint_every: int = 1000
     """Steps between training checkpoints (0: none)."""
     seed: int = schema_default("sae.seed")
-    """Seed for the initialisation and the shuffle buffer."""
+    """Seed of the initialisation (and of the shuffle buffer when data_seed is None)."""
+    data_seed: int | None = None
+    """Seed of the shuffle buffer (the order of the training batches); None: ``seed``. Runs with one
+    data seed see the same batches, so they can share one stream (:mod:`attnspace.sae.group`)."""
     device: str = "cpu"
     """Torch device to train on."""
     fast: bool | None = None
@@ -91,6 +94,11 @@ class SAETrainConfig:
         return float(schema_default(f"sae.lr.{self.optimizer}"))
 
     @property
+    def stream_seed(self) -> int:
+        """The shuffle buffer's seed: data_seed, or seed when data_seed is None."""
+        return int(self.seed if self.data_seed is None else self.data_seed)
+
+    @property
     def n_steps(self) -> int:
         return self.train_tokens // self.batch_size
 
@@ -107,5 +115,6 @@ class SAETrainConfig:
             d.pop(key)
         d["betas"] = list(d["betas"])
         d["init_norm_grid"] = list(d["init_norm_grid"])
+        d["data_seed"] = self.stream_seed
         return d
 

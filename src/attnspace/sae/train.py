@@ -25,17 +25,23 @@ Resumption: if ``out_dir/train_state.safetensors`` exists (a killed run), traini
 continues from it: weights, both moments and step counts, dead-latent counters, the
 shuffle buffer's rows, read cursor and RNG state. On one device with the same
 settings, the result is bitwise that of an uninterrupted run (tested on CPU).
+
+One SAE's state, step, checkpoint, evaluation and files are :class:`SAERun`; the loop over
+batches is :func:`train_runs`, which feeds each batch of one stream to one or more runs.
+:func:`train_sae` is that loop with one run; :func:`attnspace.sae.group.train_sae_group`
+with several (runs that share the stream's settings).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 from attnspace.files import write_json
 from attnspace.sae.config import SAETrainConfig
@@ -72,136 +78,211 @@ def train_sae(
 ) -> dict:
     """Train, evaluate and save one SAE; return its metrics (also written to ``out_dir/metrics.json``).
 
-    train_store: a Store (read through a shuffle buffer) or a ready stream (StoreStream,
-    or :class:`attnspace.sae.data.LiveStream` for activations from a live model).
+    train_store: a Store (read through a shuffle buffer seeded ``config.stream_seed``) or a ready
+    stream (StoreStream, or :class:`attnspace.sae.data.LiveStream` for activations from a live model).
     heldout_store: a Store (its first ``eval_tokens`` kept rows), raw batches [b, d], or None (no evaluation).
     spectrum: the spectrum stage's output for ``config.site``; ASI's basis (else a sample SVD).
     lm_eval: downstream LM loss with the site replaced, see :data:`attnspace.sae.evaluate.LMEval`.
     info: extra hyperparams for the saved SAE (model, dataset, layer, ...).
     on_step: called with the number of completed steps after each step (progress, tests).
     """
-    out_dir = Path(out_dir)
-    device = torch.device(config.device)
-    stream = (StoreStream(train_store, config.site, config.batch_size, config.buffer_rows, config.seed)
+    stream = (StoreStream(train_store, config.site, config.batch_size, config.buffer_rows, config.stream_seed)
               if isinstance(train_store, Store) else train_store)
-    resumable = hasattr(stream, "state_tensors")
-    ckpt_path = out_dir / CHECKPOINT
+    run = SAERun(config, out_dir, spectrum, lm_eval=lm_eval, info=info)
+    return train_runs([run], stream, heldout_store, on_step=on_step)[0]
 
-    sample = stream.sample(config.asi_sample_tokens)  # [N, d] raw
-    d = sample.shape[1]
-    sae = TopKSAE(d, config.n_latents(d), config.k, dataset_norm=mean_norm(sample)).to(device)
-    sae.sparse_grad = config.optimizer in ("sparse_adam", "masked_adam")  # row-sparse gradients; Adam's are dense
-    sae.centred = bool(config.centred)
-    sae.fast = True if config.fast is None else config.fast  # attnspace.sae.fast: same model, about 2x faster on CPU too
-    sae.matmul_dtype = torch.bfloat16 if sae.fast and device.type == "cuda" else None
-    opt = make_optimizer(config.optimizer, [getattr(sae, p) for p in _PARAMS], config.learning_rate,
-                         config.betas, config.eps)
-    tracker = DeadLatentTracker(sae.d_sae, config.dead_threshold_tokens, device)
 
-    if resumable and ckpt_path.exists():
-        start, init_norm = _resume(ckpt_path, config, sae, opt, tracker, stream)
-        log.info("resuming %s at step %d of %d", out_dir, start, config.n_steps)
-    else:
-        start = 0
+class SAERun:
+    """One SAE in training: its model, optimizer, AuxK dead-latent tracker, checkpoint and outputs.
+
+    :meth:`setup` initialises it (or resumes it from ``out_dir``'s checkpoint), :meth:`step`
+    trains it on one batch, :meth:`checkpoint` saves it with the stream's state, and
+    :meth:`finish` evaluates it and writes its SAE folder and metrics.json.
+    """
+
+    def __init__(self, config: SAETrainConfig, out_dir: Path, spectrum: Spectrum | None = None, *,
+                 lm_eval: LMEval | None = None, info: dict | None = None) -> None:
+        self.config, self.out_dir, self.spectrum = config, Path(out_dir), spectrum
+        self.lm_eval, self.info = lm_eval, info
+        self.device = torch.device(config.device)
+        self.ckpt_path = self.out_dir / CHECKPOINT
+        self.start = 0
+        """Steps already done when this process began (from the checkpoint; 0 for a fresh run)."""
+        self.stream_state: dict[str, Tensor] | None = None
+        """The stream's state saved with the checkpoint resumed from (None for a fresh run)."""
+        self.failure: str | None = None
+        self.finite = torch.ones((), dtype=torch.bool, device=self.device)  # all losses so far finite (on the device)
+
+    def setup(self, sample: Tensor, resume: bool) -> None:
+        """Build the SAE on the normalisation sample [N, d] (raw; the first ``asi_sample_tokens`` rows)
+        and initialise it, or, when ``resume`` and a checkpoint exists, restore it from there."""
+        config, device = self.config, self.device
+        d = sample.shape[1]
+        sae = TopKSAE(d, config.n_latents(d), config.k, dataset_norm=mean_norm(sample)).to(device)
+        sae.sparse_grad = config.optimizer in ("sparse_adam", "masked_adam")  # row-sparse gradients; Adam's are dense
+        sae.centred = bool(config.centred)
+        sae.fast = True if config.fast is None else config.fast  # attnspace.sae.fast: same model, about 2x faster on CPU too
+        sae.matmul_dtype = torch.bfloat16 if sae.fast and device.type == "cuda" else None
+        self.sae, self.d = sae, d
+        self.opt = make_optimizer(config.optimizer, [getattr(sae, p) for p in _PARAMS], config.learning_rate,
+                                  config.betas, config.eps)
+        self.tracker = DeadLatentTracker(sae.d_sae, config.dead_threshold_tokens, device)
+        if resume and self.ckpt_path.exists():
+            self._resume()
+            log.info("resuming %s at step %d of %d", self.out_dir, self.start, config.n_steps)
+            return
         generator = torch.Generator().manual_seed(config.seed + 1)
         x0 = sample[: config.init_batch_tokens].to(device) * sae.norm_factor
+        spectrum = self.spectrum
         if spectrum is not None and spectrum.components.shape[1] != d:
             raise ValueError(f"spectrum width {spectrum.components.shape[1]} != site width {d}")
         bias = sample.double().mean(0).float().to(device) * sae.norm_factor if sae.centred else None
         init = initialize(sae, config.init, x0, generator, d_init=config.d_init,
                           source=spectrum if spectrum is not None else sample, grid=config.init_norm_grid,
                           decoder_bias=bias)
-        init_norm = init.norm
-    del sample
+        self.init_norm = init.norm
 
-    f = sae.norm_factor
-    t0 = time.perf_counter()
-    finite = torch.ones((), dtype=torch.bool, device=device)  # all losses so far finite (stays on the device)
-    failure = None
-    check_every = config.log_every or 100
-    for step in range(start, config.n_steps):
-        x = stream.next_batch().to(device, non_blocking=True) * f  # [B, d]
-        out = sae(x, dead=tracker.dead() if config.auxk else None, k_aux=config.k_aux)
+    def step(self, x: Tensor, done: int) -> None:
+        """One optimizer step on the raw batch x [B, d] (on the device), the ``done``-th of the run.
+
+        Finiteness is read back every ``log_every`` steps and at the last: a non-finite loss by
+        then records the failure (:attr:`failure`) and skips this step; the run takes no more.
+        """
+        config, sae, tracker = self.config, self.sae, self.tracker
+        out = sae(x * sae.norm_factor, dead=tracker.dead() if config.auxk else None, k_aux=config.k_aux)
         loss = out.nmse + config.auxk_alpha * out.auxk_loss if config.auxk else out.nmse
-        finite &= torch.isfinite(loss.detach())
-        done = step + 1
-        if (done % check_every == 0 or done == config.n_steps) and not bool(finite):
-            failure = f"loss not finite (NaN or inf) by step {done} of {config.n_steps}"
-            log.error("%s: %s; the run is recorded as failed", out_dir.name, failure)
-            break
-        opt.zero_grad(set_to_none=True)
+        self.finite &= torch.isfinite(loss.detach())
+        check_every = config.log_every or 100
+        if (done % check_every == 0 or done == config.n_steps) and not bool(self.finite):
+            self.failure = f"loss not finite (NaN or inf) by step {done} of {config.n_steps}"
+            log.error("%s: %s; the run is recorded as failed", self.out_dir.name, self.failure)
+            return
+        self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
+        self.opt.step()
         tracker.update(out.values.detach(), out.indices)
         if config.log_every and done % config.log_every == 0:
-            log.info("step %d/%d nmse %.4f auxk %.4f dead %d", done, config.n_steps, float(out.nmse.detach()),
-                     float(out.auxk_loss.detach()), int(tracker.dead().sum()))
-        if resumable and config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.n_steps:
-            _checkpoint(ckpt_path, config, sae, opt, tracker, stream, done, init_norm)
+            log.info("%s: step %d/%d nmse %.4f auxk %.4f dead %d", self.out_dir.name, done, config.n_steps,
+                     float(out.nmse.detach()), float(out.auxk_loss.detach()), int(tracker.dead().sum()))
+
+    def wants_checkpoint(self, done: int) -> bool:
+        """Whether a checkpoint is due after step ``done`` (every ``checkpoint_every`` steps, not the last)."""
+        every = self.config.checkpoint_every
+        return self.failure is None and bool(every) and done % every == 0 and done < self.config.n_steps
+
+    def checkpoint(self, stream_state: dict[str, Tensor], done: int) -> None:
+        """Save weights, optimizer state, dead-latent counters and ``stream_state`` after step ``done``."""
+        tensors = {f"sae.{p}": getattr(self.sae, p).detach() for p in _PARAMS}
+        tensors.update(optimizer_tensors(self.opt, _PARAMS))
+        tensors["dead.tokens_since_fired"] = self.tracker.tokens_since_fired
+        tensors.update(stream_state)
+        record = dict(format=CHECKPOINT_FORMAT, config=self.config.result_fields(), step=done,
+                      dataset_norm=self.sae.dataset_norm, init_norm=self.init_norm)
+        save_checkpoint(self.ckpt_path, tensors, record)
+
+    def _resume(self) -> None:
+        path, config, sae = self.ckpt_path, self.config, self.sae
+        tensors, record = load_checkpoint(path)
+        if record.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"{path}: not an SAE training checkpoint ({record.get('format')!r})")
+        if record["config"] != config.result_fields():
+            changed = sorted(k for k, v in config.result_fields().items() if record["config"].get(k) != v)
+            raise ValueError(f"{path}: checkpoint was written with other settings ({', '.join(changed)}); "
+                             "delete it to start over")
+        with torch.no_grad():
+            for p in _PARAMS:
+                getattr(sae, p).copy_(tensors[f"sae.{p}"])
+        sae.dataset_norm = record["dataset_norm"]
+        load_optimizer_tensors(self.opt, _PARAMS, tensors)
+        self.tracker.tokens_since_fired.copy_(tensors["dead.tokens_since_fired"])
+        self.stream_state = {k: v for k, v in tensors.items() if k.startswith("data.")}
+        self.start, self.init_norm = int(record["step"]), float(record["init_norm"])
+
+    def finish(self, stream, heldout_store: Store | Iterable[Tensor] | None, train_seconds: float) -> dict:
+        """Evaluate (unless failed), write the SAE folder and metrics.json, remove the checkpoint; the metrics."""
+        config, sae, out_dir = self.config, self.sae, self.out_dir
+        metrics = dict(
+            d_model=self.d, d_sae=sae.d_sae, k=config.k, init=config.init, d_init=config.d_init,
+            init_norm=self.init_norm, centred=sae.centred,
+            optimizer=config.optimizer, lr=config.learning_rate, auxk=config.auxk, k_aux=config.k_aux,
+            auxk_alpha=config.auxk_alpha, batch_size=config.batch_size,
+            tokens_trained=config.n_steps * config.batch_size,
+            seed=config.seed, data_seed=config.stream_seed, site=config.site,
+            dataset_average_activation_norm=sae.dataset_norm,
+            dead_for_auxk_at_end=int(self.tracker.dead().sum()), train_seconds_this_run=round(train_seconds, 3),
+            tokens_per_second=round((config.n_steps - self.start) * config.batch_size / max(train_seconds, 1e-9), 1),
+            nmse=None, explained_variance=None, l0=None, dead_fraction=None, dead_window_tokens=None, n_dead=None,
+            train_nmse=None, train_eval_tokens=None,
+            delta_lm_loss=None, status="ok" if self.failure is None else "failed", failure=self.failure,
+        )
+        if self.failure is not None:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            write_json(metrics, out_dir / "metrics.json")
+            if self.ckpt_path.exists():
+                self.ckpt_path.unlink()
+            return metrics
+        sae.eval()
+        if heldout_store is not None:
+            batches = (heldout_batches(heldout_store, config.site, config.batch_size, config.eval_tokens)
+                       if isinstance(heldout_store, Store) else heldout_store)
+            metrics.update(evaluate(sae, batches)._asdict())
+        train_rows = getattr(stream, "store", None)  # a cached training store: score its first eval_tokens rows
+        if train_rows is not None:
+            seen = evaluate(sae, heldout_batches(train_rows, config.site, config.batch_size,
+                                                 min(config.eval_tokens, config.n_steps * config.batch_size)))
+            metrics.update(train_nmse=seen.nmse, train_eval_tokens=seen.dead_window_tokens)
+        if self.lm_eval is not None:
+            metrics.update(self.lm_eval(lambda x: reconstruct(sae, x)))
+        save_sae(sae, out_dir, metrics=metrics, **{"site": config.site, **(self.info or {})})
+        if self.ckpt_path.exists():
+            self.ckpt_path.unlink()
+        return metrics
+
+
+def train_runs(runs: Sequence[SAERun], stream, heldout_store: Store | Iterable[Tensor] | None, *,
+               on_step: Callable[[int], None] | None = None, desc: str = "sae") -> list[dict]:
+    """Train ``runs`` on one stream, each batch fed to every run in turn; their metrics, in order.
+
+    The runs share the number of steps and the device. The normalisation sample is the stream's
+    first rows (each run takes its own ``asi_sample_tokens`` of them). A run resumed from a
+    checkpoint at step s skips the batches before s; the stream restarts from the state saved
+    with the earliest checkpoint (or from the beginning when a run has none), so every run sees
+    the batches it would see alone. A failed run takes no more steps; the others go on.
+    Every run is evaluated and saved once all have trained.
+    """
+    resumable = hasattr(stream, "state_tensors")  # a live stream cannot be replayed: it restarts instead
+    n_steps = runs[0].config.n_steps
+    sample = stream.sample(max(r.config.asi_sample_tokens for r in runs))  # [N, d] raw
+    for r in runs:
+        r.setup(sample[: r.config.asi_sample_tokens], resume=resumable)
+    del sample
+    start = min(r.start for r in runs)
+    if start > 0:
+        stream.load_state(next(r for r in runs if r.start == start).stream_state)
+    for r in runs:
+        r.stream_state = None
+    if len(runs) > 1 and heldout_store is not None and not isinstance(heldout_store, Store) \
+            and iter(heldout_store) is heldout_store:
+        heldout_store = list(heldout_store)  # an iterator of batches, read by every run
+
+    device = runs[0].device
+    t0 = time.perf_counter()
+    for step in tqdm(range(start, n_steps), desc=desc, unit="step", initial=start, total=n_steps, mininterval=10):
+        x = stream.next_batch().to(device, non_blocking=True)  # [B, d] raw
+        done = step + 1
+        for r in runs:
+            if r.failure is None and step >= r.start:
+                r.step(x, done)
+        if all(r.failure is not None for r in runs):
+            break
+        if resumable:
+            due = [r for r in runs if step >= r.start and r.wants_checkpoint(done)]
+            state = stream.state_tensors() if due else None
+            for r in due:
+                r.checkpoint(state, done)
         if on_step is not None:
             on_step(done)
     train_seconds = time.perf_counter() - t0
-    opt.zero_grad(set_to_none=True)  # free the last gradients before evaluation (1M latents: GiBs)
-
-    metrics = dict(
-        d_model=d, d_sae=sae.d_sae, k=config.k, init=config.init, d_init=config.d_init, init_norm=init_norm,
-        centred=sae.centred,
-        optimizer=config.optimizer, lr=config.learning_rate, auxk=config.auxk, k_aux=config.k_aux,
-        auxk_alpha=config.auxk_alpha, batch_size=config.batch_size, tokens_trained=config.n_steps * config.batch_size,
-        seed=config.seed, site=config.site, dataset_average_activation_norm=sae.dataset_norm,
-        dead_for_auxk_at_end=int(tracker.dead().sum()), train_seconds_this_run=round(train_seconds, 3),
-        tokens_per_second=round((config.n_steps - start) * config.batch_size / max(train_seconds, 1e-9), 1),
-        nmse=None, explained_variance=None, l0=None, dead_fraction=None, dead_window_tokens=None, n_dead=None,
-        train_nmse=None, train_eval_tokens=None,
-        delta_lm_loss=None, status="ok" if failure is None else "failed", failure=failure,
-    )
-    if failure is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        write_json(metrics, out_dir / "metrics.json")
-        if ckpt_path.exists():
-            ckpt_path.unlink()
-        return metrics
-    sae.eval()
-    if heldout_store is not None:
-        batches = (heldout_batches(heldout_store, config.site, config.batch_size, config.eval_tokens)
-                   if isinstance(heldout_store, Store) else heldout_store)
-        metrics.update(evaluate(sae, batches)._asdict())
-    train_rows = getattr(stream, "store", None)  # a cached training store: score its first eval_tokens rows
-    if train_rows is not None:
-        seen = evaluate(sae, heldout_batches(train_rows, config.site, config.batch_size,
-                                             min(config.eval_tokens, config.n_steps * config.batch_size)))
-        metrics.update(train_nmse=seen.nmse, train_eval_tokens=seen.dead_window_tokens)
-    if lm_eval is not None:
-        metrics.update(lm_eval(lambda x: reconstruct(sae, x)))
-    save_sae(sae, out_dir, metrics=metrics, **{"site": config.site, **(info or {})})
-    if ckpt_path.exists():
-        ckpt_path.unlink()
-    return metrics
-
-
-def _checkpoint(path: Path, config, sae: TopKSAE, opt, tracker, stream, step: int, init_norm: float) -> None:
-    tensors = {f"sae.{p}": getattr(sae, p).detach() for p in _PARAMS}
-    tensors.update(optimizer_tensors(opt, _PARAMS))
-    tensors["dead.tokens_since_fired"] = tracker.tokens_since_fired
-    tensors.update(stream.state_tensors())
-    record = dict(format=CHECKPOINT_FORMAT, config=config.result_fields(), step=step,
-                  dataset_norm=sae.dataset_norm, init_norm=init_norm)
-    save_checkpoint(path, tensors, record)
-
-
-def _resume(path: Path, config, sae: TopKSAE, opt, tracker, stream) -> tuple[int, float]:
-    tensors, record = load_checkpoint(path)
-    if record.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: not an SAE training checkpoint ({record.get('format')!r})")
-    if record["config"] != config.result_fields():
-        changed = sorted(k for k, v in config.result_fields().items() if record["config"].get(k) != v)
-        raise ValueError(f"{path}: checkpoint was written with other settings ({', '.join(changed)}); "
-                         "delete it to start over")
-    with torch.no_grad():
-        for p in _PARAMS:
-            getattr(sae, p).copy_(tensors[f"sae.{p}"])
-    sae.dataset_norm = record["dataset_norm"]
-    load_optimizer_tensors(opt, _PARAMS, tensors)
-    tracker.tokens_since_fired.copy_(tensors["dead.tokens_since_fired"])
-    stream.load_state(tensors)
-    return int(record["step"]), float(record["init_norm"])
+    for r in runs:
+        r.opt.zero_grad(set_to_none=True)  # free the last gradients before evaluation (1M latents: GiBs)
+    return [r.finish(stream, heldout_store, train_seconds) for r in runs]

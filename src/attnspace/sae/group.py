@@ -1,0 +1,105 @@
+"""Several SAEs trained on one stream of activations: a group.
+
+SAEs that read the same site of the same (model, dataset, layer) with the same stream
+settings (batch size, shuffle buffer, training tokens, data seed, source) see the same
+batches; a group reads them once and feeds each batch to every member in turn. With a live
+source this runs the model once for the whole group instead of once per SAE.
+
+Each member keeps its own everything else (:class:`attnspace.sae.train.SAERun`): init and its
+seed, size, k, optimizer and learning rate, AuxK and its dead-latent counters, centred form,
+checkpoint, metrics.json and SAE folder. On CPU each member's result is bitwise that of
+:func:`attnspace.sae.train.train_sae` run alone on the same batches (tested), resumption after a
+kill included; a member whose loss turns non-finite is recorded failed and the others go on.
+
+The workflow sizes groups with :func:`training_bytes` and :func:`pack`. This module imports
+torch only to train, so that the workflow can size groups without it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+from attnspace.errors import AttnspaceError
+
+STREAM_FIELDS = ("site", "batch_size", "buffer_rows", "train_tokens", "stream_seed", "device")
+"""Settings every member of a group shares: they fix the batches (and where they go)."""
+
+
+class Member(NamedTuple):
+    """One SAE of a group: its settings, output folder, and what train_sae takes beside them."""
+
+    config: object
+    """Its :class:`attnspace.sae.config.SAETrainConfig`."""
+    out_dir: Path
+    spectrum: object | None = None
+    """The site's spectrum (ASI's basis), or None."""
+    lm_eval: Callable | None = None
+    """The LM loss with the SAE spliced in (:data:`attnspace.sae.evaluate.LMEval`), or None."""
+    info: dict | None = None
+    """Extra hyperparams for the saved SAE (model, dataset, layer, run, ...)."""
+
+
+def training_bytes(d_model: int, d_sae: int, batch_size: int) -> int:
+    """Estimated device memory of training one SAE, in bytes: float32 (4 bytes) weights, their
+    gradients and Adam's two moments, 4 x 4 x (2 d_sae d_model + d_sae + d_model) (encoder,
+    decoder, both biases), plus the [batch_size, d_sae] float32 pre-activations,
+    4 x batch_size x d_sae. It leaves out the stream, the model of a live source and the
+    temporaries of one step, which the budget must leave room for."""
+    params = 2 * d_sae * d_model + d_sae + d_model
+    return 4 * 4 * params + 4 * batch_size * d_sae
+
+
+def pack(items: Sequence[tuple[str, int]], budget_bytes: float, max_members: int) -> list[list[str]]:
+    """Groups of the names in ``items`` ((name, bytes) pairs): largest first (ties by name), each
+    added to the current group while the group's bytes stay within ``budget_bytes`` and it has
+    fewer than ``max_members`` members, else it starts the next group. An item larger than the
+    budget is a group of its own."""
+    groups: list[list[str]] = []
+    used = 0
+    for name, size in sorted(items, key=lambda item: (-item[1], item[0])):
+        if groups and used + size <= budget_bytes and len(groups[-1]) < max_members:
+            groups[-1].append(name)
+            used += size
+        else:
+            groups.append([name])
+            used = size
+    return groups
+
+
+def stream_settings(config) -> dict:
+    """The settings of ``config`` (an SAETrainConfig) that a group's members must share."""
+    return {field: getattr(config, field) for field in STREAM_FIELDS}
+
+
+def train_sae_group(members: Sequence[Member], train_store, heldout_store: object | Iterable | None, *,
+                    on_step: Callable[[int], None] | None = None) -> list[dict]:
+    """Train, evaluate and save every member on one stream; their metrics, in order (each also
+    written to its ``out_dir/metrics.json``, as :func:`attnspace.sae.train.train_sae` writes it).
+
+    train_store: a Store (read through one shuffle buffer seeded the members' ``stream_seed``) or
+    a ready stream (StoreStream, LiveStream). heldout_store: a Store, batches, or None, as for
+    train_sae. Raises AttnspaceError when the members' stream settings differ or two share a folder.
+    """
+    from attnspace.sae.data import StoreStream
+    from attnspace.sae.train import SAERun, train_runs
+    from attnspace.store import Store
+
+    if not members:
+        raise AttnspaceError("an SAE group needs at least one member", fix="give one --member per SAE")
+    shared = stream_settings(members[0].config)
+    for m in members[1:]:
+        other = stream_settings(m.config)
+        if other != shared:
+            keys = ", ".join(f"{k} {shared[k]} vs {other[k]}" for k in STREAM_FIELDS if other[k] != shared[k])
+            raise AttnspaceError(f"SAE group member {m.out_dir} reads another stream than {members[0].out_dir} "
+                                 f"({keys})", fix="train it in a group of its own, or give it the same settings")
+    folders = [Path(m.out_dir).resolve() for m in members]
+    if len(set(folders)) != len(folders):
+        raise AttnspaceError("two SAE group members write the same folder", fix="give each member its own --out-dir")
+    c = members[0].config
+    stream = (StoreStream(train_store, c.site, c.batch_size, c.buffer_rows, c.stream_seed)
+              if isinstance(train_store, Store) else train_store)
+    runs = [SAERun(m.config, m.out_dir, m.spectrum, lm_eval=m.lm_eval, info=m.info) for m in members]
+    return train_runs(runs, stream, heldout_store, on_step=on_step, desc=f"{len(runs)} SAEs")
