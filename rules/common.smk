@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 from attnspace.config import config_hash, focus_layers
-from attnspace.sae.group import pack, training_bytes
+from attnspace.sae.group import pack_devices, training_bytes
 from attnspace.sae.runs import RUN_PATH, parse_run_name, run_name, variant_run
 
 # Jobs that use a GPU when there is one ask for the `gpu` resource only where a GPU exists, so
@@ -179,10 +179,10 @@ def sae_stream_args(group):
 
 def sae_member_args(group):
     """One --member per SAE of the group: its run name and folder, its optimizer's learning rate,
-    AuxK settings, and init seed sae.seed + replicate."""
+    AuxK settings, init seed sae.seed + replicate, and (sae.group.devices > 1) its GPU."""
     aux = SAE["auxk"]
     members = []
-    for path in group["outputs"]:
+    for path, device in zip(group["outputs"], group["devices"]):
         parsed = parse_run_name(RUN_PATH.search(path)["run"])
         # The LM loss with the SAE spliced in is drawn by Figure 6 only: other runs skip it.
         lm_tokens = SAE["lm_eval_tokens"] if path in FIG6_RUNS else 0
@@ -192,6 +192,8 @@ def sae_member_args(group):
             f"--auxk-alpha {aux['alpha']} --dead-threshold-tokens {aux['dead_threshold_tokens']} "
             f"--seed {SAE['seed'] + parsed['replicate']}"
         )
+        if SAE["group"]["devices"] > 1:
+            own += f" --gpu {device}"
         members.append(f"--member {shlex.quote(own)}")
     return " ".join(members)
 
@@ -292,9 +294,10 @@ def sae_groups():
     A group's runs are drawn by the same figures (so that a figure's target plans only its own
     runs: a run two figures share is in a group of such runs, named for both) and read the same
     (model, dataset, layer, site); they are packed by attnspace.sae.group.pack, largest first, into
-    groups of at most sae.group.max_members whose estimated memory (training_bytes) fits
-    sae.group.memory_gb. Each: rule name, model, dataset, layer, site and outputs (metrics.json)."""
-    budget, most = SAE["group"]["memory_gb"] * 1e9, SAE["group"]["max_members"]
+    groups of at most sae.group.max_members on sae.group.devices devices, each device's estimated
+    memory (training_bytes) within sae.group.memory_gb. Each: rule name, model, dataset, layer, site,
+    outputs (metrics.json) and each output's device index."""
+    budget, most, devices = SAE["group"]["memory_gb"] * 1e9, SAE["group"]["max_members"], SAE["group"]["devices"]
     streams = {}
     for path, figures in sae_run_figures().items():
         m = RUN_PATH.search(path)
@@ -302,10 +305,11 @@ def sae_groups():
         streams.setdefault(key, []).append((path, sae_run_bytes(path)))
     groups, counts = [], {}
     for (figures, model, dataset, layer, site), runs in streams.items():
-        for outputs in pack(runs, budget, most):
+        for members in pack_devices(runs, budget, most, devices):
             n = counts[figures] = counts.get(figures, -1) + 1
             groups.append(dict(rule=f"train_sae_{figures}_{n}", model=model, dataset=dataset, layer=layer,
-                               site=site, outputs=outputs))
+                               site=site, outputs=[path for path, _ in members],
+                               devices=[device for _, device in members]))
     return groups
 
 
@@ -326,13 +330,15 @@ def plain_setting(value):
 
 def sae_group_resources(group):
     """gpu, mem_mb and runtime of an SAE group's job: on a CPU the estimated training memory on top of
-    8 GB; 120 min per member. The group rules have generated names, so the profile's set-resources
+    8 GB; 120 min per member; as many GPUs as the group's members use. The group rules have generated names, so the profile's set-resources
     for train_sae (GPU partition and model, memory, runtime) apply to every group."""
     estimate_mb = sum(sae_run_bytes(path) for path in group["outputs"]) // 10**6
     resources = dict(gpu=GPU, mem_mb=8000 + (0 if GPU else estimate_mb), runtime=120 * len(group["outputs"]))
     for key, value in workflow.resource_settings.overwrite_resources.get("train_sae", {}).items():
         if plain_setting(value) is not None:
             resources[key] = plain_setting(value)
+    if resources.get("gpu"):  # a group spread over several GPUs (sae.group.devices) asks for all of them
+        resources["gpu"] = max(int(resources["gpu"]), max(group["devices"]) + 1)
     return resources
 
 

@@ -16,7 +16,7 @@ from test_sae_train import D_ACTIVE, Killed, PoisonedStream, planted, small_conf
 
 from attnspace.errors import AttnspaceError
 from attnspace.sae import train_sae
-from attnspace.sae.group import Member, pack, train_sae_group, training_bytes
+from attnspace.sae.group import Member, pack, pack_devices, train_sae_group, training_bytes
 from attnspace.sae.train import CHECKPOINT
 from attnspace.spectrum import Spectrum
 
@@ -198,6 +198,18 @@ def test_pack_by_hand():
     assert pack(items, 10, 2) == [["d"], ["b", "a"], ["c", "e"]]
     assert pack([("big", 50), ("x", 1)], 10, 8) == [["big"], ["x"]]  # larger than the budget: alone
     assert pack([], 10, 8) == []
+
+
+def test_pack_devices_by_hand():
+    """Two devices of 10 each: d 9 on device 0, b 5 on device 1, then a 3 (no room on 0: 12; 1: 8),
+    c 2 on device 1 (10), e 2 fits neither: a second group."""
+    items = [("a", 3), ("b", 5), ("c", 2), ("d", 9), ("e", 2)]
+    assert pack_devices(items, 10, 8, 2) == [[("d", 0), ("b", 1), ("a", 1), ("c", 1)], [("e", 0)]]
+    assert pack_devices(items, 10, 8, 3) == [[("d", 0), ("b", 1), ("a", 1), ("c", 1), ("e", 2)]]
+    # at most 2 a device: d; b, a on 1 (8); c on 2; e on 2 (4)
+    assert pack_devices(items, 10, 2, 3) == [[("d", 0), ("b", 1), ("a", 1), ("c", 2), ("e", 2)]]
+    assert pack_devices(items, 10, 1, 2) == [[("d", 0), ("b", 1)], [("a", 0), ("c", 1)], [("e", 0)]]
+    assert pack_devices(items, 10, 8, 1) == [[(n, 0) for n in g] for g in pack(items, 10, 8)]
 
 
 def test_cli_trains_a_group_as_train_sae_would(stores, alone, tmp_path):

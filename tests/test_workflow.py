@@ -218,6 +218,38 @@ def test_whole_config_plans_every_job_once(configfile, tmp_path):
     assert set(sae_runs(out)) == all_run_folders(cfg, d_model)
 
 
+def test_a_node_of_gpus_spreads_each_group_over_its_devices(tmp_path):
+    """sae.group.devices 8 on the paper configuration: each member names its GPU, every GPU's estimated
+    memory (16 bytes a parameter + 4 x batch x d_sae, computed here) stays within memory_gb unless one
+    SAE alone exceeds it, and the node's groups are fewer than one device's."""
+    import shlex
+
+    cfg = yaml.safe_load((REPO / "config/paper.yaml").read_text())
+    cfg["sae"]["group"] = {**cfg["sae"].get("group", {}), "devices": 8}
+    configfile = tmp_path / "node.yaml"
+    configfile.write_text(yaml.safe_dump(cfg))
+    out = dry_run_output("fig7", cwd=tmp_path, configfile=configfile)
+    budget, batch = cfg["sae"]["group"]["memory_gb"] * 10**9, cfg["sae"]["batch_size"]
+    groups = 0
+    for line in out.splitlines():
+        if "attnspace train-sae-group " not in line:
+            continue
+        groups += 1
+        argv = shlex.split(line.split("attnspace ", 1)[1].split(" > ")[0])
+        per_gpu: dict[int, list[int]] = {}
+        for i, a in enumerate(argv):
+            if a == "--member":
+                own = shlex.split(argv[i + 1])
+                n = int(own[own.index("--run") + 1].rsplit("-n", 1)[1].split("-")[0])
+                per_gpu.setdefault(int(own[own.index("--gpu") + 1]), []).append(
+                    16 * (2 * n * 4096 + n + 4096) + 4 * batch * n)
+        assert set(per_gpu) <= set(range(8))
+        for sizes in per_gpu.values():
+            assert sum(sizes) <= budget or len(sizes) == 1
+    assert groups == job_counts(out)["train_sae"]
+    assert groups < len([g for g in expected_sae_groups(cfg, 4096) if "fig7" in g[0]])
+
+
 def test_figure_targets_by_file_plan_as_by_name(tmp_path):
     for figure in ("fig2a", "fig5"):
         assert planned_jobs(f"results/figures/{figure}.pdf", cwd=tmp_path) == planned_jobs(figure, cwd=tmp_path)

@@ -24,11 +24,19 @@ def sae_config(a):
         raise AttnspaceError(str(err), fix="name the run as rules/common.smk does (attnspace.sae.runs.run_name)") from None
     return SAETrainConfig(
         site=a.site, d_sae=run["d_sae"], k=run["k"], init=run["init"], d_init=run["d_init"],
-        optimizer=run["optimizer"], auxk=run["auxk"], centred=run["centred"], device=device(),
+        optimizer=run["optimizer"], auxk=run["auxk"], centred=run["centred"], device=member_device(a),
         **given(lr=a.lr, auxk_alpha=a.auxk_alpha, k_aux=a.k_aux, dead_threshold_tokens=a.dead_threshold_tokens,
                 batch_size=a.batch_size, train_tokens=a.train_tokens, buffer_rows=a.buffer_rows,
                 eval_tokens=a.eval_tokens, seed=a.seed, data_seed=a.data_seed,
                 checkpoint_every=a.checkpoint_every, log_every=a.log_every))
+
+
+def member_device(a) -> str:
+    """A run's device: ``cuda:<--gpu>`` where a GPU is visible and the run names one (a group's
+    members spread over a node's GPUs), else :func:`attnspace.cli.common.device`."""
+    base = device()
+    gpu = getattr(a, "gpu", None)
+    return f"{base}:{gpu}" if base == "cuda" and gpu is not None else base
 
 
 def member_commands(argv: list[str]) -> list[list[str]]:
@@ -156,6 +164,8 @@ def _add_sae_options(s, *, shared: bool | None) -> None:
         s.add_argument("--seed", type=int, help="seed of the initialisation")
         s.add_argument("--lm-eval-tokens", type=int, default=0)
         s.add_argument("--out-dir", required=True)
+        s.add_argument("--gpu", type=int, help="index of the GPU this run trains on (sae.group.devices; ignored "
+                       "without a GPU)")
 
 
 def cmd_sae_runs_table(a):

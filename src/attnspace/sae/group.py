@@ -52,19 +52,33 @@ def training_bytes(d_model: int, d_sae: int, batch_size: int) -> int:
 
 
 def pack(items: Sequence[tuple[str, int]], budget_bytes: float, max_members: int) -> list[list[str]]:
-    """Groups of the names in ``items`` ((name, bytes) pairs): largest first (ties by name), each
-    added to the current group while the group's bytes stay within ``budget_bytes`` and it has
-    fewer than ``max_members`` members, else it starts the next group. An item larger than the
-    budget is a group of its own."""
-    groups: list[list[str]] = []
-    used = 0
+    """Groups of the names in ``items`` ((name, bytes) pairs) on one device each: :func:`pack_devices`
+    with one device."""
+    return [[name for name, _ in group] for group in pack_devices(items, budget_bytes, max_members, 1)]
+
+
+def pack_devices(items: Sequence[tuple[str, int]], budget_bytes: float, max_members: int,
+                 devices: int) -> list[list[tuple[str, int]]]:
+    """Groups of (name, device index) for the names in ``items`` ((name, bytes) pairs), each group
+    one job whose ``devices`` devices share one stream.
+
+    Largest first (ties by name): an item joins the current group on its first device that has
+    fewer than ``max_members`` members and whose bytes stay within ``budget_bytes``; else it starts
+    the next group, on device 0. An item larger than the budget is a group of its own. (A device
+    steps its members one after another, so ``max_members`` bounds a job's time per device.)"""
+    groups: list[list[tuple[str, int]]] = []
+    used: list[float] = []
+    count: list[int] = []
     for name, size in sorted(items, key=lambda item: (-item[1], item[0])):
-        if groups and used + size <= budget_bytes and len(groups[-1]) < max_members:
-            groups[-1].append(name)
-            used += size
+        room = next((d for d in range(devices) if used[d] + size <= budget_bytes and count[d] < max_members),
+                    None) if groups else None
+        if room is not None:
+            groups[-1].append((name, room))
+            used[room] += size
+            count[room] += 1
         else:
-            groups.append([name])
-            used = size
+            groups.append([(name, 0)])
+            used, count = [size] + [0.0] * (devices - 1), [1] + [0] * (devices - 1)
     return groups
 
 

@@ -243,7 +243,8 @@ def train_runs(runs: Sequence[SAERun], stream, heldout_store: Store | Iterable[T
                on_step: Callable[[int], None] | None = None, desc: str = "sae") -> list[dict]:
     """Train ``runs`` on one stream, each batch fed to every run in turn; their metrics, in order.
 
-    The runs share the number of steps and the device. The normalisation sample is the stream's
+    The runs share the number of steps; each may sit on its own device (the GPUs of a node sharing
+    one stream), and each batch is copied once to every device the runs use. The normalisation sample is the stream's
     first rows (each run takes its own ``asi_sample_tokens`` of them). A run resumed from a
     checkpoint at step s skips the batches before s; the stream restarts from the state saved
     with the earliest checkpoint (or from the beginning when a run has none), so every run sees
@@ -265,14 +266,14 @@ def train_runs(runs: Sequence[SAERun], stream, heldout_store: Store | Iterable[T
             and iter(heldout_store) is heldout_store:
         heldout_store = list(heldout_store)  # an iterator of batches, read by every run
 
-    device = runs[0].device
     t0 = time.perf_counter()
     for step in tqdm(range(start, n_steps), desc=desc, unit="step", initial=start, total=n_steps, mininterval=10):
-        x = stream.next_batch().to(device, non_blocking=True)  # [B, d] raw
+        raw = stream.next_batch()  # [B, d]
+        x = {d: raw.to(d, non_blocking=True) for d in dict.fromkeys(r.device for r in runs)}
         done = step + 1
         for r in runs:
             if r.failure is None and step >= r.start:
-                r.step(x, done)
+                r.step(x[r.device], done)
         if all(r.failure is not None for r in runs):
             break
         if resumable:
