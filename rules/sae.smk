@@ -4,14 +4,14 @@
 
 rule train_sae:
     input:
-        cache="results/activations/{model}/{dataset}/cache.json",
+        cache=sae_caches,
         spectrum="results/spectra/{model}/{dataset}/L{layer}/{site}.npz",
         tokens="results/tokens/{model}/{dataset}.npz",
         model=prepared_model,
     output:
         "results/saes/{model}/{dataset}/L{layer}/{site}/{run}/metrics.json",
     params:
-        store="results/activations/{model}/{dataset}/L{layer}.manifest.json",
+        store=lambda w: sae_store(w.model, w.dataset, w.layer),
         heldout="results/activations/{model}/{dataset}/heldout/L{layer}.manifest.json",
         model_dir="resources/models/{model}/hf",
         dtype=lambda w: model_cfg(w)["dtype"],

@@ -27,15 +27,23 @@ def test_default_plan_by_hand(tmp_path):
     jobs = plan(tmp_path, "config.yaml")
     rows = cfg["tokens"]["train_tokens"] + cfg["tokens"]["heldout_tokens"]  # 20,480 per (model, dataset)
     cache = jobs[jobs["stage"] == "cache_activations"].set_index("job")
-    # SmolLM2: 5 sites of 576 float32 values (its 9 heads x 64 make Z 576 wide) + 13 bytes of row
-    # metadata, at 5 layers; Gemma 3: 640 wide (Z assumed 640 until the model is prepared)
-    smol = 5 * rows * (5 * 576 * 4 + 13)
-    gemma = 5 * rows * (5 * 640 * 4 + 13)
+    # SmolLM2: 4 sites of 576 float32 values (its 9 heads x 64 make Z 576 wide) + 13 bytes of row
+    # metadata at 5 layers, and attn_in (576) at the focus layer only; Gemma 3: 640 wide (Z assumed
+    # 640 until the model is prepared)
+    assert cfg["cache"]["layers"] == {"attn_in": "focus"}
+    smol = rows * (5 * (4 * 576 * 4 + 13) + 576 * 4)
+    gemma = rows * (5 * (4 * 640 * 4 + 13) + 640 * 4)
     for dataset in ("pydocs", "pycode"):
         assert cache.loc[f"smollm2-135m/{dataset}", "disk_bytes"] == smol
         assert cache.loc[f"gemma3-270m/{dataset}", "disk_bytes"] == gemma
         assert "attn_z width assumed" in cache.loc[f"gemma3-270m/{dataset}", "note"]
     assert (cache["rows_per_site"] == rows).all() and (cache["forward_tokens"] == rows).all()
+    # the SAE store: the focus pair only, 131,072 rows of the three SAE sites at layer 15
+    sae_store = jobs[jobs["stage"] == "cache_sae"]
+    assert list(sae_store["job"]) == ["smollm2-135m/pydocs"]
+    assert sae_store["disk_bytes"].iloc[0] == 131072 * (3 * 576 * 4 + 13)
+    assert sae_store["rows_per_site"].iloc[0] == sae_store["forward_tokens"].iloc[0] == 131072
+    assert "stops at layer 15 of 30" in sae_store["note"].iloc[0]
     # loss recovered: 512 held-out tokens, clean + 3 sites x (zero + 22 values of k) passes, per model
     lr = jobs[jobs["stage"] == "loss_recovered"]
     assert len(lr) == 2 and (lr["forward_tokens"] == 512 * (1 + 3 * (1 + 22))).all()
@@ -56,7 +64,9 @@ def test_paper_plan_shows_the_scale(tmp_path):
     assert len(cache) == 12 and (cache["rows_per_site"] == 11_000_000).all()
     llama = cache[cache["job"] == "llama-3.1-8b/slimpajama"].iloc[0]
     layers = len(yaml.safe_load((REPO / "config/paper.yaml").read_text())["models"]["llama-3.1-8b"]["layers"])
-    assert llama["disk_bytes"] == layers * 11_000_000 * (5 * 4096 * 2 + 13)  # bfloat16
+    # bfloat16; attn_in (Lorsa's input) at the focus layer only
+    assert llama["disk_bytes"] == 11_000_000 * (layers * (4 * 4096 * 2 + 13) + 4096 * 2)
+    assert not (jobs["stage"] == "cache_sae").any()  # the SAEs train on the live model
     sae = jobs[jobs["stage"] == "train_sae"]
     whole_batches = 2_500_000_000 // 4096 * 4096
     assert len(sae) == 49 and (sae["forward_tokens"] >= whole_batches).all()  # every SAE runs the 8B model live

@@ -51,7 +51,7 @@ def test_dry_run_of_whole_config(configfile, tmp_path):
     dry_run(configfile=REPO / configfile if configfile else None, workdir=tmp_path)
 
 
-PLANNED_RULES = ("cache_activations", "loss_recovered", "train_sae", "train_lorsa", "fetch_llamascope")
+PLANNED_RULES = ("cache_activations", "cache_sae", "loss_recovered", "train_sae", "train_lorsa", "fetch_llamascope")
 
 
 def planned_jobs(*targets, cwd: Path, configfile: Path | None = None) -> dict[str, int]:
@@ -84,6 +84,8 @@ def expected_jobs(cfg: dict, target: str) -> dict[str, int]:
     suite = suite_layers * len(cfg["suite"]["sites"])
     suite_rule = "fetch_llamascope" if cfg["suite"]["source"] == "llamascope" else "train_sae"
     one = {"cache_activations": 1}  # the focus (model, dataset)
+    # SAEs at the focus layer train on the SAE store where there is one (sae.source cache)
+    sae_store = {"cache_sae": 1} if cfg["tokens"].get("sae_train_tokens") and cfg["sae"].get("source") != "live" else {}
     expected = {
         "fig1": {"cache_activations": pairs},
         "fig9": {"cache_activations": pairs},
@@ -91,11 +93,12 @@ def expected_jobs(cfg: dict, target: str) -> dict[str, int]:
         "fig8": {"cache_activations": pairs - 1},  # every pair but the focus one, at its focus layer
         "fig2b": {"cache_activations": n_models, "loss_recovered": n_models},  # the focus dataset, per model
         "fig3": {"cache_activations": n_models},
-        "fig4": {**one, suite_rule: suite},
+        "fig4": {**one, suite_rule: suite, **(sae_store if suite_rule == "train_sae" else {})},
         # base, then ASI and random per d_init; each in every form and seed
-        "fig5": {**one, "train_sae": (1 + 2 * len(cfg["fig5"]["d_init"])) * len(replicate_suffixes(cfg))},
-        "fig6": {**one, "train_sae": len(cfg["fig6"]["variants"]) * len(cfg["fig6"]["k"])},
-        "fig7": {**one, "train_sae": len(cfg["fig7"]["variants"])  # the largest size in every form and seed
+        "fig5": {**one, **sae_store,
+                 "train_sae": (1 + 2 * len(cfg["fig5"]["d_init"])) * len(replicate_suffixes(cfg))},
+        "fig6": {**one, **sae_store, "train_sae": len(cfg["fig6"]["variants"]) * len(cfg["fig6"]["k"])},
+        "fig7": {**one, **sae_store, "train_sae": len(cfg["fig7"]["variants"])  # the largest size in every form and seed
                  * (len(cfg["fig7"]["expansion"]) - 1 + len(replicate_suffixes(cfg)))},
     }
     return expected[target]
@@ -140,6 +143,8 @@ def test_whole_config_plans_every_job_once(configfile, tmp_path):
                 "train_lorsa": 2 * len(lorsa_models) * cfg["lorsa"].get("seeds", 3)}
     if cfg["suite"]["source"] == "llamascope":
         expected["fetch_llamascope"] = len(cfg["models"][cfg["focus"]["model"]]["layers"]) * len(cfg["suite"]["sites"])
+    if cfg["tokens"].get("sae_train_tokens") and cfg["sae"]["source"] != "live":
+        expected["cache_sae"] = 1  # the focus (model, dataset) only
     assert planned_jobs(cwd=tmp_path, configfile=REPO / path) == expected
 
 

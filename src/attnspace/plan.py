@@ -4,11 +4,14 @@ The plan is read off the jobs the workflow itself would run: a Snakemake dry run
 each job's ``attnspace`` command, and each command is parsed by the CLI's own parser, so
 the plan counts exactly the arguments the jobs will get. Per job it counts
 
-* disk: bytes of the activation stores a caching job writes (rows x (sum of site widths x
-  bytes per value + per-row metadata), per layer; stores are uncompressed) and of trained
-  dictionaries (float32 weights, and Adam's two moments in the checkpoint);
-* activation rows per site;
-* model-forward tokens: tokens run through the model by caching, the loss-recovered
+* disk: bytes of the activation stores a caching job writes (per split and layer: rows x
+  (sum of the widths of the sites cached at that layer x bytes per value + per-row metadata);
+  stores are uncompressed) and of trained dictionaries (float32 weights, and Adam's two
+  moments in the checkpoint);
+* activation rows per site: the train and held-out rows of the main cache, the SAE store's
+  rows (``cache_sae``);
+* model-forward tokens: tokens run through the model by caching (the SAE store's forwards stop
+  at the focus layer and are counted as whole passes), the loss-recovered
   interventions (each site and k is a pass from the layer on, counted as whole passes),
   live SAE training and the LM loss with an SAE spliced in;
 * optimizer steps of SAEs and Lorsa;
@@ -90,16 +93,7 @@ def plan_jobs(commands: list[list[str]], config: dict, root: Path = Path(".")) -
     for argv in commands:
         a = parser.parse_args(argv)
         if a.command == "cache":
-            m = config["models"][a.model]
-            n_rows = config["tokens"]["train_tokens"] + config["tokens"]["heldout_tokens"]
-            notes, per_row = set(), 0
-            for site in a.sites:
-                width, note = _site_width(site, m, attn_z_width(a.model, root))
-                per_row += width * BYTES[a.dtype]
-                notes.add(note)
-            disk = len(a.layers) * n_rows * (per_row + META_BYTES_PER_ROW)
-            rows.append(PlanRow("cache_activations", f"{a.model}/{a.dataset}", disk, n_rows, n_rows,
-                                note="; ".join(sorted(n for n in notes if n))))
+            rows.append(_cache_row(a, config, root))
         elif a.command == "loss-recovered":
             d = config["models"][a.model]["d_model"]
             passes = 1 + len(a.spectra) * (1 + len(k_grid(d, **json.loads(a.k_grid))))  # clean; per site zero + each k
@@ -114,6 +108,27 @@ def plan_jobs(commands: list[list[str]], config: dict, root: Path = Path(".")) -
             rows.append(PlanRow("train_lorsa", Path(a.out_dir).relative_to(Path(a.out_dir).parents[3]).as_posix(),
                                 optimizer_steps=steps))
     return pd.DataFrame([asdict(r) for r in rows], columns=list(PlanRow.__dataclass_fields__))
+
+
+def _cache_row(a, config: dict, root: Path) -> PlanRow:
+    """A caching job: each of its splits' stores, one per layer with the sites cached there."""
+    from attnspace.cache import layer_sites
+
+    m, tokens = config["models"][a.model], config["tokens"]
+    split_rows = {"train": tokens["train_tokens"], "heldout": tokens["heldout_tokens"],
+                  "sae": tokens["sae_train_tokens"]}
+    n_rows = sum(split_rows[split] for split in a.splits)
+    notes, widths = set(), {}
+    for site in a.sites:
+        widths[site], note = _site_width(site, m, attn_z_width(a.model, root))
+        notes.add(note)
+    by_layer = layer_sites(a.layers, a.sites, json.loads(a.site_layers))
+    disk = sum(n_rows * (sum(widths[s] for s in sites) * BYTES[a.dtype] + META_BYTES_PER_ROW)
+               for sites in by_layer.values())
+    stage = "cache_sae" if a.splits == ["sae"] else "cache_activations"
+    if stage == "cache_sae":
+        notes.add(f"forward stops at layer {max(a.layers)} of {m['n_layers']}")
+    return PlanRow(stage, f"{a.model}/{a.dataset}", disk, n_rows, n_rows, note="; ".join(sorted(n for n in notes if n)))
 
 
 def _sae_row(a, run: dict, config: dict, speed: dict) -> PlanRow:
