@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ import pandas as pd
 import yaml
 
 from conftest import REPO
+from test_workflow import all_run_folders
 
 
 def plan(tmp_path: Path, configfile: str) -> pd.DataFrame:
@@ -49,17 +51,18 @@ def test_default_plan_by_hand(tmp_path):
     assert len(lr) == 2 and (lr["forward_tokens"] == 512 * (1 + 3 * (1 + 22))).all()
     # SAEs: 64 steps each (65,536 tokens / 1,024); the LM loss (3 passes of 512) for Figure 6's 12 runs only
     sae = jobs[jobs["stage"] == "train_sae"]
-    assert len(sae) == 46 and (sae["optimizer_steps"] == 64).all()
+    assert len(sae) == len(all_run_folders(cfg, 576)) and (sae["optimizer_steps"] == 64).all()
     assert sae["forward_tokens"].sum() == 12 * 3 * 512 and sae["gpu_hours"].isna().all()
     # each SAE's files: weights, and a checkpoint holding weights and Adam's two moments, in float32
     one = sae[sae["job"].str.endswith("/base-d0-adam-n4608-k32")].iloc[0]
     assert one["disk_bytes"] == 3 * 4 * (2 * 4608 * 576 + 4608 + 576)
     lorsa = jobs[jobs["stage"] == "train_lorsa"]
-    assert len(lorsa) == 2 and (lorsa["optimizer_steps"] == 2 * 16384 // 512).all()
+    assert len(lorsa) == 2 * 3 and (lorsa["optimizer_steps"] == 2 * 16384 // 512).all()  # 2 inits x 3 seeds
 
 
 def test_paper_plan_shows_the_scale(tmp_path):
     jobs = plan(tmp_path, "config/paper.yaml")
+    cfg = yaml.safe_load((REPO / "config/paper.yaml").read_text())
     cache = jobs[jobs["stage"] == "cache_activations"]
     assert len(cache) == 12 and (cache["rows_per_site"] == 11_000_000).all()
     llama = cache[cache["job"] == "llama-3.1-8b/slimpajama"].iloc[0]
@@ -69,5 +72,31 @@ def test_paper_plan_shows_the_scale(tmp_path):
     assert not (jobs["stage"] == "cache_sae").any()  # the SAEs train on the live model
     sae = jobs[jobs["stage"] == "train_sae"]
     whole_batches = 2_500_000_000 // 4096 * 4096
-    assert len(sae) == 49 and (sae["forward_tokens"] >= whole_batches).all()  # every SAE runs the 8B model live
+    assert len(sae) == len(all_run_folders(cfg, 4096)) and (sae["forward_tokens"] >= whole_batches).all()  # every SAE runs the 8B model live
     assert (sae["optimizer_steps"] == 2_500_000_000 // 4096).all()
+
+
+def test_a_real_run_prints_its_plan_before_its_jobs_and_a_dry_run_does_not(tiny_llama, tmp_path):
+    from conftest import tiny_config
+
+    cfg = tiny_config(tiny_llama)
+    del cfg["datasets"]["pycode"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    target = "results/activations/tiny/pydocs/cache.json"
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+
+    def snakemake(*args):
+        r = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--configfile",
+                            "config.yaml", *args, target], cwd=tmp_path, env=env, capture_output=True, text=True,
+                           timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return r.stdout + r.stderr
+
+    assert "The plan of this run's jobs" not in snakemake("-n")
+    out = snakemake("--cores", "1")
+    head = out.index("The plan of this run's jobs")
+    assert head < out.index("rule cache_activations") and head < out.index("rule tokenize")
+    # 1,536 + 384 rows of 5 sites 48 float32 values wide (Z: 4 heads x 12) + 13 bytes, at layers 1 and 2
+    rows = 1536 + 384
+    assert f"| cache_activations | 1 | {rows * 2 * (5 * 48 * 4 + 13) / 1e6:.3g} MB | 1.92 K | 1.92 K |" in out[head:]
+    assert "| total | 1 |" in out[head:]

@@ -17,6 +17,10 @@ the plan counts exactly the arguments the jobs will get. Per job it counts
 * optimizer steps of SAEs and Lorsa;
 * GPU-hours of SAE training where a measured throughput exists
   (``bench/results/sae_gpu_*.jsonl``); otherwise it says the number is unmeasured.
+
+``attnspace plan`` sums the jobs of a whole configuration before anything runs; a real run
+prints the same sums for the jobs it is about to execute (:func:`print_run_plan`, the
+Snakefile's ``onstart``).
 """
 
 from __future__ import annotations
@@ -149,6 +153,14 @@ def _sae_row(a, run: dict, config: dict, speed: dict) -> PlanRow:
                    note="" if tok_s else "GPU-hours unmeasured (no bench/results/sae_gpu_*.jsonl at this size)")
 
 
+def command_argv(line: str) -> list[str] | None:
+    """The argv (without the program) of a job's ``attnspace`` shell command; None for any other line."""
+    line = line.strip().removeprefix("Shell command: ")
+    if not line.startswith("attnspace "):
+        return None
+    return shlex.split(re.split(r"\s+>\s+\S+\s+2>&1\s*$", line)[0])[1:]
+
+
 def planned_commands(snakefile: Path, configfile: Path | None, workdir: Path, targets=()) -> list[list[str]]:
     """The ``attnspace`` argv of every job a dry run plans (nothing is run or written)."""
     cmd = [sys.executable, "-m", "snakemake", "-s", str(snakefile), "-n", "-p", *targets]
@@ -157,13 +169,19 @@ def planned_commands(snakefile: Path, configfile: Path | None, workdir: Path, ta
     r = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(f"the dry run failed:\n{(r.stdout + r.stderr)[-3000:]}")
-    commands = []
-    for line in (r.stdout + r.stderr).splitlines():
-        line = line.strip().removeprefix("Shell command: ")
-        if line.startswith("attnspace "):
-            argv = shlex.split(re.split(r"\s+>\s+\S+\s+2>&1\s*$", line)[0])[1:]
-            commands.append(argv)
-    return commands
+    return [argv for line in (r.stdout + r.stderr).splitlines() if (argv := command_argv(line))]
+
+
+def run_plan(shell_commands, config: dict, root: Path = Path(".")) -> str:
+    """The plan's summary (markdown) of the jobs a run is about to start, from their shell commands.
+
+    What the Snakefile prints when a real run starts (``onstart``): the same per-stage sums as
+    ``attnspace plan``, over exactly the jobs this run executes, read off the workflow's own DAG
+    (no second dry run). Empty when no job is one the plan counts (caching, training, interventions).
+    """
+    commands = [argv for line in shell_commands if line and (argv := command_argv(line))]
+    jobs = plan_jobs(commands, config, root)
+    return summary_markdown(summary(jobs)) if len(jobs) else ""
 
 
 def summary(plan: pd.DataFrame) -> pd.DataFrame:
@@ -199,3 +217,17 @@ def summary_markdown(table: pd.DataFrame) -> str:
         lines.append(f"| {r.stage} | {r.jobs} | {_human(r.disk_bytes, 'B')} | {_human(r.rows_per_site, '')} | "
                      f"{_human(r.forward_tokens, '')} | {_human(r.optimizer_steps, '')} | {hours} |")
     return "\n".join(lines) + "\n"
+
+
+def print_run_plan(jobs, config: dict, file=None) -> None:
+    """Print :func:`run_plan` of Snakemake ``jobs`` (those a run is about to execute) to stderr.
+
+    A plan that cannot be computed is reported in one line instead; the run goes on.
+    """
+    try:
+        text = run_plan((job.shellcmd for job in jobs if job.shellcmd), config)
+    except Exception as e:  # noqa: BLE001 (the run must not fail for want of its summary)
+        text = f"(no plan: {type(e).__name__}: {e})\n"
+    if text:
+        print(f"The plan of this run's jobs (as attnspace plan counts them; docs/cluster.md):\n{text}",
+              file=file or sys.stderr, flush=True)
