@@ -324,8 +324,8 @@ def _check_cache_layers(config: dict) -> None:
                               f"Fix: add {site} to cache.sites or remove cache.layers.{site}.")
         if want == "focus":
             continue
-        if isinstance(want, str) or not want or not all(isinstance(x, int) and not isinstance(x, bool)
-                                                        for x in want):
+        if not isinstance(want, list) or not want or not all(isinstance(x, int) and not isinstance(x, bool)
+                                                             for x in want):
             raise ConfigError(f"cache.layers.{site} = {want!r} is neither focus nor a list of layers. "
                               f"Fix: write focus, or a list of layers such as [{config['focus']['layer']}].")
         for name, m in config["models"].items():
