@@ -46,6 +46,17 @@ include: "rules/report.smk"
 report: "docs/report.rst"
 
 
+# A real run (never a dry run: Snakemake calls onstart only when jobs are about to execute)
+# first prints the plan of the jobs it will run (disk, activation rows, model-forward tokens,
+# optimizer steps, GPU-hours), read off this run's own DAG, as `attnspace plan` does from a
+# dry run. A plan that cannot be computed is reported and does not stop the run. Imported here,
+# so that loading the workflow (snakemake -n) does not pay for it.
+onstart:
+    from attnspace.plan import print_run_plan
+
+    print_run_plan(workflow.dag.needrun_jobs(), config)
+
+
 rule all:
     input:
         figure_targets(),

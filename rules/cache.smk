@@ -1,5 +1,6 @@
-# The activation cache: one forward pass per (model, dataset) fills every site of
-# every configured layer, train and held-out splits. Each store gets a manifest
+# The activation cache: one forward pass per (model, dataset) fills every site at its
+# layers (cache.layers; every configured layer by default), train and held-out splits; each
+# layer's store holds the sites cached there. Each store gets a manifest
 # beside it (L{layer}.manifest.json), written last; cache.json, the rule's output,
 # lists them all and is written after every store is complete. A record whose stores are
 # not all published (a manifest deleted or lost) is dropped when the workflow loads, so
@@ -11,11 +12,12 @@ from attnspace.store import drop_incomplete_cache
 
 for _model in MODELS:
     for _dataset in DATASETS:
-        _record = f"results/activations/{_model}/{_dataset}/cache.json"
-        _missing = drop_incomplete_cache(_record)
-        if _missing:
-            print(f"{_record}: stores without a manifest ({', '.join(_missing)}); the cache will be rebuilt.",
-                  file=sys.stderr)
+        for _name in ("cache.json", "sae.json"):
+            _record = f"results/activations/{_model}/{_dataset}/{_name}"
+            _missing = drop_incomplete_cache(_record)
+            if _missing:
+                print(f"{_record}: stores without a manifest ({', '.join(_missing)}); the cache will be rebuilt.",
+                      file=sys.stderr)
 
 
 rule cache_activations:
@@ -29,6 +31,7 @@ rule cache_activations:
         dtype=lambda w: model_cfg(w)["dtype"],
         layers=lambda w: model_cfg(w)["layers"],
         sites=config["cache"]["sites"],
+        site_layers=site_layers,
         chunk_rows=config["cache"]["chunk_rows"],
         shard_rows=config["cache"]["shard_rows"],
         config_hash=cache_hash,
@@ -47,5 +50,42 @@ rule cache_activations:
     shell:
         "attnspace cache --model-dir {params.model_dir} --dtype {params.dtype} --tokens {input.tokens} "
         "--model {wildcards.model} --dataset {wildcards.dataset} --layers {params.layers} "
-        "--sites {params.sites} --chunk-rows {params.chunk_rows} --shard-rows {params.shard_rows} "
+        "--sites {params.sites} --site-layers {params.site_layers:q} --chunk-rows {params.chunk_rows} --shard-rows {params.shard_rows} "
+        "--config-hash {params.config_hash} --threads {threads} --out-dir {params.out_dir} --record {output} > {log} 2>&1"
+
+
+# The SAE store (where tokens.sae_train_tokens is set and SAEs train on the cache): the SAE sites at
+# the focus layer for tokens.sae_train_tokens training rows, results/activations/{model}/{dataset}/sae/
+# L{layer}.zarr; its first rows are the train split's. The forward stops at the focus layer. The
+# SAEs there read it instead of the train split (sae_store in common.smk); held-out rows stay shared.
+rule cache_sae:
+    input:
+        model=prepared_model,
+        tokens="results/tokens/{model}/{dataset}.sae.npz",
+    output:
+        "results/activations/{model}/{dataset}/sae.json",
+    params:
+        model_dir="resources/models/{model}/hf",
+        dtype=lambda w: model_cfg(w)["dtype"],
+        layer=config["focus"]["layer"],
+        sites=SAE_STORE_SITES,
+        chunk_rows=config["cache"]["chunk_rows"],
+        shard_rows=config["cache"]["shard_rows"],
+        config_hash=sae_store_hash,
+        out_dir="results/activations/{model}/{dataset}",
+    log:
+        "results/logs/cache_sae/{model}/{dataset}.log",
+    benchmark:
+        "results/benchmarks/cache_sae/{model}/{dataset}.tsv"
+    threads: 2
+    resources:
+        gpu=GPU,
+        mem_mb=16000,
+        runtime=720,
+    conda:
+        "../envs/attnspace.yaml"
+    shell:
+        "attnspace cache --model-dir {params.model_dir} --dtype {params.dtype} --tokens {input.tokens} "
+        "--model {wildcards.model} --dataset {wildcards.dataset} --layers {params.layer} "
+        "--sites {params.sites} --splits sae --chunk-rows {params.chunk_rows} --shard-rows {params.shard_rows} "
         "--config-hash {params.config_hash} --threads {threads} --out-dir {params.out_dir} --record {output} > {log} 2>&1"

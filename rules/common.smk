@@ -6,7 +6,7 @@ import shlex
 import shutil
 from pathlib import Path
 
-from attnspace.config import config_hash, focus_layers
+from attnspace.config import cached_layers, config_hash, focus_layers, sae_store_sites
 from attnspace.sae.group import pack_devices, training_bytes
 from attnspace.sae.runs import RUN_PATH, parse_run_name, run_name, variant_run
 
@@ -52,8 +52,48 @@ def gguf_input(wildcards):
 
 
 def cache_hash(wildcards):
-    """Changes whenever what the cache holds would change."""
-    return config_hash(model_cfg(wildcards), dataset_cfg(wildcards), config["tokens"], config["cache"])
+    """Changes whenever what the cache holds would change (the SAE store's length is not part of it)."""
+    tokens = {k: v for k, v in config["tokens"].items() if k != "sae_train_tokens"}
+    return config_hash(model_cfg(wildcards), dataset_cfg(wildcards), tokens, config["cache"])
+
+
+def site_layers(wildcards):
+    """JSON {site: [layers]} of the sites cache.layers restricts; the others are cached at every layer."""
+    layers = cached_layers(config, wildcards.model)
+    return json.dumps({site: layers[site] for site in config["cache"]["layers"]}, separators=(",", ":"))
+
+
+# ---- the SAE store: tokens.sae_train_tokens training rows of the SAE sites at the focus layer
+
+SAE_STORE_SITES = sae_store_sites(config)  # empty: every SAE reads the train split (or the live model)
+
+
+def has_sae_store(model, dataset, layer):
+    """Whether the SAEs at (model, dataset, layer) train on the SAE store: the focus triple, when there is one."""
+    focus = config["focus"]
+    return bool(SAE_STORE_SITES) and (model, dataset, int(layer)) == (focus["model"], focus["dataset"], focus["layer"])
+
+
+def sae_store(model, dataset, layer):
+    """Manifest of the store an SAE at (model, dataset, layer) trains on: the SAE store where there is one,
+    else the train split's."""
+    if has_sae_store(model, dataset, layer):
+        return f"results/activations/{model}/{dataset}/sae/L{layer}.manifest.json"
+    return f"results/activations/{model}/{dataset}/L{layer}.manifest.json"
+
+
+def sae_caches(model, dataset, layer):
+    """The cache records an SAE job reads: the main cache (its held-out split), and the SAE store's record."""
+    records = [f"results/activations/{model}/{dataset}/cache.json"]
+    if has_sae_store(model, dataset, layer):
+        records.append(f"results/activations/{model}/{dataset}/sae.json")
+    return records
+
+
+def sae_store_hash(wildcards):
+    """Changes whenever what the SAE store holds would change."""
+    return config_hash(model_cfg(wildcards), dataset_cfg(wildcards), config["tokens"], config["cache"],
+                       config["focus"]["layer"], SAE_STORE_SITES)
 
 
 def all_spectra():

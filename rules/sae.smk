@@ -9,14 +9,14 @@ for group in sae_groups():
         name:
             group["rule"]
         input:
-            cache=f"results/activations/{group['model']}/{group['dataset']}/cache.json",
+            cache=sae_caches(group["model"], group["dataset"], group["layer"]),
             spectrum=spectrum_file(group["model"], group["dataset"], group["layer"], group["site"]),
             tokens=f"results/tokens/{group['model']}/{group['dataset']}.npz",
             model=f"resources/models/{group['model']}/prepared.json",
         output:
             group["outputs"],
         params:
-            store=f"results/activations/{group['model']}/{group['dataset']}/L{group['layer']}.manifest.json",
+            store=sae_store(group["model"], group["dataset"], group["layer"]),
             heldout=f"results/activations/{group['model']}/{group['dataset']}/heldout/L{group['layer']}.manifest.json",
             model_dir=f"resources/models/{group['model']}/hf",
             dtype=config["models"][group["model"]]["dtype"],

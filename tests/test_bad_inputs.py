@@ -164,6 +164,20 @@ CROSS_KEY = [
     ("models.tiny.d_model", lambda c: c["models"]["tiny"].update(d_model=64)),
     ("models.tiny.n_layers", lambda c: c["models"]["tiny"].update(n_layers=3)),
     ("models.tiny.layers[1]", lambda c: c["models"]["tiny"].update(layers=[2, 9])),
+    # a stage that reads a site at a layer the cache leaves out (tiny: layers [1, 2], focus 2)
+    ("cache.layers.attn_z", lambda c: c["cache"].update(layers={"attn_z": "focus"})),  # Figure 3: every layer
+    ("cache.layers.attn_in", lambda c: c["cache"].update(layers={"attn_in": [1]})),  # Lorsa: the focus layer
+    ("cache.layers.attn_out", lambda c: c["cache"].update(layers={"attn_out": "focus"})),  # spectra: every layer
+    ("cache.layers.mlp_out", lambda c: c["cache"].update(layers={"mlp_out": [1, 2, 3]})),  # 3 is not cached
+    ("cache.layers.attn_in", lambda c: c["cache"].update(layers={"attn_in": "last"})),
+    ("cache.layers.attn_in", lambda c: c["cache"].update(layers={"attn_in": 2})),
+    ("cache.layers", lambda c: c["cache"].update(layers={"attn_x": "focus"})),
+    ("cache.layers.attn_in", lambda c: c["cache"].update(sites=["attn_out", "mlp_out", "resid_post", "attn_z"],
+                                                         layers={"attn_in": "focus"})),
+    ("cache.sites", lambda c: c["cache"].update(sites=["attn_out", "mlp_out", "resid_post", "attn_z"])),  # Lorsa
+    ("tokens.sae_train_tokens", lambda c: c["tokens"].update(sae_train_tokens=1000)),  # below train_tokens
+    ("tokens.sae_train_tokens", lambda c: (c["tokens"].update(sae_train_tokens=1536),
+                                           c["sae"].update(train_tokens=4096))),  # each row 2.7 times
     ("suite.llamascope.folder", lambda c: c.update(suite=dict(
         source="llamascope", sites=["attn_out", "mlp_out", "resid_post"],
         llamascope={"repos": dict.fromkeys(["attn_out", "mlp_out", "resid_post"], "a/b"),

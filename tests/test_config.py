@@ -157,3 +157,40 @@ def test_library_defaults_are_the_schemas():
                                       "--run", "base-d0-adam-n96-k4", "--out-dir", "o"])
     assert args.batch_size is None and args.train_tokens is None and args.seed is None
     assert schema_default("spectrum.threshold") == schema["spectrum"]["properties"]["threshold"]["default"]
+
+
+def test_cache_layers_resolve_per_model_and_the_shipped_configs_cache_what_they_read():
+    from attnspace.config import cached_layers, sae_store_sites, store_readers
+
+    cfg = check_config(load("config.yaml"))
+    smol = cached_layers(cfg, "smollm2-135m")
+    assert smol["attn_in"] == [15] and smol["attn_z"] == smol["attn_out"] == [2, 8, 15, 22, 28]
+    assert cached_layers(cfg, "gemma3-270m")["attn_in"] == [9]  # Gemma's own focus layer
+    assert sae_store_sites(cfg) == ["attn_out", "mlp_out", "resid_post"]  # Figures 5-7 and the suite at layer 15
+    for name in ("config.yaml", "config/paper.yaml"):
+        cfg = check_config(load(name))
+        read = {(model, site, layer) for _, model, site, layers in store_readers(cfg) for layer in layers}
+        cached = {(model, site, layer) for model in cfg["models"]
+                  for site, layers in cached_layers(cfg, model).items() for layer in layers}
+        assert read <= cached
+        # nothing cached that no stage reads: attn_in is Lorsa's alone, at the focus layer
+        lorsa = set(cfg["lorsa"]["models"])
+        assert {(m, s, L) for m, s, L in cached - read} == {
+            (m, "attn_in", L) for m, L in focus_layers(cfg).items() if m not in lorsa}
+    paper = check_config(load("config/paper.yaml"))
+    assert sae_store_sites(paper) == []  # its SAEs train on the live model
+
+
+def test_a_site_may_be_cached_at_the_focus_layer_only_when_nothing_else_reads_it(tiny_llama):
+    from attnspace.config import cached_layers
+
+    cfg = tiny_config(tiny_llama)
+    cfg["cache"]["layers"] = {"attn_z": "focus", "attn_in": [2]}
+    cfg["figures"] = {name: {} for name in ("fig1", "fig2a", "fig5")}  # no Figure 3: attn_z is read nowhere
+    check_config(cfg)
+    assert cached_layers(cfg, "tiny") == {"attn_out": [1, 2], "mlp_out": [1, 2], "resid_post": [1, 2],
+                                          "attn_z": [2], "attn_in": [2]}
+    cfg["figures"]["fig3"] = {}
+    with pytest.raises(ConfigError, match=r"^cache.layers.attn_z = 'focus' leaves out layers \[1\] of tiny, "
+                                          r"where figures.fig3 reads attn_z\. Fix: "):
+        check_config(cfg)

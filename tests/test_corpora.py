@@ -122,3 +122,31 @@ def test_hub_documents_stream_shuffled_text(monkeypatch):
     assert list(documents(src, seed=7)) == ["row 2", "row 1", "row 0"]
     assert calls["load"] == ("org/corpus", "github", "train", "abc123", True)
     assert calls["shuffle"][0] == 7
+
+
+def test_sae_split_extends_the_train_split_and_never_reaches_the_held_out_text():
+    budgets = {"train": 1000, "heldout": 300}
+    plain = tokenize_documents(iter(synthetic_docs(0)), TOK, max_doc_tokens=64, budgets=budgets)
+    splits = tokenize_documents(iter(synthetic_docs(0)), TOK, max_doc_tokens=64, budgets={**budgets, "sae": 2500})
+    # train and held-out exactly as without the SAE split
+    for name in ("train", "heldout"):
+        assert np.array_equal(splits[name].ids, plain[name].ids)
+        assert np.array_equal(splits[name].doc_starts, plain[name].doc_starts)
+    sae = splits["sae"]
+    assert sae.n_tokens == 2500
+    assert np.array_equal(sae.ids[:1000], splits["train"].ids)  # its first rows are the train split's
+    assert np.array_equal(sae.doc_starts[:-1][sae.doc_starts[:-1] < 1000], splits["train"].doc_starts[:-1])
+    assert np.array_equal(sae.positions()[:1000], splits["train"].positions())  # same contexts
+    held = {TOK.decode(d[1:]).split(":")[0] for d in splits["heldout"].documents()}
+    train = {TOK.decode(d[1:]).split(":")[0] for d in sae.documents()}
+    assert train and not held & train
+    for doc in sae.documents():
+        assert doc[0] == TOK.bos_token_id and 1 <= len(doc) <= 64
+
+
+def test_a_corpus_too_small_for_the_sae_split_is_refused_naming_the_key():
+    import pytest
+
+    with pytest.raises(ValueError, match="tokens.sae_train_tokens"):
+        tokenize_documents(iter(synthetic_docs(0)), TOK, max_doc_tokens=64,
+                           budgets={"train": 1000, "heldout": 300, "sae": 10**6})

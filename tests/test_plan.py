@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -28,15 +29,23 @@ def test_default_plan_by_hand(tmp_path):
     jobs = plan(tmp_path, "config.yaml")
     rows = cfg["tokens"]["train_tokens"] + cfg["tokens"]["heldout_tokens"]  # 20,480 per (model, dataset)
     cache = jobs[jobs["stage"] == "cache_activations"].set_index("job")
-    # SmolLM2: 5 sites of 576 float32 values (its 9 heads x 64 make Z 576 wide) + 13 bytes of row
-    # metadata, at 5 layers; Gemma 3: 640 wide (Z assumed 640 until the model is prepared)
-    smol = 5 * rows * (5 * 576 * 4 + 13)
-    gemma = 5 * rows * (5 * 640 * 4 + 13)
+    # SmolLM2: 4 sites of 576 float32 values (its 9 heads x 64 make Z 576 wide) + 13 bytes of row
+    # metadata at 5 layers, and attn_in (576) at the focus layer only; Gemma 3: 640 wide (Z assumed
+    # 640 until the model is prepared)
+    assert cfg["cache"]["layers"] == {"attn_in": "focus"}
+    smol = rows * (5 * (4 * 576 * 4 + 13) + 576 * 4)
+    gemma = rows * (5 * (4 * 640 * 4 + 13) + 640 * 4)
     for dataset in ("pydocs", "pycode"):
         assert cache.loc[f"smollm2-135m/{dataset}", "disk_bytes"] == smol
         assert cache.loc[f"gemma3-270m/{dataset}", "disk_bytes"] == gemma
         assert "attn_z width assumed" in cache.loc[f"gemma3-270m/{dataset}", "note"]
     assert (cache["rows_per_site"] == rows).all() and (cache["forward_tokens"] == rows).all()
+    # the SAE store: the focus pair only, 131,072 rows of the three SAE sites at layer 15
+    sae_store = jobs[jobs["stage"] == "cache_sae"]
+    assert list(sae_store["job"]) == ["smollm2-135m/pydocs"]
+    assert sae_store["disk_bytes"].iloc[0] == 131072 * (3 * 576 * 4 + 13)
+    assert sae_store["rows_per_site"].iloc[0] == sae_store["forward_tokens"].iloc[0] == 131072
+    assert "stops at layer 15 of 30" in sae_store["note"].iloc[0]
     # loss recovered: 512 held-out tokens, clean + 3 sites x (zero + 22 values of k) passes, per model
     lr = jobs[jobs["stage"] == "loss_recovered"]
     assert len(lr) == 2 and (lr["forward_tokens"] == 512 * (1 + 3 * (1 + 22))).all()
@@ -62,7 +71,9 @@ def test_paper_plan_shows_the_scale(tmp_path):
     assert len(cache) == 12 and (cache["rows_per_site"] == 11_000_000).all()
     llama = cache[cache["job"] == "llama-3.1-8b/slimpajama"].iloc[0]
     layers = len(cfg["models"]["llama-3.1-8b"]["layers"])
-    assert llama["disk_bytes"] == layers * 11_000_000 * (5 * 4096 * 2 + 13)  # bfloat16
+    # bfloat16; attn_in (Lorsa's input) at the focus layer only
+    assert llama["disk_bytes"] == 11_000_000 * (layers * (4 * 4096 * 2 + 13) + 4096 * 2)
+    assert not (jobs["stage"] == "cache_sae").any()  # the SAEs train on the live model
     sae = jobs[jobs["stage"] == "train_sae"]
     whole_batches = 2_500_000_000 // 4096 * 4096
     assert len(sae) == len(all_run_folders(cfg, 4096)) and (sae["optimizer_steps"] == 2_500_000_000 // 4096).all()
@@ -71,3 +82,29 @@ def test_paper_plan_shows_the_scale(tmp_path):
     groups = len(expected_sae_groups(cfg, 4096))
     assert groups < len(sae) and (sae["forward_tokens"] >= whole_batches).sum() == groups
     assert sae["forward_tokens"].sum() == groups * whole_batches + expected_members(cfg, "fig6", 4096) * 3 * 65536
+
+
+def test_a_real_run_prints_its_plan_before_its_jobs_and_a_dry_run_does_not(tiny_llama, tmp_path):
+    from conftest import tiny_config
+
+    cfg = tiny_config(tiny_llama)
+    del cfg["datasets"]["pycode"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    target = "results/activations/tiny/pydocs/cache.json"
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+
+    def snakemake(*args):
+        r = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--configfile",
+                            "config.yaml", *args, target], cwd=tmp_path, env=env, capture_output=True, text=True,
+                           timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return r.stdout + r.stderr
+
+    assert "The plan of this run's jobs" not in snakemake("-n")
+    out = snakemake("--cores", "1")
+    head = out.index("The plan of this run's jobs")
+    assert head < out.index("rule cache_activations") and head < out.index("rule tokenize")
+    # 1,536 + 384 rows of 5 sites 48 float32 values wide (Z: 4 heads x 12) + 13 bytes, at layers 1 and 2
+    rows = 1536 + 384
+    assert f"| cache_activations | 1 | {rows * 2 * (5 * 48 * 4 + 13) / 1e6:.3g} MB | 1.92 K | 1.92 K |" in out[head:]
+    assert "| total | 1 |" in out[head:]

@@ -51,7 +51,7 @@ def test_dry_run_of_whole_config(configfile, tmp_path):
     dry_run(configfile=REPO / configfile if configfile else None, workdir=tmp_path)
 
 
-PLANNED_RULES = ("cache_activations", "loss_recovered", "train_sae", "train_lorsa", "fetch_llamascope")
+PLANNED_RULES = ("cache_activations", "cache_sae", "loss_recovered", "train_sae", "train_lorsa", "fetch_llamascope")
 
 
 def dry_run_output(*targets, cwd: Path, configfile: Path | None = None) -> str:
@@ -155,6 +155,8 @@ def expected_jobs(cfg: dict, target: str, d_model: int) -> dict[str, int]:
     groups = {name: sum(name in figures for figures, _ in expected_sae_groups(cfg, d_model))
               for name in ("fig4", "fig5", "fig6", "fig7")}
     one = {"cache_activations": 1}  # the focus (model, dataset)
+    # SAEs at the focus layer train on the SAE store where there is one (sae.source cache)
+    sae_store = {"cache_sae": 1} if cfg["tokens"].get("sae_train_tokens") and cfg["sae"].get("source") != "live" else {}
     expected = {
         "fig1": {"cache_activations": pairs},
         "fig9": {"cache_activations": pairs},
@@ -163,10 +165,10 @@ def expected_jobs(cfg: dict, target: str, d_model: int) -> dict[str, int]:
         "fig2b": {"cache_activations": n_models, "loss_recovered": n_models},  # the focus dataset, per model
         "fig3": {"cache_activations": n_models},
         "fig4": {**one, **({"fetch_llamascope": suite} if cfg["suite"]["source"] == "llamascope"
-                           else {"train_sae": groups["fig4"]})},
-        "fig5": {**one, "train_sae": groups["fig5"]},
-        "fig6": {**one, "train_sae": groups["fig6"]},
-        "fig7": {**one, "train_sae": groups["fig7"]},
+                           else {"train_sae": groups["fig4"], **sae_store})},
+        "fig5": {**one, **sae_store, "train_sae": groups["fig5"]},
+        "fig6": {**one, **sae_store, "train_sae": groups["fig6"]},
+        "fig7": {**one, **sae_store, "train_sae": groups["fig7"]},
     }
     return expected[target]
 
@@ -213,6 +215,8 @@ def test_whole_config_plans_every_job_once(configfile, tmp_path):
                 "train_lorsa": 2 * len(lorsa_models) * cfg["lorsa"].get("seeds", 3)}
     if cfg["suite"]["source"] == "llamascope":
         expected["fetch_llamascope"] = len(cfg["models"][cfg["focus"]["model"]]["layers"]) * len(cfg["suite"]["sites"])
+    if cfg["tokens"].get("sae_train_tokens") and cfg["sae"]["source"] != "live":
+        expected["cache_sae"] = 1  # the focus (model, dataset) only
     out = dry_run_output(cwd=tmp_path, configfile=REPO / path)
     assert job_counts(out) == expected
     assert set(sae_runs(out)) == all_run_folders(cfg, d_model)

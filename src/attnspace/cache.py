@@ -1,9 +1,12 @@
 """Fill the activation cache: one forward pass per document fills every site of
 every configured layer of a (model, dataset), for both splits.
 
-The forward stops after the deepest layer needed (``sites.capture``); each
+Each site is written at its own layers (``cache.layers``: e.g. attn_in only at the
+focus layer), so a layer's store holds the sites cached there and its manifest lists
+them. The forward stops after the deepest layer needed (``sites.capture``); each
 (layer, split) gets one ``StoreWriter`` (one writer per array, whole shards).
-Stores appear, with their manifests, only when complete.
+Stores appear, with their manifests, only when complete. The SAE store is the same
+driver on the ``sae`` split, at the focus layer only.
 """
 
 from __future__ import annotations
@@ -21,14 +24,16 @@ from attnspace.store import StoreWriter
 
 
 def store_path(out_dir: Path | str, layer: int, split: str) -> Path:
-    """results/activations/{model}/{dataset}/L{layer}.zarr (train) or .../heldout/L{layer}.zarr."""
+    """results/activations/{model}/{dataset}/L{layer}.zarr (train) or .../{split}/L{layer}.zarr
+    (heldout, sae)."""
     out_dir = Path(out_dir)
     return (out_dir if split == "train" else out_dir / split) / f"L{layer}.zarr"
 
 
 def cache_split(model, tokens: TokenSplit, writers: dict[int, StoreWriter], sites: list[str],
                 special_ids: set[int], desc: str = "") -> None:
-    """Run every document of ``tokens`` through ``model`` and append its sites to ``writers``."""
+    """Run every document of ``tokens`` through ``model`` and append to each writer its own sites
+    (those of ``sites`` it was opened with)."""
     device = next(model.parameters()).device
     layers = sorted(writers)
     bar = tqdm(total=tokens.n_tokens, desc=desc, unit="tok", mininterval=5, smoothing=0.1)
@@ -38,27 +43,42 @@ def cache_split(model, tokens: TokenSplit, writers: dict[int, StoreWriter], site
         meta = dict(token_id=ids.astype(np.int32), doc=np.full(n, doc_i, np.int32),
                     pos=np.arange(n, dtype=np.int32), keep=keep_mask(ids, special_ids))
         for layer in layers:
-            writers[layer].append({s: acts[layer, s][0] for s in sites}, **meta)
+            writers[layer].append({s: acts[layer, s][0] for s in writers[layer].sites}, **meta)
         bar.update(n)
     bar.close()
+
+
+def layer_sites(layers: list[int], sites: list[str],
+                site_layers: dict[str, list[int]] | None = None) -> dict[int, list[str]]:
+    """{layer: the sites cached there}: every site at every layer of ``layers``, except that a
+    site of ``site_layers`` is cached only at its own layers (among ``layers``). Layers left
+    with no site get no store."""
+    site_layers = site_layers or {}
+    out = {layer: [s for s in sites if s not in site_layers or layer in site_layers[s]] for layer in layers}
+    return {layer: chosen for layer, chosen in out.items() if chosen}
 
 
 def cache_activations(model, splits: dict[str, TokenSplit], out_dir: Path | str, *, model_name: str,
                       dataset: str, layers: list[int], sites: list[str], logical_dtype: str,
                       special_ids: set[int], chunk_rows: int, shard_rows: int,
-                      config_hash: str = "") -> list[dict]:
-    """Cache ``sites`` at ``layers`` for every split; returns the manifests written."""
+                      config_hash: str = "", site_layers: dict[str, list[int]] | None = None,
+                      split_names: tuple[str, ...] = SPLITS) -> list[dict]:
+    """Cache ``sites`` at ``layers`` (a site of ``site_layers`` only at its own layers) for each
+    split of ``split_names``; returns the manifests written."""
+    by_layer = layer_sites(layers, sites, site_layers)
     widths = {s: site_width(model, s) for s in sites}
     manifests = []
-    for split in SPLITS:
+    for split in split_names:
         tokens = splits[split]
         with ExitStack() as stack:
             writers = {
                 layer: stack.enter_context(StoreWriter(
                     store_path(out_dir, layer, split), model=model_name, dataset=dataset, layer=layer,
-                    split=split, n_rows=tokens.n_tokens, sites=widths, logical_dtype=logical_dtype,
-                    chunk_rows=chunk_rows, shard_rows=shard_rows, config_hash=config_hash))
-                for layer in layers}
-            cache_split(model, tokens, writers, sites, special_ids, desc=f"{model_name}/{dataset} {split}")
-            manifests += [writers[layer].close() for layer in layers]
+                    split=split, n_rows=tokens.n_tokens, sites={s: widths[s] for s in chosen},
+                    logical_dtype=logical_dtype, chunk_rows=chunk_rows, shard_rows=shard_rows,
+                    config_hash=config_hash))
+                for layer, chosen in by_layer.items()}
+            cache_split(model, tokens, writers, sorted({s for c in by_layer.values() for s in c}), special_ids,
+                        desc=f"{model_name}/{dataset} {split}")
+            manifests += [writers[layer].close() for layer in by_layer]
     return manifests

@@ -174,6 +174,7 @@ def _check_semantics(config: dict) -> None:
         raise ConfigError(f"focus.layer = {focus['layer']} is not among models.{focus['model']}.layers "
                           f"{config['models'][focus['model']]['layers']}. Fix: add it there or pick one of them.")
     _check_dictionaries(config)
+    _check_cache_layers(config)
     fig9 = config["figures"].get("fig9")
     if fig9 is not None:
         absent = set(fig9.get("thresholds", [])) - set(config["spectrum"]["thresholds"])
@@ -250,6 +251,108 @@ def _check_dictionaries(config: dict) -> None:
             raise ConfigError(f"lorsa: n_ov_heads = expansion x d_model = {lorsa['expansion'] * width} ({name}) is "
                               f"not a multiple of lorsa.n_qk_heads = {lorsa['n_qk_heads']}. "
                               "Fix: pick n_qk_heads dividing it.")
+
+
+def cached_layers(config: dict, model: str) -> dict[str, list[int]]:
+    """Per site of ``cache.sites``, the layers of ``model`` it is cached at, in the model's order.
+
+    ``cache.layers.<site>``: ``focus`` is the model's focus layer (:func:`focus_layers`); a
+    list keeps the model's layers that are in it; a site not named there gets every layer.
+    """
+    m = config["models"][model]
+    chosen = config["cache"].get("layers") or {}
+    out = {}
+    for site in config["cache"]["sites"]:
+        want = chosen.get(site)
+        if want is None:
+            out[site] = list(m["layers"])
+        elif want == "focus":
+            out[site] = [focus_layers(config)[model]]
+        else:
+            out[site] = [layer for layer in m["layers"] if layer in want]
+    return out
+
+
+def store_readers(config: dict) -> list[tuple[str, str, str, list[int]]]:
+    """Every (key, model, site, layers) whose cached activations a configured stage reads.
+
+    ``key`` names the setting that makes the stage read them. The spectra (Figures 1, 2A,
+    8, 9, the interventions, ASI) read ``spectrum.sites`` at every layer; the W^O
+    decomposition (Figure 3) reads attn_z and attn_out at every layer; the SAEs of
+    Figures 5-7 read their site at the focus layer and the Figure 4 suite its sites at
+    every layer of the focus model (train and held-out stores; the LlamaScope suite the
+    held-out ones only); Lorsa (Table 1) reads attn_in and attn_out at each of its
+    models' focus layers.
+    """
+    figures, focus = config["figures"], config["focus"]
+    at_focus = focus_layers(config)
+    out = []
+    for model, m in config["models"].items():
+        out += [("spectrum.sites", model, site, list(m["layers"])) for site in config["spectrum"]["sites"]]
+        if "fig3" in figures:
+            out += [("figures.fig3", model, site, list(m["layers"])) for site in ("attn_z", "attn_out")]
+    for name in ("fig5", "fig6", "fig7"):
+        if name in figures:
+            out.append((f"{name}.site", focus["model"], config[name]["site"], [focus["layer"]]))
+    if "fig4" in figures:
+        layers = list(config["models"][focus["model"]]["layers"])
+        out += [("suite.sites", focus["model"], site, layers) for site in config["suite"]["sites"]]
+    for model in config["lorsa"]["models"]:
+        out += [("lorsa.models", model, site, [at_focus[model]]) for site in ("attn_in", "attn_out")]
+    return out
+
+
+def sae_store_sites(config: dict) -> list[str]:
+    """The sites of the SAE store (tokens.sae_train_tokens rows at the focus model, dataset and layer):
+    every site an SAE is trained on at the focus layer (Figures 5-7 and the Figure 4 suite's SAE
+    there). Empty when SAEs train on the live model (sae.source: live) or tokens.sae_train_tokens is 0."""
+    if config["sae"]["source"] != "cache" or not config["tokens"].get("sae_train_tokens"):
+        return []
+    figures = config["figures"]
+    sites = [config[name]["site"] for name in ("fig5", "fig6", "fig7") if name in figures]
+    if "fig4" in figures and config["suite"]["source"] == "pipeline":
+        sites += config["suite"]["sites"]
+    return sorted(set(sites))
+
+
+def _check_cache_layers(config: dict) -> None:
+    """cache.layers against the models' layers, and every stored site a stage reads against the cache."""
+    cache, chosen = config["cache"], config["cache"].get("layers") or {}
+    for site, want in chosen.items():
+        if site not in cache["sites"]:
+            raise ConfigError(f"cache.layers.{site} names a site that cache.sites {cache['sites']} does not cache. "
+                              f"Fix: add {site} to cache.sites or remove cache.layers.{site}.")
+        if want == "focus":
+            continue
+        if not isinstance(want, list) or not want or not all(isinstance(x, int) and not isinstance(x, bool)
+                                                             for x in want):
+            raise ConfigError(f"cache.layers.{site} = {want!r} is neither focus nor a list of layers. "
+                              f"Fix: write focus, or a list of layers such as [{config['focus']['layer']}].")
+        for name, m in config["models"].items():
+            absent = sorted(set(want) - set(m["layers"]))
+            if absent:
+                raise ConfigError(f"cache.layers.{site} = {want} has layers {absent} that models.{name}.layers "
+                                  f"{m['layers']} does not list. Fix: add them there or drop them here.")
+    cached = {model: cached_layers(config, model) for model in config["models"]}
+    for key, model, site, layers in store_readers(config):
+        if site not in cached[model]:
+            raise ConfigError(f"cache.sites = {cache['sites']} lacks {site}, which {key} reads (model {model}). "
+                              f"Fix: add {site} to cache.sites.")
+        absent = [layer for layer in layers if layer not in cached[model][site]]
+        if absent:
+            raise ConfigError(f"cache.layers.{site} = {chosen[site]!r} leaves out layers {absent} of {model}, "
+                              f"where {key} reads {site}. Fix: add them to cache.layers.{site}, or remove "
+                              f"cache.layers.{site} to cache it at every layer.")
+    tokens, sae = config["tokens"], config["sae"]
+    rows = tokens["sae_train_tokens"]
+    if rows and rows < tokens["train_tokens"]:
+        raise ConfigError(f"tokens.sae_train_tokens = {rows} is below tokens.train_tokens = {tokens['train_tokens']}; "
+                          "the SAE store extends the train split. Fix: raise it to at least train_tokens, or set 0 "
+                          "(SAEs read the train split).")
+    if sae_store_sites(config) and sae["train_tokens"] > 2 * rows:
+        raise ConfigError(f"tokens.sae_train_tokens = {rows}: the focus layer's SAEs train on sae.train_tokens = "
+                          f"{sae['train_tokens']}, each row more than twice. Fix: raise tokens.sae_train_tokens to "
+                          f"at least {-(-sae['train_tokens'] // 2)}, or lower sae.train_tokens.")
 
 
 def _text_config(cfg: dict) -> dict:

@@ -12,8 +12,10 @@ Hub corpora (SlimPajama, RedPajama-GitHub, CCI3) stream through ``datasets``.
 
 Every document becomes ``[BOS] + tokens`` truncated to ``max_doc_tokens``; the
 documents are shuffled deterministically and dealt into a held-out part (first)
-and a training part, each cut to an exact token count. ``keep`` marks the
-rows that enter statistics: BOS and EOS never do.
+and a training part, each cut to an exact token count. An optional longer
+training part for the SAEs (``sae``) continues the training documents: its first
+rows are the training part's, and it never reaches into the held-out documents.
+``keep`` marks the rows that enter statistics: BOS and EOS never do.
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ import numpy as np
 from attnspace.files import write_npz
 
 SPLITS = ("train", "heldout")
+"""The splits every tokens file and every activation cache has."""
+SAE_SPLIT = "sae"
+"""The SAE training split (tokens.sae_train_tokens rows), where one is configured."""
 
 
 # ----------------------------------------------------------------------------- documents
@@ -166,25 +171,48 @@ def tokenize_documents(documents: Iterator[str], tokenizer, *, max_doc_tokens: i
     """Tokenise documents (already shuffled) into splits of exact token budgets.
 
     Documents are dealt in order: held-out first, then train; the last document
-    of a split is cut so that each split holds exactly its budget.
+    of a split is cut so that each split holds exactly its budget. A ``sae`` budget
+    (at least the train budget) cuts the same training documents, dealt on past the
+    train budget, at its own count: its first ``budgets["train"]`` tokens are the
+    train split's, document for document.
     """
     docs = document_ids(documents, tokenizer, max_doc_tokens)
-    splits = {}
-    for split in ("heldout", "train"):
-        chunks, count = [], 0
-        while count < budgets[split]:
+    total = budgets["heldout"] + max(budgets["train"], budgets.get(SAE_SPLIT, 0))
+
+    def deal(budget: int, dealt: int) -> list[np.ndarray]:
+        """Whole documents from the stream until they hold ``budget`` tokens (the last one uncut)."""
+        out, count = [], 0
+        while count < budget:
             ids = next(docs, None)
             if ids is None:
-                raise ValueError(f"the corpus ran out after {sum(s.n_tokens for s in splits.values()) + count} "
-                                 f"tokens but {sum(budgets.values())} are configured ({budgets}). "
-                                 "Fix: lower tokens.train_tokens / tokens.heldout_tokens.")
-            # The split's last document is cut to fill the budget exactly (it may be a lone BOS,
-            # which no statistic sees).
-            doc = ids[: budgets[split] - count]
-            chunks.append(doc)
-            count += len(doc)
-        starts = np.concatenate([[0], np.cumsum([len(d) for d in chunks])]).astype(np.int64)
-        splits[split] = TokenSplit(np.concatenate(chunks), starts)
+                raise ValueError(f"the corpus ran out after {dealt + count} tokens but {total} are configured "
+                                 f"({budgets}). Fix: lower tokens.train_tokens / tokens.heldout_tokens / "
+                                 "tokens.sae_train_tokens, or use a larger corpus.")
+            out.append(ids)
+            count += len(ids)
+        return out
+
+    def cut(chunks: list[np.ndarray], budget: int) -> TokenSplit:
+        # The split's last document is cut to fill the budget exactly (it may be a lone BOS,
+        # which no statistic sees).
+        kept, count = [], 0
+        for ids in chunks:
+            if count >= budget:
+                break
+            kept.append(ids[: budget - count])
+            count += len(kept[-1])
+        starts = np.concatenate([[0], np.cumsum([len(d) for d in kept])]).astype(np.int64)
+        return TokenSplit(np.concatenate(kept), starts)
+
+    heldout = deal(budgets["heldout"], 0)
+    splits = {"heldout": cut(heldout, budgets["heldout"])}
+    training = deal(max(budgets["train"], budgets.get(SAE_SPLIT, 0)), budgets["heldout"])
+    splits["train"] = cut(training, budgets["train"])
+    if budgets.get(SAE_SPLIT):
+        if budgets[SAE_SPLIT] < budgets["train"]:
+            raise ValueError(f"the SAE split ({budgets[SAE_SPLIT]} tokens) must extend the train split "
+                             f"({budgets['train']}). Fix: raise tokens.sae_train_tokens to at least train_tokens.")
+        splits[SAE_SPLIT] = cut(training, budgets[SAE_SPLIT])
     return splits
 
 
@@ -220,6 +248,7 @@ def save_tokens(splits: dict[str, TokenSplit], path: Path | str, **meta) -> None
 
 def load_tokens(path: Path | str) -> tuple[dict[str, TokenSplit], dict]:
     with np.load(path) as z:
-        splits = {s: TokenSplit(z[f"{s}_ids"], z[f"{s}_doc_starts"]) for s in SPLITS if f"{s}_ids" in z}
+        splits = {s: TokenSplit(z[f"{s}_ids"], z[f"{s}_doc_starts"]) for s in (*SPLITS, SAE_SPLIT)
+                  if f"{s}_ids" in z}
         meta = {k[5:]: z[k].tolist() for k in z.files if k.startswith("meta_")}
     return splits, meta

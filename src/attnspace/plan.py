@@ -4,17 +4,24 @@ The plan is read off the jobs the workflow itself would run: a Snakemake dry run
 each job's ``attnspace`` command, and each command is parsed by the CLI's own parser, so
 the plan counts exactly the arguments the jobs will get. Per job it counts
 
-* disk: bytes of the activation stores a caching job writes (rows x (sum of site widths x
-  bytes per value + per-row metadata), per layer; stores are uncompressed) and of trained
-  dictionaries (float32 weights, and Adam's two moments in the checkpoint);
-* activation rows per site;
-* model-forward tokens: tokens run through the model by caching, the loss-recovered
+* disk: bytes of the activation stores a caching job writes (per split and layer: rows x
+  (sum of the widths of the sites cached at that layer x bytes per value + per-row metadata);
+  stores are uncompressed) and of trained dictionaries (float32 weights, and Adam's two
+  moments in the checkpoint);
+* activation rows per site: the train and held-out rows of the main cache, the SAE store's
+  rows (``cache_sae``);
+* model-forward tokens: tokens run through the model by caching (the SAE store's forwards stop
+  at the focus layer and are counted as whole passes), the loss-recovered
   interventions (each site and k is a pass from the layer on, counted as whole passes),
   live SAE training (once per SAE group: its members share one stream; counted on the group's
   first member) and the LM loss with an SAE spliced in (per member);
 * optimizer steps of SAEs and Lorsa;
 * GPU-hours of SAE training where a measured throughput exists
   (``bench/results/sae_gpu_*.jsonl``); otherwise it says the number is unmeasured.
+
+``attnspace plan`` sums the jobs of a whole configuration before anything runs; a real run
+prints the same sums for the jobs it is about to execute (:func:`print_run_plan`, the
+Snakefile's ``onstart``).
 """
 
 from __future__ import annotations
@@ -92,16 +99,7 @@ def plan_jobs(commands: list[list[str]], config: dict, root: Path = Path(".")) -
     for argv in commands:
         a = parser.parse_args(argv)
         if a.command == "cache":
-            m = config["models"][a.model]
-            n_rows = config["tokens"]["train_tokens"] + config["tokens"]["heldout_tokens"]
-            notes, per_row = set(), 0
-            for site in a.sites:
-                width, note = _site_width(site, m, attn_z_width(a.model, root))
-                per_row += width * BYTES[a.dtype]
-                notes.add(note)
-            disk = len(a.layers) * n_rows * (per_row + META_BYTES_PER_ROW)
-            rows.append(PlanRow("cache_activations", f"{a.model}/{a.dataset}", disk, n_rows, n_rows,
-                                note="; ".join(sorted(n for n in notes if n))))
+            rows.append(_cache_row(a, config, root))
         elif a.command == "loss-recovered":
             d = config["models"][a.model]["d_model"]
             passes = 1 + len(a.spectra) * (1 + len(k_grid(d, **json.loads(a.k_grid))))  # clean; per site zero + each k
@@ -120,6 +118,27 @@ def plan_jobs(commands: list[list[str]], config: dict, root: Path = Path(".")) -
             rows.append(PlanRow("train_lorsa", Path(a.out_dir).relative_to(Path(a.out_dir).parents[3]).as_posix(),
                                 optimizer_steps=steps))
     return pd.DataFrame([asdict(r) for r in rows], columns=list(PlanRow.__dataclass_fields__))
+
+
+def _cache_row(a, config: dict, root: Path) -> PlanRow:
+    """A caching job: each of its splits' stores, one per layer with the sites cached there."""
+    from attnspace.cache import layer_sites
+
+    m, tokens = config["models"][a.model], config["tokens"]
+    split_rows = {"train": tokens["train_tokens"], "heldout": tokens["heldout_tokens"],
+                  "sae": tokens["sae_train_tokens"]}
+    n_rows = sum(split_rows[split] for split in a.splits)
+    notes, widths = set(), {}
+    for site in a.sites:
+        widths[site], note = _site_width(site, m, attn_z_width(a.model, root))
+        notes.add(note)
+    by_layer = layer_sites(a.layers, a.sites, json.loads(a.site_layers))
+    disk = sum(n_rows * (sum(widths[s] for s in sites) * BYTES[a.dtype] + META_BYTES_PER_ROW)
+               for sites in by_layer.values())
+    stage = "cache_sae" if a.splits == ["sae"] else "cache_activations"
+    if stage == "cache_sae":
+        notes.add(f"forward stops at layer {max(a.layers)} of {m['n_layers']}")
+    return PlanRow(stage, f"{a.model}/{a.dataset}", disk, n_rows, n_rows, note="; ".join(sorted(n for n in notes if n)))
 
 
 def _sae_row(a, run: dict, config: dict, speed: dict, group_size: int = 1, first: bool = True) -> PlanRow:
@@ -144,6 +163,14 @@ def _sae_row(a, run: dict, config: dict, speed: dict, group_size: int = 1, first
                    gpu_hours=tokens / tok_s / 3600 if tok_s else None, note="; ".join(notes))
 
 
+def command_argv(line: str) -> list[str] | None:
+    """The argv (without the program) of a job's ``attnspace`` shell command; None for any other line."""
+    line = line.strip().removeprefix("Shell command: ")
+    if not line.startswith("attnspace "):
+        return None
+    return shlex.split(re.split(r"\s+>\s+\S+\s+2>&1\s*$", line)[0])[1:]
+
+
 def planned_commands(snakefile: Path, configfile: Path | None, workdir: Path, targets=()) -> list[list[str]]:
     """The ``attnspace`` argv of every job a dry run plans (nothing is run or written)."""
     cmd = [sys.executable, "-m", "snakemake", "-s", str(snakefile), "-n", "-p", *targets]
@@ -152,13 +179,19 @@ def planned_commands(snakefile: Path, configfile: Path | None, workdir: Path, ta
     r = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(f"the dry run failed:\n{(r.stdout + r.stderr)[-3000:]}")
-    commands = []
-    for line in (r.stdout + r.stderr).splitlines():
-        line = line.strip().removeprefix("Shell command: ")
-        if line.startswith("attnspace "):
-            argv = shlex.split(re.split(r"\s+>\s+\S+\s+2>&1\s*$", line)[0])[1:]
-            commands.append(argv)
-    return commands
+    return [argv for line in (r.stdout + r.stderr).splitlines() if (argv := command_argv(line))]
+
+
+def run_plan(shell_commands, config: dict, root: Path = Path(".")) -> str:
+    """The plan's summary (markdown) of the jobs a run is about to start, from their shell commands.
+
+    What the Snakefile prints when a real run starts (``onstart``): the same per-stage sums as
+    ``attnspace plan``, over exactly the jobs this run executes, read off the workflow's own DAG
+    (no second dry run). Empty when no job is one the plan counts (caching, training, interventions).
+    """
+    commands = [argv for line in shell_commands if line and (argv := command_argv(line))]
+    jobs = plan_jobs(commands, config, root)
+    return summary_markdown(summary(jobs)) if len(jobs) else ""
 
 
 def summary(plan: pd.DataFrame) -> pd.DataFrame:
@@ -194,3 +227,17 @@ def summary_markdown(table: pd.DataFrame) -> str:
         lines.append(f"| {r.stage} | {r.jobs} | {_human(r.disk_bytes, 'B')} | {_human(r.rows_per_site, '')} | "
                      f"{_human(r.forward_tokens, '')} | {_human(r.optimizer_steps, '')} | {hours} |")
     return "\n".join(lines) + "\n"
+
+
+def print_run_plan(jobs, config: dict, file=None) -> None:
+    """Print :func:`run_plan` of Snakemake ``jobs`` (those a run is about to execute) to stderr.
+
+    A plan that cannot be computed is reported in one line instead; the run goes on.
+    """
+    try:
+        text = run_plan((job.shellcmd for job in jobs if job.shellcmd), config)
+    except Exception as e:  # noqa: BLE001 (the run must not fail for want of its summary)
+        text = f"(no plan: {type(e).__name__}: {e})\n"
+    if text:
+        print(f"The plan of this run's jobs (as attnspace plan counts them; docs/cluster.md):\n{text}",
+              file=file or sys.stderr, flush=True)

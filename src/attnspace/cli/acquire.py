@@ -38,9 +38,11 @@ def cmd_tokenize(a):
     from attnspace.corpora import documents, save_tokens, tokenize_documents
 
     tokenizer = AutoTokenizer.from_pretrained(a.model_dir)
+    budgets = {"train": a.train_tokens, "heldout": a.heldout_tokens}
+    if a.sae_train_tokens:
+        budgets["sae"] = a.sae_train_tokens
     splits = tokenize_documents(documents(json.loads(a.source), a.seed), tokenizer,
-                                max_doc_tokens=a.max_doc_tokens,
-                                budgets={"train": a.train_tokens, "heldout": a.heldout_tokens})
+                                max_doc_tokens=a.max_doc_tokens, budgets=budgets)
     special = sorted({t for t in (tokenizer.bos_token_id, tokenizer.eos_token_id) if t is not None})
     save_tokens(splits, a.out, special_ids=special, max_doc_tokens=a.max_doc_tokens)
     for name, s in splits.items():
@@ -59,7 +61,8 @@ def cmd_cache(a):
     manifests = cache_activations(
         model, splits, a.out_dir, model_name=a.model, dataset=a.dataset, layers=a.layers, sites=a.sites,
         logical_dtype=a.dtype, special_ids=set(meta["special_ids"]), chunk_rows=a.chunk_rows,
-        shard_rows=a.shard_rows, config_hash=a.config_hash)
+        shard_rows=a.shard_rows, config_hash=a.config_hash, site_layers=json.loads(a.site_layers),
+        split_names=tuple(a.splits))
     write_json({"model": a.model, "dataset": a.dataset, "config_hash": a.config_hash, "stores": manifests},
                a.record)
     log.info("wrote %d stores under %s", len(manifests), a.out_dir)
@@ -92,6 +95,8 @@ def add_commands(sub) -> None:
     s.add_argument("--max-doc-tokens", type=int, default=1024)
     s.add_argument("--train-tokens", type=int, required=True)
     s.add_argument("--heldout-tokens", type=int, required=True)
+    s.add_argument("--sae-train-tokens", type=int, default=0,
+                   help="also a 'sae' split: the training documents cut at this many tokens (0: none)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_tokenize)
@@ -104,6 +109,10 @@ def add_commands(sub) -> None:
     s.add_argument("--dataset", required=True)
     s.add_argument("--layers", type=int, nargs="+", required=True)
     s.add_argument("--sites", nargs="+", required=True)
+    s.add_argument("--site-layers", default="{}",
+                   help='JSON {site: [layers]}: those sites only at those layers (the others at every --layers)')
+    s.add_argument("--splits", nargs="+", default=["train", "heldout"], choices=["train", "heldout", "sae"],
+                   help="token splits to cache (sae: the SAE store)")
     s.add_argument("--chunk-rows", type=int, default=2048)
     s.add_argument("--shard-rows", type=int, default=65536)
     s.add_argument("--config-hash", default="")
