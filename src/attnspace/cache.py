@@ -3,7 +3,10 @@ every configured layer of a (model, dataset), for both splits.
 
 The forward stops after the deepest layer needed (``sites.capture``); each
 (layer, split) gets one ``StoreWriter`` (one writer per array, whole shards).
-Stores appear, with their manifests, only when complete.
+Stores appear, with their manifests, only when complete. With spectrum sites streamed
+(``moment_sites``), the same forward of the train split also feeds a
+:class:`attnspace.moments.MomentsAccumulator`, which keeps their per-document-group moments in
+place of stores.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from attnspace.corpora import SPLITS, TokenSplit, keep_mask
+from attnspace.moments import MomentsAccumulator, document_group_of_docs
 from attnspace.sites import capture, site_width
 from attnspace.store import StoreWriter
 
@@ -27,18 +31,25 @@ def store_path(out_dir: Path | str, layer: int, split: str) -> Path:
 
 
 def cache_split(model, tokens: TokenSplit, writers: dict[int, StoreWriter], sites: list[str],
-                special_ids: set[int], desc: str = "") -> None:
-    """Run every document of ``tokens`` through ``model`` and append its sites to ``writers``."""
+                special_ids: set[int], desc: str = "", moments: MomentsAccumulator | None = None) -> None:
+    """Run every document of ``tokens`` through ``model`` and append its sites to ``writers``
+    (and add the moments of ``moments.sites`` to ``moments``)."""
     device = next(model.parameters()).device
-    layers = sorted(writers)
+    layers = sorted(set(writers) | set(moments.layers if moments else ()))
+    captured = list(dict.fromkeys(list(sites) + (moments.sites if moments else [])))
     bar = tqdm(total=tokens.n_tokens, desc=desc, unit="tok", mininterval=5, smoothing=0.1)
     for doc_i, (start, ids) in enumerate(zip(tokens.doc_starts[:-1], tokens.documents())):
-        acts = capture(model, torch.as_tensor(ids, dtype=torch.long, device=device)[None], layers, sites)
         n = ids.shape[0]
+        if not writers and moments is not None and doc_i < moments.next_doc:
+            bar.update(n)  # counted before a restart, and no store needs it
+            continue
+        acts = capture(model, torch.as_tensor(ids, dtype=torch.long, device=device)[None], layers, captured)
         meta = dict(token_id=ids.astype(np.int32), doc=np.full(n, doc_i, np.int32),
                     pos=np.arange(n, dtype=np.int32), keep=keep_mask(ids, special_ids))
-        for layer in layers:
+        for layer in sorted(writers):
             writers[layer].append({s: acts[layer, s][0] for s in sites}, **meta)
+        if moments is not None:
+            moments.add(doc_i, acts, meta["keep"])
         bar.update(n)
     bar.close()
 
@@ -46,19 +57,39 @@ def cache_split(model, tokens: TokenSplit, writers: dict[int, StoreWriter], site
 def cache_activations(model, splits: dict[str, TokenSplit], out_dir: Path | str, *, model_name: str,
                       dataset: str, layers: list[int], sites: list[str], logical_dtype: str,
                       special_ids: set[int], chunk_rows: int, shard_rows: int,
-                      config_hash: str = "") -> list[dict]:
-    """Cache ``sites`` at ``layers`` for every split; returns the manifests written."""
+                      config_hash: str = "", moments_dir: Path | str | None = None,
+                      moment_sites: list[str] = (), groups: int = 1, checkpoint_docs: int = 1000) -> list[dict]:
+    """Cache ``sites`` at ``layers`` for every split; returns the manifests written.
+
+    With ``moment_sites``, the train split's forward also accumulates their moments at every
+    layer in at most ``groups`` document groups under ``moments_dir`` (:mod:`attnspace.moments`),
+    checkpointed every ``checkpoint_docs`` documents.
+    """
     widths = {s: site_width(model, s) for s in sites}
     manifests = []
     for split in SPLITS:
         tokens = splits[split]
+        moments = None
+        if moment_sites and split == "train":
+            keep = keep_mask(tokens.ids, special_ids)
+            moments = MomentsAccumulator(
+                moments_dir, model=model_name, dataset=dataset, layers=layers,
+                widths={s: site_width(model, s) for s in moment_sites},
+                doc_group=document_group_of_docs(tokens, special_ids, groups), n_tokens=tokens.n_tokens,
+                n_kept=int(keep.sum()), device=next(model.parameters()).device, config_hash=config_hash,
+                checkpoint_docs=checkpoint_docs)
+        if not sites and moments is None:
+            continue  # nothing of this split is asked for
         with ExitStack() as stack:
             writers = {
                 layer: stack.enter_context(StoreWriter(
                     store_path(out_dir, layer, split), model=model_name, dataset=dataset, layer=layer,
                     split=split, n_rows=tokens.n_tokens, sites=widths, logical_dtype=logical_dtype,
                     chunk_rows=chunk_rows, shard_rows=shard_rows, config_hash=config_hash))
-                for layer in layers}
-            cache_split(model, tokens, writers, sites, special_ids, desc=f"{model_name}/{dataset} {split}")
-            manifests += [writers[layer].close() for layer in layers]
+                for layer in (layers if sites else [])}  # no stores: moments only
+            cache_split(model, tokens, writers, sites, special_ids, desc=f"{model_name}/{dataset} {split}",
+                        moments=moments)
+            manifests += [writers[layer].close() for layer in sorted(writers)]
+        if moments is not None:
+            moments.close()
     return manifests
