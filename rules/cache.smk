@@ -3,7 +3,8 @@
 # beside it (L{layer}.manifest.json), written last; cache.json, the rule's output,
 # lists them all and is written after every store is complete. A record whose stores are
 # not all published (a manifest deleted or lost) is dropped when the workflow loads, so
-# this run rebuilds that cache instead of finding nothing to do.
+# this run rebuilds that cache instead of finding nothing to do. With spectrum.mode: streamed the
+# same job also writes the spectrum sites' moments and their record (results/moments/...).
 
 import sys
 
@@ -23,7 +24,8 @@ rule cache_activations:
         model=prepared_model,
         tokens="results/tokens/{model}/{dataset}.npz",
     output:
-        "results/activations/{model}/{dataset}/cache.json",
+        [moments_record()] if STREAMED else [],  # spectrum.mode: streamed
+        record="results/activations/{model}/{dataset}/cache.json",
     params:
         model_dir="resources/models/{model}/hf",
         dtype=lambda w: model_cfg(w)["dtype"],
@@ -33,6 +35,7 @@ rule cache_activations:
         shard_rows=config["cache"]["shard_rows"],
         config_hash=cache_hash,
         out_dir="results/activations/{model}/{dataset}",
+        moments=streamed_moments_args,
     log:
         "results/logs/cache_activations/{model}/{dataset}.log",
     benchmark:
@@ -48,4 +51,5 @@ rule cache_activations:
         "attnspace cache --model-dir {params.model_dir} --dtype {params.dtype} --tokens {input.tokens} "
         "--model {wildcards.model} --dataset {wildcards.dataset} --layers {params.layers} "
         "--sites {params.sites} --chunk-rows {params.chunk_rows} --shard-rows {params.shard_rows} "
-        "--config-hash {params.config_hash} --threads {threads} --out-dir {params.out_dir} --record {output} > {log} 2>&1"
+        "--config-hash {params.config_hash} --threads {threads} --out-dir {params.out_dir} --record {output.record} "
+        "{params.moments} > {log} 2>&1"

@@ -56,7 +56,9 @@ def test_paper_plan_shows_the_scale(tmp_path):
     assert len(cache) == 12 and (cache["rows_per_site"] == 11_000_000).all()
     llama = cache[cache["job"] == "llama-3.1-8b/slimpajama"].iloc[0]
     layers = len(yaml.safe_load((REPO / "config/paper.yaml").read_text())["models"]["llama-3.1-8b"]["layers"])
-    assert llama["disk_bytes"] == layers * 11_000_000 * (5 * 4096 * 2 + 13)  # bfloat16
+    # stores of the 5 cached sites in bfloat16, and (spectrum.mode: streamed) the float64 moments of
+    # the 3 spectrum sites in at most 64 document groups, each (4096 + 1)^2
+    assert llama["disk_bytes"] == layers * (11_000_000 * (5 * 4096 * 2 + 13) + 3 * 64 * 4097**2 * 8)
     sae = jobs[jobs["stage"] == "train_sae"]
     whole_batches = 2_500_000_000 // 4096 * 4096
     assert len(sae) == 49 and (sae["forward_tokens"] >= whole_batches).all()  # every SAE runs the 8B model live

@@ -5,8 +5,10 @@ each job's ``attnspace`` command, and each command is parsed by the CLI's own pa
 the plan counts exactly the arguments the jobs will get. Per job it counts
 
 * disk: bytes of the activation stores a caching job writes (rows x (sum of site widths x
-  bytes per value + per-row metadata), per layer; stores are uncompressed) and of trained
-  dictionaries (float32 weights, and Adam's two moments in the checkpoint);
+  bytes per value + per-row metadata), per layer; stores are uncompressed), of the spectrum
+  moments it streams (spectrum.mode: streamed; groups x (width + 1)^2 float64 per layer and
+  site, ``groups`` being the most document groups) and of trained dictionaries (float32
+  weights, and Adam's two moments in the checkpoint);
 * activation rows per site;
 * model-forward tokens: tokens run through the model by caching, the loss-recovered
   interventions (each site and k is a pass from the layer on, counted as whole passes),
@@ -32,6 +34,9 @@ BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 """Bytes per stored value by the model's dtype (bf16 is stored as its uint16 bits)."""
 META_BYTES_PER_ROW = 4 + 4 + 4 + 1
 """token_id, doc, pos (int32) and keep (bool) beside every store's rows."""
+
+MOMENT_BYTES = 8
+"""Streamed spectrum moments (spectrum.mode: streamed) are float64: per layer and site, groups x (d+1)^2."""
 
 
 @dataclass
@@ -98,6 +103,10 @@ def plan_jobs(commands: list[list[str]], config: dict, root: Path = Path(".")) -
                 per_row += width * BYTES[a.dtype]
                 notes.add(note)
             disk = len(a.layers) * n_rows * (per_row + META_BYTES_PER_ROW)
+            for site in a.moment_sites or []:  # spectrum.mode: streamed
+                width, note = _site_width(site, m, attn_z_width(a.model, root))
+                disk += len(a.layers) * a.groups * (width + 1) ** 2 * MOMENT_BYTES
+                notes.add(note)
             rows.append(PlanRow("cache_activations", f"{a.model}/{a.dataset}", disk, n_rows, n_rows,
                                 note="; ".join(sorted(n for n in notes if n))))
         elif a.command == "loss-recovered":
