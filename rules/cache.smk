@@ -8,6 +8,7 @@
 
 import sys
 
+from attnspace.moments import drop_incomplete_moments
 from attnspace.store import drop_incomplete_cache
 
 for _model in MODELS:
@@ -17,6 +18,10 @@ for _model in MODELS:
         if _missing:
             print(f"{_record}: stores without a manifest ({', '.join(_missing)}); the cache will be rebuilt.",
                   file=sys.stderr)
+        _missing = drop_incomplete_moments(moments_record(_model, _dataset))  # spectrum.mode: streamed
+        if _missing:
+            print(f"{moments_record(_model, _dataset)}: files missing or short ({', '.join(_missing)}); "
+                  "the cache will be rebuilt.", file=sys.stderr)
 
 
 rule cache_activations:

@@ -156,3 +156,15 @@ def test_damaged_moments_are_refused(tiny, tmp_path):
         load_moments(record, 3, "attn_out")
     with pytest.raises(MomentsError, match="no moments of mlp_out"):
         load_moments(record, 3, "mlp_out")
+
+
+def test_record_of_missing_files_is_dropped(tiny, tmp_path):
+    from attnspace.moments import drop_incomplete_moments
+
+    model, tok, splits = tiny
+    run(model, tok, splits, tmp_path, sites=())
+    record = tmp_path / "moments" / RECORD
+    assert drop_incomplete_moments(record) == [] and record.is_file()
+    moments_file(tmp_path / "moments", 1, "attn_z").unlink()
+    assert drop_incomplete_moments(record) == [str(moments_file(tmp_path / "moments", 1, "attn_z"))]
+    assert not record.exists()

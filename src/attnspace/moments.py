@@ -199,6 +199,31 @@ class MomentsAccumulator:
         return record
 
 
+def drop_incomplete_moments(record: Path | str) -> list[str]:
+    """Remove a moments record whose files are not all there (deleted, resized); return what is wrong.
+
+    Without the record, the next plain ``snakemake`` run rebuilds the moments instead of
+    reporting nothing to do and failing in the spectrum jobs. Called when the workflow loads.
+    """
+    record = Path(record)
+    if not record.is_file():
+        return []
+    try:
+        rec = json.loads(record.read_text())
+        wrong = []
+        for sites in rec["files"].values():
+            for entry in sites.values():
+                path, w = record.parent / entry["file"], int(entry["width"])
+                size = rec["n_groups"] * (w + 1) ** 2 * 8
+                if not path.is_file() or path.stat().st_size < size:
+                    wrong.append(str(path))
+    except (OSError, ValueError, KeyError, TypeError):
+        wrong = ["unreadable record"]
+    if wrong:
+        record.unlink()
+    return wrong
+
+
 def load_moments(record: Path | str, layer: int, site: str) -> tuple[np.ndarray, dict]:
     """([G, d+1, d+1] float64 moments, the record) of ``site`` at ``layer``, every group checked
     against the record's digest."""
