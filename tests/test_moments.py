@@ -168,3 +168,22 @@ def test_record_of_missing_files_is_dropped(tiny, tmp_path):
     moments_file(tmp_path / "moments", 1, "attn_z").unlink()
     assert drop_incomplete_moments(record) == [str(moments_file(tmp_path / "moments", 1, "attn_z"))]
     assert not record.exists()
+
+
+def test_spectrum_command_reads_either_source(cached, tmp_path):
+    from attnspace.cli import build_parser
+    from attnspace.spectrum import load_spectrum
+    from attnspace.store import manifest_path
+
+    store = manifest_path(store_path(cached / "activations", 3, "train"))
+    common = ["--sites", "attn_out", "resid_post", "--resamples", "10", "--groups", str(GROUPS), "--seed", "1"]
+    for name, source in (("stored", ["--store", str(store)]),
+                         ("streamed", ["--moments", str(cached / "moments" / RECORD), "--layer", "3"])):
+        a = build_parser().parse_args(["spectrum", *source, *common, "--out", str(tmp_path / f"{name}-attn_out.npz"),
+                                       str(tmp_path / f"{name}-resid_post.npz")])
+        a.func(a)
+    for site in ("attn_out", "resid_post"):
+        stored, streamed = (load_spectrum(tmp_path / f"{name}-{site}.npz") for name in ("stored", "streamed"))
+        assert streamed.key == stored.key and streamed.n_groups == stored.n_groups == GROUPS
+        np.testing.assert_allclose(streamed.singular_values, stored.singular_values, rtol=1e-10)
+        np.testing.assert_allclose(streamed.boot_singular_values, stored.boot_singular_values, rtol=1e-10)

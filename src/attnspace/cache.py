@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from attnspace.corpora import SPLITS, TokenSplit, keep_mask
-from attnspace.moments import MomentsAccumulator, document_group_of_docs
+from attnspace.moments import CHECKPOINT_DOCS, MomentsAccumulator, document_group_of_docs
 from attnspace.sites import capture, site_width
 from attnspace.store import StoreWriter
 
@@ -58,7 +58,8 @@ def cache_activations(model, splits: dict[str, TokenSplit], out_dir: Path | str,
                       dataset: str, layers: list[int], sites: list[str], logical_dtype: str,
                       special_ids: set[int], chunk_rows: int, shard_rows: int,
                       config_hash: str = "", moments_dir: Path | str | None = None,
-                      moment_sites: list[str] = (), groups: int = 1, checkpoint_docs: int = 1000) -> list[dict]:
+                      moment_sites: list[str] = (), groups: int = 1,
+                      checkpoint_docs: int = CHECKPOINT_DOCS) -> list[dict]:
     """Cache ``sites`` at ``layers`` for every split; returns the manifests written.
 
     With ``moment_sites``, the train split's forward also accumulates their moments at every

@@ -44,6 +44,9 @@ FORMAT = "attnspace-moments/1"
 RECORD = "moments.json"
 """The record's file name inside a moments folder (the caching rule's output)."""
 
+CHECKPOINT_DOCS = 1000
+"""Documents between checkpoints by default: at most this many are run again after a kill."""
+
 
 class MomentsError(AttnspaceError, RuntimeError):
     """A moments file is missing, incomplete or damaged."""
@@ -87,7 +90,8 @@ class MomentsAccumulator:
 
     def __init__(self, out_dir: Path | str, *, model: str, dataset: str, layers: list[int],
                  widths: dict[str, int], doc_group: np.ndarray, n_tokens: int, n_kept: int,
-                 device: torch.device | str = "cpu", config_hash: str = "", checkpoint_docs: int = 1000) -> None:
+                 device: torch.device | str = "cpu", config_hash: str = "",
+                 checkpoint_docs: int = CHECKPOINT_DOCS) -> None:
         self.out_dir = Path(out_dir)
         self.record_file = self.out_dir / RECORD
         self.partial = self.out_dir / ".partial"

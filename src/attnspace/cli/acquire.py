@@ -63,7 +63,8 @@ def cmd_cache(a):
         model, splits, a.out_dir, model_name=a.model, dataset=a.dataset, layers=a.layers, sites=a.sites,
         logical_dtype=a.dtype, special_ids=set(meta["special_ids"]), chunk_rows=a.chunk_rows,
         shard_rows=a.shard_rows, config_hash=a.config_hash, moments_dir=a.moments_dir,
-        moment_sites=a.moment_sites or [], groups=a.groups, checkpoint_docs=a.checkpoint_docs)
+        moment_sites=a.moment_sites or [], groups=a.groups,
+        **({"checkpoint_docs": a.checkpoint_docs} if a.checkpoint_docs else {}))
     write_json({"model": a.model, "dataset": a.dataset, "config_hash": a.config_hash, "stores": manifests},
                a.record)
     log.info("wrote %d stores under %s", len(manifests), a.out_dir)
@@ -119,6 +120,6 @@ def add_commands(sub) -> None:
     s.add_argument("--moments-dir", help="folder of the streamed moments and their record, moments.json")
     s.add_argument("--groups", type=int, default=schema_default("spectrum.bootstrap.groups"),
                    help="most document groups the streamed moments are kept in")
-    s.add_argument("--checkpoint-docs", type=int, default=1000,
-                   help="documents between checkpoints of the streamed moments (a restarted job resumes there)")
+    s.add_argument("--checkpoint-docs", type=int, help="documents between checkpoints of the streamed moments "
+                   "(a restarted job resumes there; default attnspace.moments.CHECKPOINT_DOCS)")
     s.set_defaults(func=cmd_cache)
