@@ -105,9 +105,11 @@ def test_streamed_spectra_equal_stored_spectra(cached):
                     assert streamed.boot_singular_values is None and stored.boot_singular_values is None
 
 
-def test_killed_job_resumes_to_the_same_bytes(tiny, cached, tmp_path, monkeypatch):
-    """Moments only (no store needs the forward): a kill after 7 documents, checkpoints every 3;
-    the rerun runs only the documents after the last checkpoint and ends bitwise equal."""
+@pytest.mark.parametrize("stored_sites", [(), ("attn_out",)])
+def test_killed_job_resumes_to_the_same_bytes(tiny, cached, tmp_path, monkeypatch, stored_sites):
+    """A kill after 7 documents, checkpoints every 3: the rerun adds only the documents after the
+    last checkpoint and ends bitwise equal. With moments only, it runs only those through the
+    model; with a store too, every document (the store starts over)."""
     model, tok, splits = tiny
     import attnspace.cache as cache_mod
 
@@ -122,7 +124,7 @@ def test_killed_job_resumes_to_the_same_bytes(tiny, cached, tmp_path, monkeypatc
 
     monkeypatch.setattr(cache_mod, "capture", dying_capture)
     with pytest.raises(KeyboardInterrupt):
-        run(model, tok, splits, tmp_path, sites=(), checkpoint_docs=3)
+        run(model, tok, splits, tmp_path, sites=stored_sites, checkpoint_docs=3)
     record = tmp_path / "moments" / RECORD
     assert not record.exists()
     with pytest.raises(MomentsError):
@@ -131,10 +133,14 @@ def test_killed_job_resumes_to_the_same_bytes(tiny, cached, tmp_path, monkeypatc
     assert state["next_doc"] == 6
 
     calls["n"] = -10**9  # no more kills; count the forwards of the rerun
-    run(model, tok, splits, tmp_path, sites=(), checkpoint_docs=3)
-    assert calls["n"] + 10**9 == splits["train"].n_docs - 6
+    run(model, tok, splits, tmp_path, sites=stored_sites, checkpoint_docs=3)
+    if stored_sites:
+        assert calls["n"] + 10**9 == splits["train"].n_docs + splits["heldout"].n_docs
+        assert open_store(store_path(tmp_path / "activations", 3, "train")).sites == ("attn_out",)
+    else:
+        assert calls["n"] + 10**9 == splits["train"].n_docs - 6
+        assert not (tmp_path / "activations").exists()  # no store was asked for
     assert not (tmp_path / "moments" / ".partial").exists()
-    assert not (tmp_path / "activations").exists()  # no store was asked for
     for layer in LAYERS:
         for site in SPECTRUM_SITES:
             resumed = np.load(moments_file(tmp_path / "moments", layer, site))
