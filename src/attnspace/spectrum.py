@@ -20,6 +20,10 @@ the groups with replacement and summing their moments gives a bootstrap replicat
 spectrum without a second pass over the store (:func:`bootstrap_singular_values`);
 :func:`intrinsic_dim_rows` turns the replicates into a basic bootstrap interval per threshold
 (:func:`bootstrap_interval`).
+
+With ``spectrum.mode: streamed`` the caching job forms the same per-group moments while the model
+runs (:mod:`attnspace.moments`) and :func:`streamed_spectrum` reads them instead of a store; both
+sources end in :func:`spectrum_from_moments`.
 """
 
 from __future__ import annotations
