@@ -22,8 +22,8 @@ spectrum without a second pass over the store (:func:`bootstrap_singular_values`
 (:func:`bootstrap_interval`).
 
 With ``spectrum.mode: streamed`` the caching job forms the same per-group moments while the model
-runs (:mod:`attnspace.moments`) and :func:`streamed_spectrum` reads them instead of a store; both
-sources end in :func:`spectrum_from_moments`.
+runs (:mod:`attnspace.moments`) and :func:`streamed_spectrum` reads them instead of a store; group
+moments from either source give the spectrum and its replicates through :func:`spectrum_from_moments`.
 """
 
 from __future__ import annotations
