@@ -125,10 +125,20 @@ class MomentsAccumulator:
             with np.load(self.partial / "sums.npz", allow_pickle=False) as z:
                 for (layer, site), acc in self._sums.items():
                     acc.copy_(torch.from_numpy(z[self._name(layer, site)]))
-        mode = "w+" if state is None else "r+"
-        self._out = {(layer, site): np.lib.format.open_memmap(
-            self.partial / f"{self._name(layer, site)}.npy", mode=mode, dtype=np.float64,
-            shape=(self.n_groups, w + 1, w + 1)) for layer in self.layers for site, w in self.widths.items()}
+        # One .npy per (layer, site) with its header written up front; a finished group is written
+        # straight to its place in the file (no mapping: at d = 4096 a file is G x 134 MB).
+        self._out, self._offset = {}, {}
+        for layer in self.layers:
+            for site, w in self.widths.items():
+                path = self.partial / f"{self._name(layer, site)}.npy"
+                if state is None:
+                    header = np.lib.format.open_memmap(path, mode="w+", dtype=np.float64,
+                                                       shape=(self.n_groups, w + 1, w + 1))
+                    self._offset[layer, site] = header.offset
+                    del header
+                else:
+                    self._offset[layer, site] = np.load(path, mmap_mode="r").offset
+                self._out[layer, site] = open(path, "r+b")
 
     @staticmethod
     def _name(layer: int, site: str) -> str:
@@ -168,15 +178,18 @@ class MomentsAccumulator:
 
     def _finish_group(self, g: int) -> None:
         for (layer, site), acc in self._sums.items():
-            block = acc.cpu().numpy()
-            self._out[layer, site][g] = block
+            block = np.ascontiguousarray(acc.cpu().numpy())
+            f = self._out[layer, site]
+            f.seek(self._offset[layer, site] + g * block.nbytes)
+            f.write(memoryview(block).cast("B"))
             self.digests[self._name(layer, site)][g] = group_digest(block)
             acc.zero_()
 
     def checkpoint(self) -> None:
         """Flush the finished groups, save the running totals, then the state (next document)."""
-        for mm in self._out.values():
-            mm.flush()
+        for f in self._out.values():
+            f.flush()
+            os.fsync(f.fileno())
         write_npz(self.partial / "sums.npz",
                   **{self._name(layer, site): acc.cpu().numpy() for (layer, site), acc in self._sums.items()})
         write_json({"key": self.key, "next_doc": self.next_doc, "digests": self.digests}, self.partial / "state.json")
@@ -186,10 +199,9 @@ class MomentsAccumulator:
         if self.next_doc != self.n_docs:
             raise MomentsError(f"{self.out_dir}: close() after {self.next_doc} of {self.n_docs} documents")
         files = {}
-        for (layer, site), mm in self._out.items():
-            mm.flush()
-            src = Path(mm.filename)
-            del mm
+        for (layer, site), f in self._out.items():
+            f.close()
+            src = Path(f.name)
             final = moments_file(self.out_dir, layer, site)
             with atomic_path(final) as tmp:
                 os.replace(src, tmp)
