@@ -4,10 +4,12 @@
 # beside it (L{layer}.manifest.json), written last; cache.json, the rule's output,
 # lists them all and is written after every store is complete. A record whose stores are
 # not all published (a manifest deleted or lost) is dropped when the workflow loads, so
-# this run rebuilds that cache instead of finding nothing to do.
+# this run rebuilds that cache instead of finding nothing to do. With spectrum.mode: streamed the
+# same job also writes the spectrum sites' moments and their record (results/moments/...).
 
 import sys
 
+from attnspace.moments import drop_incomplete_moments
 from attnspace.store import drop_incomplete_cache
 
 for _model in MODELS:
@@ -18,6 +20,10 @@ for _model in MODELS:
             if _missing:
                 print(f"{_record}: stores without a manifest ({', '.join(_missing)}); the cache will be rebuilt.",
                       file=sys.stderr)
+        _missing = drop_incomplete_moments(moments_record(_model, _dataset))  # spectrum.mode: streamed
+        if _missing:
+            print(f"{moments_record(_model, _dataset)}: files missing or short ({', '.join(_missing)}); "
+                  "the cache will be rebuilt.", file=sys.stderr)
 
 
 rule cache_activations:
@@ -25,7 +31,8 @@ rule cache_activations:
         model=prepared_model,
         tokens="results/tokens/{model}/{dataset}.npz",
     output:
-        "results/activations/{model}/{dataset}/cache.json",
+        [moments_record()] if STREAMED else [],  # spectrum.mode: streamed
+        record="results/activations/{model}/{dataset}/cache.json",
     params:
         model_dir="resources/models/{model}/hf",
         dtype=lambda w: model_cfg(w)["dtype"],
@@ -36,6 +43,7 @@ rule cache_activations:
         shard_rows=config["cache"]["shard_rows"],
         config_hash=cache_hash,
         out_dir="results/activations/{model}/{dataset}",
+        moments=streamed_moments_args,
     log:
         "results/logs/cache_activations/{model}/{dataset}.log",
     benchmark:
@@ -51,7 +59,8 @@ rule cache_activations:
         "attnspace cache --model-dir {params.model_dir} --dtype {params.dtype} --tokens {input.tokens} "
         "--model {wildcards.model} --dataset {wildcards.dataset} --layers {params.layers} "
         "--sites {params.sites} --site-layers {params.site_layers:q} --chunk-rows {params.chunk_rows} --shard-rows {params.shard_rows} "
-        "--config-hash {params.config_hash} --threads {threads} --out-dir {params.out_dir} --record {output} > {log} 2>&1"
+        "--config-hash {params.config_hash} --threads {threads} --out-dir {params.out_dir} --record {output.record} "
+        "{params.moments} > {log} 2>&1"
 
 
 # The SAE store (where tokens.sae_train_tokens is set and SAEs train on the cache): the SAE sites at

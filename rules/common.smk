@@ -144,6 +144,39 @@ def spectrum_bootstrap_args():
     return f"--resamples {b['resamples']} --groups {b['groups']} --seed {b['seed']}"
 
 
+# spectrum.mode: streamed: the caching job also writes the spectrum sites' moments, which the
+# spectrum jobs read instead of the stores.
+STREAMED = config["spectrum"]["mode"] == "streamed"
+
+
+def moments_record(model="{model}", dataset="{dataset}"):
+    """The streamed moments' record of a (model, dataset), written last by the caching job."""
+    return f"results/moments/{model}/{dataset}/moments.json"
+
+
+def streamed_moments_args(wildcards):
+    """The caching job's moments options: every spectrum site, streamed (none in stored mode)."""
+    if not STREAMED:
+        return ""
+    return (f"--moment-sites {' '.join(config['spectrum']['sites'])} "
+            f"--moments-dir results/moments/{wildcards.model}/{wildcards.dataset} "
+            f"--groups {config['spectrum']['bootstrap']['groups']}")
+
+
+def spectrum_input(wildcards):
+    """What a spectrum job reads: the streamed moments' record, or the cache record (its stores)."""
+    if STREAMED:
+        return moments_record(wildcards.model, wildcards.dataset)
+    return f"results/activations/{wildcards.model}/{wildcards.dataset}/cache.json"
+
+
+def spectrum_source_args(wildcards):
+    """--moments and --layer (streamed), or --store: the train store of the job's layer."""
+    if STREAMED:
+        return f"--moments {moments_record(wildcards.model, wildcards.dataset)} --layer {wildcards.layer}"
+    return f"--store results/activations/{wildcards.model}/{wildcards.dataset}/L{wildcards.layer}.manifest.json"
+
+
 def spectrum_file(model, dataset, layer, site):
     return f"results/spectra/{model}/{dataset}/L{layer}/{site}.npz"
 

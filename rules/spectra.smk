@@ -1,14 +1,15 @@
 # Spectra with Dask: one float64 pass (Gram + column sums per document group) per cached site, then eigh
 # and the bootstrap replicates; one job per (model, dataset, layer) computes all its spectrum sites.
+# With spectrum.mode: streamed the moments come from the caching job (results/moments/...) instead.
 
 
 rule spectrum:
     input:
-        cache="results/activations/{model}/{dataset}/cache.json",
+        source=spectrum_input,
     output:
         expand("results/spectra/{{model}}/{{dataset}}/L{{layer}}/{site}.npz", site=config["spectrum"]["sites"]),
     params:
-        store="results/activations/{model}/{dataset}/L{layer}.manifest.json",
+        source=spectrum_source_args,
         sites=config["spectrum"]["sites"],
         n_vectors=(
             f"--n-vectors {config['spectrum']['n_vectors']}" if config["spectrum"]["n_vectors"] else ""
@@ -25,7 +26,7 @@ rule spectrum:
     conda:
         "../envs/attnspace.yaml"
     shell:
-        "attnspace spectrum --store {params.store} --sites {params.sites} {params.n_vectors} {params.bootstrap} "
+        "attnspace spectrum {params.source} --sites {params.sites} {params.n_vectors} {params.bootstrap} "
         "--threads {threads} --out {output} > {log} 2>&1"
 
 

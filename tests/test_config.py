@@ -74,6 +74,8 @@ BAD = [
     (("fig6", "d_init"), 600, ["fig6.d_init", "600", "d_model = 576"]),
     (("fig6", "variants"), ["topk", "magic"], ["fig6.variants[1]", "magic", "asi_sparseadam"]),
     (("fig7", "expansion"), [8], ["fig7.expansion", "[8]"]),
+    (("cache", "sites"), ["attn_out", "resid_post"], ["spectrum.sites", "mlp_out", "spectrum.mode: streamed"]),
+    (("spectrum", "mode"), "lazy", ["spectrum.mode", "lazy", "streamed"]),
 ]
 
 
@@ -87,6 +89,15 @@ def test_bad_config_names_key_and_fix(path, value, words):
     assert "\n" not in message.strip()
     for word in words:
         assert word in message, f"{word!r} not in {message!r}"
+
+
+def test_streamed_spectra_need_no_cached_spectrum_site():
+    cfg = load("config.yaml")
+    cfg["spectrum"]["mode"] = "streamed"
+    cfg["cache"]["sites"] = ["attn_out", "resid_post"]
+    assert check_config(cfg)["spectrum"]["mode"] == "streamed"
+    assert check_config(load("config.yaml"))["spectrum"]["mode"] == "stored"
+    assert check_config(load("config/paper.yaml"))["spectrum"]["mode"] == "streamed"
 
 
 def test_hub_revision_must_not_be_a_moving_branch():

@@ -71,8 +71,11 @@ def test_paper_plan_shows_the_scale(tmp_path):
     assert len(cache) == 12 and (cache["rows_per_site"] == 11_000_000).all()
     llama = cache[cache["job"] == "llama-3.1-8b/slimpajama"].iloc[0]
     layers = len(cfg["models"]["llama-3.1-8b"]["layers"])
-    # bfloat16; attn_in (Lorsa's input) at the focus layer only
-    assert llama["disk_bytes"] == 11_000_000 * (layers * (4 * 4096 * 2 + 13) + 4096 * 2)
+    # stores in bfloat16: 4 sites at every layer, attn_in (Lorsa's input) at the focus layer only; and
+    # (spectrum.mode: streamed) the float64 moments of the 3 spectrum sites in at most 64 document groups,
+    # each (4096 + 1)^2
+    assert llama["disk_bytes"] == (11_000_000 * (layers * (4 * 4096 * 2 + 13) + 4096 * 2)
+                                   + layers * 3 * 64 * 4097**2 * 8)
     assert not (jobs["stage"] == "cache_sae").any()  # the SAEs train on the live model
     sae = jobs[jobs["stage"] == "train_sae"]
     whole_batches = 2_500_000_000 // 4096 * 4096

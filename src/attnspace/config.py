@@ -163,9 +163,9 @@ def _check_semantics(config: dict) -> None:
         raise ConfigError(f"cache.shard_rows = {cache['shard_rows']} is not a multiple of cache.chunk_rows = "
                           f"{cache['chunk_rows']}. Fix: make shards a whole number of chunks.")
     missing = set(config["spectrum"]["sites"]) - set(cache["sites"])
-    if missing:
+    if missing and config["spectrum"]["mode"] == "stored":  # streamed spectra read no store
         raise ConfigError(f"spectrum.sites has {sorted(missing)}, which cache.sites does not cache. "
-                          "Fix: add them to cache.sites or drop them from spectrum.sites.")
+                          "Fix: add them to cache.sites, drop them from spectrum.sites, or set spectrum.mode: streamed.")
     focus = config["focus"]
     for key, table in (("model", config["models"]), ("dataset", config["datasets"])):
         if focus[key] not in table:

@@ -6,8 +6,9 @@ the plan counts exactly the arguments the jobs will get. Per job it counts
 
 * disk: bytes of the activation stores a caching job writes (per split and layer: rows x
   (sum of the widths of the sites cached at that layer x bytes per value + per-row metadata);
-  stores are uncompressed) and of trained dictionaries (float32 weights, and Adam's two
-  moments in the checkpoint);
+  stores are uncompressed), of the spectrum moments it streams (spectrum.mode: streamed; groups
+  x (width + 1)^2 float64 per layer and site, ``groups`` being the most document groups) and of
+  trained dictionaries (float32 weights, and Adam's two moments in the checkpoint);
 * activation rows per site: the train and held-out rows of the main cache, the SAE store's
   rows (``cache_sae``);
 * model-forward tokens: tokens run through the model by caching (the SAE store's forwards stop
@@ -40,6 +41,9 @@ BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 """Bytes per stored value by the model's dtype (bf16 is stored as its uint16 bits)."""
 META_BYTES_PER_ROW = 4 + 4 + 4 + 1
 """token_id, doc, pos (int32) and keep (bool) beside every store's rows."""
+
+MOMENT_BYTES = 8
+"""Streamed spectrum moments (spectrum.mode: streamed) are float64: per layer and site, groups x (d+1)^2."""
 
 
 @dataclass
@@ -135,6 +139,10 @@ def _cache_row(a, config: dict, root: Path) -> PlanRow:
     by_layer = layer_sites(a.layers, a.sites, json.loads(a.site_layers))
     disk = sum(n_rows * (sum(widths[s] for s in sites) * BYTES[a.dtype] + META_BYTES_PER_ROW)
                for sites in by_layer.values())
+    for site in a.moment_sites or []:  # spectrum.mode: streamed
+        width, note = _site_width(site, m, attn_z_width(a.model, root))
+        disk += len(a.layers) * a.groups * (width + 1) ** 2 * MOMENT_BYTES
+        notes.add(note)
     stage = "cache_sae" if a.splits == ["sae"] else "cache_activations"
     if stage == "cache_sae":
         notes.add(f"forward stops at layer {max(a.layers)} of {m['n_layers']}")

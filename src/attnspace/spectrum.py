@@ -20,6 +20,10 @@ the groups with replacement and summing their moments gives a bootstrap replicat
 spectrum without a second pass over the store (:func:`bootstrap_singular_values`);
 :func:`intrinsic_dim_rows` turns the replicates into a basic bootstrap interval per threshold
 (:func:`bootstrap_interval`).
+
+With ``spectrum.mode: streamed`` the caching job forms the same per-group moments while the model
+runs (:mod:`attnspace.moments`) and :func:`streamed_spectrum` reads them instead of a store; group
+moments from either source give the spectrum and its replicates through :func:`spectrum_from_moments`.
 """
 
 from __future__ import annotations
@@ -270,20 +274,42 @@ def compute_spectrum(
             raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
         stop = min(int(np.searchsorted(np.cumsum(keep), max_tokens)) + 1, keep.shape[0])
         x, keep = x[:stop], keep[:stop]
-    boot, n_groups = None, 0
+    key = {"model": store.model, "dataset": store.dataset, "layer": int(store.layer), "site": site}
     if resamples > 0:
         moments = group_moments(x, keep, document_groups(store.meta("doc")[:stop], keep, groups), threads=threads)
-        total = moments.sum(axis=0)
-        d = x.shape[1]
-        G, colsum, n = total[:d, :d], total[:d, d], int(round(total[d, d]))
-        n_groups = moments.shape[0]
-        boot = bootstrap_singular_values(moments, resamples, seed)
-    else:
-        G, colsum, n = gram(x, keep, threads=threads)
+        return spectrum_from_moments(moments, n_vectors=n_vectors, resamples=resamples, seed=seed, key=key)
+    G, colsum, n = gram(x, keep, threads=threads)
     spec = spectrum_from_gram(G, colsum, n, n_vectors=n_vectors)
-    spec.key = {"model": store.model, "dataset": store.dataset, "layer": int(store.layer), "site": site}
-    spec.boot_singular_values, spec.n_groups = boot, n_groups
+    spec.key = key
     return spec
+
+
+def spectrum_from_moments(moments: np.ndarray, n_vectors: int | None = None, resamples: int = 0, seed: int = 0,
+                          key: dict | None = None) -> Spectrum:
+    """Spectrum from packed per-group moments [G, d+1, d+1] (:func:`group_moments`, or streamed by
+    :mod:`attnspace.moments`): the groups summed give :func:`spectrum_from_gram`'s moments; with
+    ``resamples`` > 0, :func:`bootstrap_singular_values` adds that many replicates drawn with ``seed``
+    (and n_groups = G; without replicates n_groups = 0)."""
+    total = moments.sum(axis=0)
+    d = moments.shape[1] - 1
+    spec = spectrum_from_gram(total[:d, :d], total[:d, d], int(round(total[d, d])), n_vectors=n_vectors)
+    spec.key = key
+    if resamples > 0:
+        spec.boot_singular_values = bootstrap_singular_values(moments, resamples, seed)
+        spec.n_groups = int(moments.shape[0])
+    return spec
+
+
+def streamed_spectrum(record: Path | str, layer: int, site: str, n_vectors: int | None = None,
+                      resamples: int = 0, seed: int = 0) -> Spectrum:
+    """Spectrum of ``site`` at ``layer`` from the moments the caching job streamed (``moments.json``
+    ``record``, :func:`attnspace.moments.load_moments`): the same Spectrum :func:`compute_spectrum`
+    gives from a store of the same tokens with the same ``groups`` (to float64 rounding)."""
+    from attnspace.moments import load_moments
+
+    moments, rec = load_moments(record, layer, site)
+    key = {"model": rec["model"], "dataset": rec["dataset"], "layer": int(layer), "site": site}
+    return spectrum_from_moments(moments, n_vectors=n_vectors, resamples=resamples, seed=seed, key=key)
 
 
 def save_spectrum(spec: Spectrum, path: Path) -> None:

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from attnspace.cli.common import log, set_threads
+from attnspace.defaults import schema_default
 
 
 def cmd_fetch_gguf(a):
@@ -55,6 +56,8 @@ def cmd_cache(a):
     from attnspace.files import write_json
     from attnspace.models import load_model
 
+    if a.moment_sites and not a.moments_dir:
+        raise SystemExit("--moment-sites needs --moments-dir")
     set_threads(a.threads)
     model, _ = load_model(a.model_dir, a.dtype)
     splits, meta = load_tokens(a.tokens)
@@ -62,7 +65,8 @@ def cmd_cache(a):
         model, splits, a.out_dir, model_name=a.model, dataset=a.dataset, layers=a.layers, sites=a.sites,
         logical_dtype=a.dtype, special_ids=set(meta["special_ids"]), chunk_rows=a.chunk_rows,
         shard_rows=a.shard_rows, config_hash=a.config_hash, site_layers=json.loads(a.site_layers),
-        split_names=tuple(a.splits))
+        split_names=tuple(a.splits), moments_dir=a.moments_dir, moment_sites=a.moment_sites or [], groups=a.groups,
+        **({"checkpoint_docs": a.checkpoint_docs} if a.checkpoint_docs else {}))
     write_json({"model": a.model, "dataset": a.dataset, "config_hash": a.config_hash, "stores": manifests},
                a.record)
     log.info("wrote %d stores under %s", len(manifests), a.out_dir)
@@ -119,4 +123,11 @@ def add_commands(sub) -> None:
     s.add_argument("--threads", type=int, default=1)
     s.add_argument("--out-dir", required=True)
     s.add_argument("--record", required=True, help="JSON listing every store written (the rule's output)")
+    s.add_argument("--moment-sites", nargs="*", help="sites whose spectrum moments are streamed (spectrum.mode: "
+                   "streamed) at every layer of the train split, under --moments-dir")
+    s.add_argument("--moments-dir", help="folder of the streamed moments and their record, moments.json")
+    s.add_argument("--groups", type=int, default=schema_default("spectrum.bootstrap.groups"),
+                   help="most document groups the streamed moments are kept in")
+    s.add_argument("--checkpoint-docs", type=int, help="documents between checkpoints of the streamed moments "
+                   "(a restarted job resumes there; default attnspace.moments.CHECKPOINT_DOCS)")
     s.set_defaults(func=cmd_cache)

@@ -10,19 +10,25 @@ from attnspace.defaults import schema_default
 
 
 def cmd_spectrum(a):
-    from attnspace.spectrum import compute_spectrum, save_spectrum
+    from attnspace.spectrum import compute_spectrum, save_spectrum, streamed_spectrum
     from attnspace.store import open_store
 
     if len(a.sites) != len(a.out):
         raise SystemExit(f"{len(a.sites)} --sites but {len(a.out)} --out paths; give one --out per site")
+    if a.moments and a.layer is None:
+        raise SystemExit("--moments needs --layer")
     set_threads(a.threads)
-    store = open_store(Path(a.store))
+    store = open_store(Path(a.store)) if a.store else None
     for site, out in zip(a.sites, a.out):  # the sites of one layer in one job: one Python start-up
-        spec = compute_spectrum(store, site, threads=a.threads, n_vectors=a.n_vectors, resamples=a.resamples,
-                                groups=a.groups, seed=a.seed)
+        if store is None:  # streamed: the groups were fixed when the moments were accumulated
+            spec = streamed_spectrum(a.moments, a.layer, site, n_vectors=a.n_vectors, resamples=a.resamples,
+                                     seed=a.seed)
+        else:
+            spec = compute_spectrum(store, site, threads=a.threads, n_vectors=a.n_vectors, resamples=a.resamples,
+                                    groups=a.groups, seed=a.seed)
         save_spectrum(spec, out)
-        log.info("%s %s: d=%d from %d tokens, %d bootstrap replicates over %d document groups", a.store, site,
-                 spec.singular_values.shape[0], spec.n_tokens, a.resamples, spec.n_groups)
+        log.info("%s %s: d=%d from %d tokens, %d bootstrap replicates over %d document groups", a.store or a.moments,
+                 site, spec.singular_values.shape[0], spec.n_tokens, a.resamples, spec.n_groups)
 
 
 def cmd_idim_table(a):
@@ -112,7 +118,10 @@ def cmd_concat_tables(a):
 
 def add_commands(sub) -> None:
     s = sub.add_parser("spectrum", help="singular values, directions and bootstrap replicates of cached sites")
-    s.add_argument("--store", required=True, help="the store's manifest (or .zarr) path")
+    source = s.add_mutually_exclusive_group(required=True)
+    source.add_argument("--store", help="the store's manifest (or .zarr) path (spectrum.mode: stored)")
+    source.add_argument("--moments", help="the streamed moments' record, moments.json (spectrum.mode: streamed)")
+    s.add_argument("--layer", type=int, help="the layer whose moments to read (with --moments)")
     s.add_argument("--sites", nargs="+", required=True)
     s.add_argument("--n-vectors", type=int)
     s.add_argument("--resamples", type=int, default=schema_default("spectrum.bootstrap.resamples"))

@@ -1,0 +1,270 @@
+"""Streamed spectrum moments: the per-document-group packed moments of each spectrum site at each
+layer, accumulated while the caching job runs the model, so the spectra need no activation store.
+
+For the train split, each (layer, site) gets the [G, d+1, d+1] float64 array that
+:func:`attnspace.spectrum.group_moments` computes from a store: group g holds the Gram matrix
+of [x, 1] over the kept rows (BOS/EOS excluded, :func:`attnspace.corpora.keep_mask`) of its
+documents, i.e. [[X^T X, colsum], [colsum^T, n]]. The groups are those of
+:func:`attnspace.spectrum.document_groups`, known before the forward from the token file
+(:func:`document_group_of_docs`). Sums are formed on the model's device in float64, one
+product per document, into the current group's running total; a finished group is written to
+its row of the output and the total restarts at zero.
+
+Layout under ``results/moments/{model}/{dataset}/``: ``L{layer}/{site}.npy`` (uncompressed
+[G, d+1, d+1] float64) for every layer and spectrum site, and ``moments.json``, the record,
+written last. The record lists every file with a SHA-256 digest of each group's bytes, taken
+from memory as the group is written; :func:`load_moments` refuses a file without a record
+(a killed job), a missing or resized file, or a group whose bytes no longer match.
+
+Resuming: every ``checkpoint_docs`` documents the accumulator flushes its finished groups,
+saves the running totals of the current group and then, last, a state record holding the
+index of the next document (in ``.partial/``). A job restarted on the same tokens, sites,
+layers and settings continues from that document; documents before it add nothing again, so
+the result is bitwise that of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from attnspace.corpora import TokenSplit, keep_mask
+from attnspace.errors import AttnspaceError
+from attnspace.files import atomic_path, write_json, write_npz
+
+FORMAT = "attnspace-moments/1"
+"""Tag of the record (``moments.json``); bump when the layout changes."""
+
+RECORD = "moments.json"
+"""The record's file name inside a moments folder (the caching rule's output)."""
+
+CHECKPOINT_DOCS = 1000
+"""Documents between checkpoints by default: at most this many are run again after a kill."""
+
+
+class MomentsError(AttnspaceError, RuntimeError):
+    """A moments file is missing, incomplete or damaged."""
+
+
+def moments_file(out_dir: Path | str, layer: int, site: str) -> Path:
+    """``{out_dir}/L{layer}/{site}.npy``: the [G, d+1, d+1] moments of one site at one layer."""
+    return Path(out_dir) / f"L{int(layer)}" / f"{site}.npy"
+
+
+def group_digest(block: np.ndarray) -> str:
+    """Digest of one group's [d+1, d+1] float64 moments: 16 hex digits of SHA-256 of its bytes."""
+    return hashlib.sha256(memoryview(np.ascontiguousarray(block, dtype=np.float64)).cast("B")).hexdigest()[:16]
+
+
+def document_group_of_docs(tokens: TokenSplit, special_ids: set[int], n_groups: int) -> np.ndarray:
+    """int64 [n_docs]: the document group of each document of ``tokens``, exactly the grouping
+    :func:`attnspace.spectrum.document_groups` gives the rows of a store of these tokens (whole
+    consecutive documents, about equal kept rows, at most ``n_groups`` groups)."""
+    from attnspace.spectrum import document_groups
+
+    if np.any(np.diff(tokens.doc_starts) < 1):
+        raise ValueError("every document must have at least one token")
+    rows = document_groups(tokens.doc_index(), keep_mask(tokens.ids, special_ids), n_groups)
+    return rows[tokens.doc_starts[:-1]] if rows.size else np.zeros(tokens.n_docs, dtype=np.int64)
+
+
+def _fix(record: Path) -> str:
+    return f"rm -f {record} && snakemake --cores all (the cache rule rebuilds the moments)"
+
+
+class MomentsAccumulator:
+    """Accumulate the packed moments of ``sites`` at ``layers`` over the documents of one split.
+
+    Usage: ``acc = MomentsAccumulator(...)``; for each document i in order,
+    ``acc.add(i, acts, keep)`` with ``acts[layer, site]`` of shape [1, rows, width] (any float
+    dtype, on any device) and ``keep`` bool [rows]; then ``acc.close()`` publishes the files and
+    the record and returns the record. ``acc.next_doc`` is the first document not yet counted
+    (non-zero after a resume: ``add`` ignores earlier documents).
+    """
+
+    def __init__(self, out_dir: Path | str, *, model: str, dataset: str, layers: list[int],
+                 widths: dict[str, int], doc_group: np.ndarray, n_tokens: int, n_kept: int,
+                 device: torch.device | str = "cpu", config_hash: str = "",
+                 checkpoint_docs: int = CHECKPOINT_DOCS) -> None:
+        self.out_dir = Path(out_dir)
+        self.record_file = self.out_dir / RECORD
+        self.partial = self.out_dir / ".partial"
+        self.layers = sorted(int(layer) for layer in layers)
+        self.widths = {str(s): int(w) for s, w in widths.items()}
+        self.sites = list(self.widths)
+        self.doc_group = np.asarray(doc_group, dtype=np.int64)
+        self.n_docs = int(self.doc_group.shape[0])
+        if self.n_docs < 1 or np.any(np.diff(self.doc_group) < 0):
+            raise ValueError("doc_group must give every document a group, groups in document order")
+        self.n_groups = int(self.doc_group[-1]) + 1
+        self.device = torch.device(device)
+        self.checkpoint_docs = max(1, int(checkpoint_docs))
+        self.key = dict(format=FORMAT, model=model, dataset=dataset, split="train", layers=self.layers,
+                        widths=self.widths, n_groups=self.n_groups, n_docs=self.n_docs, n_tokens=int(n_tokens),
+                        n_kept=int(n_kept), config_hash=config_hash,
+                        doc_group=hashlib.sha256(self.doc_group.tobytes()).hexdigest()[:16])
+        # Unpublish first: from here on no stale record can pass for this run's.
+        self.record_file.unlink(missing_ok=True)
+        self._sums = {(layer, site): torch.zeros((w + 1, w + 1), dtype=torch.float64, device=self.device)
+                      for layer in self.layers for site, w in self.widths.items()}
+        state = self._resumable_state()
+        if state is None:
+            shutil.rmtree(self.partial, ignore_errors=True)
+            self.partial.mkdir(parents=True)
+            self.next_doc = 0
+            self.digests = {self._name(layer, site): [None] * self.n_groups for layer, site in self._sums}
+        else:
+            self.next_doc = int(state["next_doc"])
+            self.digests = state["digests"]
+            with np.load(self.partial / "sums.npz", allow_pickle=False) as z:
+                for (layer, site), acc in self._sums.items():
+                    acc.copy_(torch.from_numpy(z[self._name(layer, site)]))
+        # One .npy per (layer, site) with its header written up front; a finished group is written
+        # straight to its place in the file (no mapping: at d = 4096 a file is G x 134 MB).
+        self._out, self._offset = {}, {}
+        for layer in self.layers:
+            for site, w in self.widths.items():
+                path = self.partial / f"{self._name(layer, site)}.npy"
+                if state is None:
+                    header = np.lib.format.open_memmap(path, mode="w+", dtype=np.float64,
+                                                       shape=(self.n_groups, w + 1, w + 1))
+                    self._offset[layer, site] = header.offset
+                    del header
+                else:
+                    self._offset[layer, site] = np.load(path, mmap_mode="r").offset
+                self._out[layer, site] = open(path, "r+b")
+
+    @staticmethod
+    def _name(layer: int, site: str) -> str:
+        return f"L{layer}-{site}"
+
+    def _resumable_state(self) -> dict | None:
+        """The checkpoint's state, if one was left by a run of exactly this key; else None."""
+        try:
+            state = json.loads((self.partial / "state.json").read_text())
+        except (OSError, ValueError):
+            return None
+        if state.get("key") != json.loads(json.dumps(self.key)):
+            return None
+        files = [self.partial / "sums.npz"] + [self.partial / f"{self._name(la, s)}.npy" for la, s in self._sums]
+        if not all(f.is_file() for f in files) or not 0 < int(state.get("next_doc", 0)) < self.n_docs:
+            return None
+        return state
+
+    def add(self, doc_i: int, acts: dict, keep: np.ndarray) -> None:
+        """Add document ``doc_i`` (documents in order; those already counted are ignored)."""
+        if doc_i < self.next_doc:
+            return
+        if doc_i != self.next_doc:
+            raise ValueError(f"document {doc_i} given, expected {self.next_doc} (documents go in order)")
+        keep_t = torch.as_tensor(np.asarray(keep, dtype=bool), device=self.device).to(torch.float64)[:, None]
+        for (layer, site), acc in self._sums.items():
+            x = acts[layer, site][0].to(device=self.device, dtype=torch.float64)
+            # [x, 1] with dropped rows zeroed: (x_a^T x_a) packs X^T X, the column sums and n at once.
+            xa = torch.cat([x, torch.ones_like(x[:, :1])], dim=1) * keep_t
+            acc.addmm_(xa.T, xa)
+        self.next_doc += 1
+        g = int(self.doc_group[doc_i])
+        if self.next_doc == self.n_docs or self.doc_group[self.next_doc] != g:
+            self._finish_group(g)
+        if self.next_doc % self.checkpoint_docs == 0 and self.next_doc < self.n_docs:
+            self.checkpoint()
+
+    def _finish_group(self, g: int) -> None:
+        for (layer, site), acc in self._sums.items():
+            block = np.ascontiguousarray(acc.cpu().numpy())
+            f = self._out[layer, site]
+            f.seek(self._offset[layer, site] + g * block.nbytes)
+            f.write(memoryview(block).cast("B"))
+            self.digests[self._name(layer, site)][g] = group_digest(block)
+            acc.zero_()
+
+    def checkpoint(self) -> None:
+        """Flush the finished groups, save the running totals, then the state (next document)."""
+        for f in self._out.values():
+            f.flush()
+            os.fsync(f.fileno())
+        write_npz(self.partial / "sums.npz",
+                  **{self._name(layer, site): acc.cpu().numpy() for (layer, site), acc in self._sums.items()})
+        write_json({"key": self.key, "next_doc": self.next_doc, "digests": self.digests}, self.partial / "state.json")
+
+    def close(self) -> dict:
+        """Publish every (layer, site) file, then the record (returned); remove the checkpoint."""
+        if self.next_doc != self.n_docs:
+            raise MomentsError(f"{self.out_dir}: close() after {self.next_doc} of {self.n_docs} documents")
+        files = {}
+        for (layer, site), f in self._out.items():
+            f.close()
+            src = Path(f.name)
+            final = moments_file(self.out_dir, layer, site)
+            with atomic_path(final) as tmp:
+                os.replace(src, tmp)
+            files.setdefault(str(layer), {})[site] = dict(
+                file=final.relative_to(self.out_dir).as_posix(), width=self.widths[site],
+                digests=self.digests[self._name(layer, site)])
+        self._out = {}
+        record = {k: v for k, v in self.key.items() if k != "doc_group"} | {"files": files}
+        write_json(record, self.record_file)
+        shutil.rmtree(self.partial, ignore_errors=True)
+        return record
+
+
+def drop_incomplete_moments(record: Path | str) -> list[str]:
+    """Remove a moments record whose files are not all there (deleted, resized); return what is wrong.
+
+    Without the record, the next plain ``snakemake`` run rebuilds the moments instead of
+    reporting nothing to do and failing in the spectrum jobs. Called when the workflow loads.
+    """
+    record = Path(record)
+    if not record.is_file():
+        return []
+    try:
+        rec = json.loads(record.read_text())
+        wrong = []
+        for sites in rec["files"].values():
+            for entry in sites.values():
+                path, w = record.parent / entry["file"], int(entry["width"])
+                size = rec["n_groups"] * (w + 1) ** 2 * 8
+                if not path.is_file() or path.stat().st_size < size:
+                    wrong.append(str(path))
+    except (OSError, ValueError, KeyError, TypeError):
+        wrong = ["unreadable record"]
+    if wrong:
+        record.unlink()
+    return wrong
+
+
+def load_moments(record: Path | str, layer: int, site: str) -> tuple[np.ndarray, dict]:
+    """([G, d+1, d+1] float64 moments, the record) of ``site`` at ``layer``, every group checked
+    against the record's digest."""
+    record = Path(record)
+    try:
+        rec = json.loads(record.read_text())
+    except (OSError, ValueError) as e:
+        raise MomentsError(f"{record}: no readable moments record ({e}). Fix: {_fix(record)}") from None
+    if rec.get("format") != FORMAT:
+        raise MomentsError(f"{record}: format {rec.get('format')!r}, expected {FORMAT!r}. Fix: {_fix(record)}")
+    entry = rec["files"].get(str(int(layer)), {}).get(site)
+    if entry is None:
+        raise MomentsError(f"{record} holds no moments of {site} at layer {layer}. Fix: {_fix(record)}")
+    path = record.parent / entry["file"]
+    w = int(entry["width"])
+    try:
+        m = np.load(path, allow_pickle=False, mmap_mode="r")
+    except (OSError, ValueError) as e:
+        raise MomentsError(f"{path}: unreadable ({e}). Fix: {_fix(record)}") from None
+    if m.shape != (rec["n_groups"], w + 1, w + 1) or m.dtype != np.float64:
+        raise MomentsError(f"{path}: shape {m.shape} {m.dtype}, the record says "
+                           f"({rec['n_groups']}, {w + 1}, {w + 1}) float64. Fix: {_fix(record)}")
+    out = np.empty(m.shape, dtype=np.float64)
+    for g, digest in enumerate(entry["digests"]):
+        out[g] = m[g]
+        if group_digest(out[g]) != digest:
+            raise MomentsError(f"{path}: group {g} does not match the record's digest. Fix: {_fix(record)}")
+    return out, rec
