@@ -344,21 +344,22 @@ def test_paper_fig7_plans_every_size_from_live_activations(tmp_path):
 
 def test_streamed_spectra_read_moments_and_cache_no_spectrum_only_site(tmp_path):
     """spectrum.mode: streamed: the caching job streams every spectrum site, stores only cache.sites
-    (attn_in, a spectrum-only site here, gets no store), and the spectrum job reads the moments."""
+    (mlp_out, a spectrum-only site once Figure 4's suite is left out, gets no store), and the spectrum
+    job reads the moments."""
     cfg = yaml.safe_load((REPO / "config.yaml").read_text())
     cfg["spectrum"]["mode"] = "streamed"
-    cfg["spectrum"]["sites"] = ["attn_out", "mlp_out", "resid_post", "attn_in"]
-    cfg["cache"]["sites"] = ["attn_out", "mlp_out", "resid_post", "attn_z"]
+    cfg["cache"]["sites"] = ["attn_out", "resid_post", "attn_z", "attn_in"]
+    cfg["figures"].pop("fig4")
     (tmp_path / "streamed.yaml").write_text(yaml.safe_dump(cfg))
-    r = snakemake_cli("results/spectra/smollm2-135m/pydocs/L15/attn_in.npz", "-n", "-p", "--configfile", "streamed.yaml",
+    r = snakemake_cli("results/spectra/smollm2-135m/pydocs/L15/mlp_out.npz", "-n", "-p", "--configfile", "streamed.yaml",
                       cwd=tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     lines = r.stdout.splitlines()
     cache = [line for line in lines if "attnspace cache " in line]
     spectrum = [line for line in lines if "attnspace spectrum " in line]
     assert len(cache) == 1 and len(spectrum) == 1
-    assert "--sites attn_out mlp_out resid_post attn_z --" in cache[0]
-    assert "--moment-sites attn_out mlp_out resid_post attn_in --moments-dir results/moments/smollm2-135m/pydocs " \
+    assert "--sites attn_out resid_post attn_z attn_in --" in cache[0]
+    assert "--moment-sites attn_out mlp_out resid_post --moments-dir results/moments/smollm2-135m/pydocs " \
            "--groups 64" in cache[0]
     assert "--moments results/moments/smollm2-135m/pydocs/moments.json --layer 15 --sites" in spectrum[0]
     assert "--store" not in spectrum[0]

@@ -277,7 +277,8 @@ def store_readers(config: dict) -> list[tuple[str, str, str, list[int]]]:
     """Every (key, model, site, layers) whose cached activations a configured stage reads.
 
     ``key`` names the setting that makes the stage read them. The spectra (Figures 1, 2A,
-    8, 9, the interventions, ASI) read ``spectrum.sites`` at every layer; the W^O
+    8, 9, the interventions, ASI) read ``spectrum.sites`` at every layer (spectrum.mode: stored;
+    streamed, they read the caching job's moments instead); the W^O
     decomposition (Figure 3) reads attn_z and attn_out at every layer; the SAEs of
     Figures 5-7 read their site at the focus layer and the Figure 4 suite its sites at
     every layer of the focus model (train and held-out stores; the LlamaScope suite the
@@ -288,7 +289,8 @@ def store_readers(config: dict) -> list[tuple[str, str, str, list[int]]]:
     at_focus = focus_layers(config)
     out = []
     for model, m in config["models"].items():
-        out += [("spectrum.sites", model, site, list(m["layers"])) for site in config["spectrum"]["sites"]]
+        if config["spectrum"].get("mode", "stored") == "stored":  # streamed: the spectra read moments, no store
+            out += [("spectrum.sites", model, site, list(m["layers"])) for site in config["spectrum"]["sites"]]
         if "fig3" in figures:
             out += [("figures.fig3", model, site, list(m["layers"])) for site in ("attn_z", "attn_out")]
     for name in ("fig5", "fig6", "fig7"):
