@@ -92,10 +92,16 @@ def test_bad_config_names_key_and_fix(path, value, words):
 
 
 def test_streamed_spectra_need_no_cached_spectrum_site():
+    """mlp_out is read only by the spectra once Figure 4's suite is left out: streamed, it needs no
+    store; stored, leaving it out of cache.sites is refused."""
     cfg = load("config.yaml")
+    cfg["figures"].pop("fig4")
+    cfg["cache"]["sites"] = ["attn_out", "resid_post", "attn_z", "attn_in"]
     cfg["spectrum"]["mode"] = "streamed"
-    cfg["cache"]["sites"] = ["attn_out", "resid_post"]
-    assert check_config(cfg)["spectrum"]["mode"] == "streamed"
+    assert check_config(copy.deepcopy(cfg))["spectrum"]["mode"] == "streamed"
+    cfg["spectrum"]["mode"] = "stored"
+    with pytest.raises(ConfigError, match="mlp_out"):
+        check_config(cfg)
     assert check_config(load("config.yaml"))["spectrum"]["mode"] == "stored"
     assert check_config(load("config/paper.yaml"))["spectrum"]["mode"] == "streamed"
 
@@ -184,10 +190,15 @@ def test_cache_layers_resolve_per_model_and_the_shipped_configs_cache_what_they_
         cached = {(model, site, layer) for model in cfg["models"]
                   for site, layers in cached_layers(cfg, model).items() for layer in layers}
         assert read <= cached
-        # nothing cached that no stage reads: attn_in is Lorsa's alone, at the focus layer
+        # nothing cached that no stage reads: attn_in is Lorsa's alone, at the focus layer; with streamed
+        # spectra (the paper), mlp_out and resid_post are read only by the focus model's Figure 4 suite,
+        # and cache.layers (one list for every model) cannot leave them out of the other models
         lorsa = set(cfg["lorsa"]["models"])
-        assert {(m, s, L) for m, s, L in cached - read} == {
-            (m, "attn_in", L) for m, L in focus_layers(cfg).items() if m not in lorsa}
+        unread = {(m, "attn_in", L) for m, L in focus_layers(cfg).items() if m not in lorsa}
+        if cfg["spectrum"]["mode"] == "streamed":
+            unread |= {(m, s, L) for m in cfg["models"] if m != cfg["focus"]["model"]
+                       for s in ("mlp_out", "resid_post") for L in cfg["models"][m]["layers"]}
+        assert {(m, s, L) for m, s, L in cached - read} == unread
     paper = check_config(load("config/paper.yaml"))
     assert sae_store_sites(paper) == []  # its SAEs train on the live model
 
