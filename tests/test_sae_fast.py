@@ -35,18 +35,20 @@ def batch(seed=1, dtype=torch.float64):
     return torch.randn(B, D, generator=torch.Generator().manual_seed(seed), dtype=dtype)
 
 
+def step(sae, x, dead, k_aux=6):
+    """One forward of ``sae`` and the backward of NMSE + AuxK / 2; the forward's output."""
+    out = sae(x, dead=dead, k_aux=k_aux)
+    (out.nmse + 0.5 * out.auxk_loss).backward()
+    return out
+
+
 @pytest.mark.parametrize("sparse_grad", [False, True])
 @pytest.mark.parametrize("with_aux", [False, True])
 def test_fast_forward_and_gradients_match_reference_and_dense(sparse_grad, with_aux):
     ref, fast = twins(sparse_grad=sparse_grad)
     x = batch()
     dead = (torch.arange(N) % 3 == 0) if with_aux else None
-    outs = []
-    for sae in (ref, fast):
-        out = sae(x, dead=dead, k_aux=6)
-        (out.nmse + 0.5 * out.auxk_loss).backward()
-        outs.append(out)
-    r, f = outs
+    r, f = (step(sae, x, dead) for sae in (ref, fast))
     dense = clone_params(ref)
     x_hat, _, loss, aux = dense_forward(dense, x, dead, 6)
     (loss + 0.5 * aux).backward()
@@ -79,12 +81,7 @@ def test_centred_form_on_the_fast_path_matches_the_reference(sparse_grad, with_a
     ref.centred = fast.centred = True
     x = batch()
     dead = (torch.arange(N) % 3 == 0) if with_aux else None
-    outs = []
-    for sae in (ref, fast):
-        out = sae(x, dead=dead, k_aux=6)
-        (out.nmse + 0.5 * out.auxk_loss).backward()
-        outs.append(out)
-    r, f = outs
+    r, f = (step(sae, x, dead) for sae in (ref, fast))
     assert torch.equal(f.indices, r.indices)
     torch.testing.assert_close(f.x_hat, r.x_hat, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(f.auxk_loss, r.auxk_loss, rtol=1e-12, atol=0)
@@ -94,8 +91,7 @@ def test_centred_form_on_the_fast_path_matches_the_reference(sparse_grad, with_a
     plain = twins(sparse_grad=sparse_grad)[0]  # the encoder share is not zero: b_dec's gradient differs
     with torch.no_grad():
         plain.b_dec.copy_(ref.b_dec)
-    out = plain(x, dead=dead, k_aux=6)
-    (out.nmse + 0.5 * out.auxk_loss).backward()
+    step(plain, x, dead)
     assert not torch.allclose(plain.b_dec.grad, fast.b_dec.grad)
 
 
