@@ -41,7 +41,7 @@ def test_slurm_profile_names_only_existing_rules():
 def test_slurm_profile_requests_a_gpu_exactly_for_the_rules_that_use_one():
     profile = yaml.safe_load(SLURM.read_text())
     _, gpu_rules = rules_and_gpu_rules()
-    assert gpu_rules == {"cache_activations", "loss_recovered", "train_sae", "train_lorsa"}
+    assert gpu_rules == {"cache_activations", "cache_sae", "loss_recovered", "train_sae", "train_lorsa"}
     requested = {rule for rule, res in profile["set-resources"].items() if res.get("gpu")}
     assert requested == gpu_rules
     for rule, res in profile["set-resources"].items():
