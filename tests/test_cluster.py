@@ -39,7 +39,7 @@ SLURM_TARGETS = (
     f"results/interventions/{FOCUS}/L2/loss_recovered.csv",
     f"results/wo/{FOCUS}/decomposition.csv",
     f"results/saes/{FOCUS}/L2/attn_out/base-d0-adam-n64-k4/metrics.json",
-    *(f"results/lorsa/{FOCUS}/L2/{init}/metrics.json" for init in ("vanilla", "asi")),
+    *(f"results/lorsa/{FOCUS}/L2/{init}-r0/metrics.json" for init in ("vanilla", "asi")),
 )
 """Every rule that runs as a SLURM job: prepare_model, tokenize, cache_activations, spectrum,
 loss_recovered, wo_decomposition, train_sae (from the live model) and train_lorsa."""
