@@ -192,7 +192,6 @@ def test_pipeline_on_slurm_equals_the_local_run_and_retries_a_failed_job(tmp_pat
     assert set(rules_run) == set(counts), (rules_run, counts)
     assert rules_run.keys() >= GPU_RULES - {"fetch_gguf", "cache_sae"}  # no SAE store: these SAEs train live
 
-
     # The cancelled job: reported with its logs, then retried to completion as the profile allows.
     assert len(cancelled) == 1 and PROFILE["retries"] >= 1
     report = re.search(rf"SLURM-job '{cancelled[0]}' failed.*?(?=\n\[|\Z)", out, re.S)
