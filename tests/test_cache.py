@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import attnspace.cache as cache_mod
 from attnspace import SITES
 from attnspace.cache import cache_activations, layer_sites, store_path
 from attnspace.corpora import tokenize_documents
@@ -57,18 +58,7 @@ def test_stores_equal_a_direct_capture(tiny, tmp_path):
 
 def test_killed_job_leaves_nothing_accepted_and_rerun_completes(tiny, tmp_path, monkeypatch):
     model, tok, splits = tiny
-    import attnspace.cache as cache_mod
-
-    calls = {"n": 0}
-    real = cache_mod.capture
-
-    def dying_capture(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt("killed")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(cache_mod, "capture", dying_capture)
+    real, _ = kill_capture_at(monkeypatch, 4)
     with pytest.raises(KeyboardInterrupt):
         run(model, tok, splits, tmp_path)
     for split in splits:
@@ -129,3 +119,18 @@ def test_the_sae_store_starts_with_the_train_rows(tiny_llama, tmp_path):
     direct = np.concatenate([capture(model, torch.as_tensor(d, dtype=torch.long)[None], [2], ["attn_out"])[2, "attn_out"][0]
                              .numpy() for d in splits["sae"].documents()])
     assert np.array_equal(sae.rows("attn_out", 0, 700, kept_only=False), direct)
+
+
+def kill_capture_at(monkeypatch, n: int) -> tuple:
+    """Make the caching forward raise KeyboardInterrupt (a kill) on its n-th document; returns the
+    real capture and the call counter ({"n": calls so far})."""
+    real, calls = cache_mod.capture, {"n": 0}
+
+    def dying_capture(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt("killed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cache_mod, "capture", dying_capture)
+    return real, calls

@@ -10,6 +10,8 @@ import json
 import numpy as np
 import pytest
 
+from test_cache import kill_capture_at
+
 from attnspace import SITES
 from attnspace.cache import cache_activations, store_path
 from attnspace.corpora import keep_mask, tokenize_documents
@@ -111,18 +113,7 @@ def test_killed_job_resumes_to_the_same_bytes(tiny, cached, tmp_path, monkeypatc
     last checkpoint and ends bitwise equal. With moments only, it runs only those through the
     model; with a store too, every document (the store starts over)."""
     model, tok, splits = tiny
-    import attnspace.cache as cache_mod
-
-    real = cache_mod.capture
-    calls = {"n": 0}
-
-    def dying_capture(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 8:
-            raise KeyboardInterrupt("killed")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(cache_mod, "capture", dying_capture)
+    _, calls = kill_capture_at(monkeypatch, 8)
     with pytest.raises(KeyboardInterrupt):
         run(model, tok, splits, tmp_path, sites=stored_sites, checkpoint_docs=3)
     record = tmp_path / "moments" / RECORD
