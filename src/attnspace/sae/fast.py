@@ -54,6 +54,7 @@ SparseAdam 1.58 s -> 0.80 s; 2,304 latents, SparseAdam 0.32 s -> 0.16 s; one thr
 from __future__ import annotations
 
 import math
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -172,6 +173,30 @@ def _row_sums(plan: Plan, weights: Tensor, vectors: Tensor, by_token: bool) -> T
     return F.embedding_bag(by, vectors.contiguous(), plan.row_offsets, mode="sum", per_sample_weights=w)
 
 
+def _entry_dots(plan: Plan, W_dec: Tensor, grad_out: Tensor) -> Tensor:
+    """[B K'] flat: <grad_out[bag(e)], W_dec[latent(e)]> for each active entry e, 0 for the others.
+
+    One sampled dense-dense product (torch.sparse.sampled_addmm) over the plan's sorted entries: a
+    CSR matrix [U, B G] whose row u holds latent rows[u]'s output bags (each at most once). Only the
+    active entries are computed: inactive ones (AuxK's many zeros) get no gradient through the ReLU
+    anyway. On CPU about 2.4x faster than embedding_bag's per-sample-weight backward, which computes
+    every entry (d 576, 4,608 latents, B 1,024, K 32 + K_aux 512).
+    """
+    B, Kp = plan.gather_ids.shape
+    out = grad_out.new_zeros(B * Kp)
+    M = plan.entries.numel()
+    if M == 0:
+        return out
+    crow = torch.cat([plan.row_offsets, plan.row_offsets.new_tensor([M])])
+    with warnings.catch_warnings():  # "CSR support is in beta": the layout is built here, its invariants hold
+        warnings.simplefilter("ignore", UserWarning)
+        pattern = torch.sparse_csr_tensor(crow, plan.out_bags, grad_out.new_zeros(M),
+                                          size=(plan.rows.numel(), grad_out.shape[0]), check_invariants=False)
+        dots = torch.sparse.sampled_addmm(pattern, W_dec.index_select(0, plan.rows), grad_out.T, beta=0.0)
+    out[plan.entries] = dots.values()
+    return out
+
+
 class EncodeFast(torch.autograd.Function):
     """values [B, K'] = ReLU(raw) with raw the gathered pre-activations (W_enc x + b_enc)[b, latent];
     gradients to W_enc and b_enc through the active entries only. x is the encoder's input: the data
@@ -208,26 +233,30 @@ class DecodeFast(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, values: Tensor, W_dec: Tensor, plan: Plan, sparse_grad: bool):
-        # The entry gradients <grad_out, W_dec[latent]> come from embedding_bag's own
-        # per-sample-weight backward, through this small graph kept for the backward.
-        with torch.enable_grad():
-            v = values.detach().reshape(-1).requires_grad_()
+        # The entry gradients <grad_out, W_dec[latent]>: on CPU a sampled product over the active
+        # entries (_entry_dots); elsewhere embedding_bag's own per-sample-weight backward, through
+        # this small graph kept for the backward.
+        on_cpu = W_dec.device.type == "cpu"
+        with torch.set_grad_enabled(not on_cpu):
+            v = values.detach().reshape(-1).requires_grad_(not on_cpu)
             out = F.embedding_bag(plan.gather_ids.reshape(-1), W_dec.detach(), plan.out_offsets, mode="sum",
                                   per_sample_weights=v)
-        ctx.graph = (v, out)
-        ctx.save_for_backward(values)
+        ctx.graph = None if on_cpu else (v, out)
+        ctx.save_for_backward(values, W_dec)
         ctx.plan, ctx.sparse_grad, ctx.W_shape = plan, sparse_grad, W_dec.shape
         return out.detach()
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        (values,) = ctx.saved_tensors
-        v, out = ctx.graph
-        ctx.graph = None
+        values, W_dec = ctx.saved_tensors
+        graph, ctx.graph = ctx.graph, None
         grad_values = grad_W = None
         if ctx.needs_input_grad[0]:
-            (grad_values,) = torch.autograd.grad(out, v, grad_out)
-            grad_values = grad_values.view(values.shape)
+            if graph is None:
+                grad_values = _entry_dots(ctx.plan, W_dec.detach(), grad_out).view(values.shape)
+            else:
+                (grad_values,) = torch.autograd.grad(graph[1], graph[0], grad_out)
+                grad_values = grad_values.view(values.shape)
         if ctx.needs_input_grad[1]:
             grad_W = _as_grad(ctx.plan.rows, _row_sums(ctx.plan, values, grad_out, False), ctx.W_shape, ctx.sparse_grad)
         return grad_values, grad_W, None, None
