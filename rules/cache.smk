@@ -5,7 +5,9 @@
 # lists them all and is written after every store is complete. A record whose stores are
 # not all published (a manifest deleted or lost) is dropped when the workflow loads, so
 # this run rebuilds that cache instead of finding nothing to do. With spectrum.mode: streamed the
-# same job also writes the spectrum sites' moments and their record (results/moments/...).
+# same job also writes the spectrum sites' moments and their record (results/moments/...), Figure 3's
+# (results/moments/.../wo/), and stores only the sites, layers and splits some stage reads of that
+# (model, dataset) (attnspace.config.stored_sites): nothing at all where none does.
 
 import sys
 
@@ -20,10 +22,11 @@ for _model in MODELS:
             if _missing:
                 print(f"{_record}: stores without a manifest ({', '.join(_missing)}); the cache will be rebuilt.",
                       file=sys.stderr)
-        _missing = drop_incomplete_moments(moments_record(_model, _dataset))  # spectrum.mode: streamed
-        if _missing:
-            print(f"{moments_record(_model, _dataset)}: files missing or short ({', '.join(_missing)}); "
-                  "the cache will be rebuilt.", file=sys.stderr)
+        for _record in (moments_record(_model, _dataset), wo_moments_record(_model, _dataset)):  # streamed
+            _missing = drop_incomplete_moments(_record)
+            if _missing:
+                print(f"{_record}: files missing or short ({', '.join(_missing)}); the cache will be rebuilt.",
+                      file=sys.stderr)
 
 
 rule cache_activations:
@@ -31,7 +34,7 @@ rule cache_activations:
         model=prepared_model,
         tokens="results/tokens/{model}/{dataset}.npz",
     output:
-        [moments_record()] if STREAMED else [],  # spectrum.mode: streamed
+        cache_moment_records(),  # spectrum.mode: streamed
         record="results/activations/{model}/{dataset}/cache.json",
     params:
         model_dir="resources/models/{model}/hf",

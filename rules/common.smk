@@ -6,7 +6,7 @@ import shlex
 import shutil
 from pathlib import Path
 
-from attnspace.config import cached_layers, config_hash, focus_layers, sae_store_sites
+from attnspace.config import cached_layers, config_hash, focus_layers, sae_store_sites, stored_sites
 from attnspace.sae.group import pack_devices, training_bytes
 from attnspace.sae.runs import RUN_PATH, parse_run_name, run_name, variant_run
 
@@ -145,8 +145,10 @@ def spectrum_bootstrap_args():
 
 
 # spectrum.mode: streamed: the caching job also writes the spectrum sites' moments, which the
-# spectrum jobs read instead of the stores.
+# spectrum jobs read instead of the stores, and Figure 3's (wo/), which the W^O decomposition reads;
+# it stores only what some stage reads of its (model, dataset) (attnspace.config.stored_sites).
 STREAMED = config["spectrum"]["mode"] == "streamed"
+WO_MOMENTS = STREAMED and "fig3" in config["figures"]
 
 
 def moments_record(model="{model}", dataset="{dataset}"):
@@ -154,13 +156,45 @@ def moments_record(model="{model}", dataset="{dataset}"):
     return f"results/moments/{model}/{dataset}/moments.json"
 
 
+def wo_moments_record(model="{model}", dataset="{dataset}"):
+    """The record of Figure 3's streamed moments (attn_z in one group, the reconstruction check)."""
+    return f"results/moments/{model}/{dataset}/wo/moments.json"
+
+
+def cache_moment_records():
+    """The caching job's moments records besides its cache record (none in stored mode)."""
+    return ([moments_record()] if STREAMED else []) + ([wo_moments_record()] if WO_MOMENTS else [])
+
+
 def streamed_moments_args(wildcards):
-    """The caching job's moments options: every spectrum site, streamed (none in stored mode)."""
+    """The caching job's streamed options (none in stored mode): every spectrum site's moments,
+    Figure 3's moments when it is configured, and exactly the stores some stage reads (--store-sites,
+    in place of --sites and --site-layers)."""
     if not STREAMED:
         return ""
-    return (f"--moment-sites {' '.join(config['spectrum']['sites'])} "
-            f"--moments-dir results/moments/{wildcards.model}/{wildcards.dataset} "
-            f"--groups {config['spectrum']['bootstrap']['groups']}")
+    folder = f"results/moments/{wildcards.model}/{wildcards.dataset}"
+    stores = json.dumps(stored_sites(config, wildcards.model, wildcards.dataset), separators=(",", ":"))
+    return (f"--moment-sites {' '.join(config['spectrum']['sites'])} --moments-dir {folder} "
+            f"--groups {config['spectrum']['bootstrap']['groups']} --store-sites {shlex.quote(stores)}"
+            + (f" --wo-moments-dir {folder}/wo" if WO_MOMENTS else ""))
+
+
+def wo_input(wildcards):
+    """What a W^O decomposition job reads: the streamed moments' records, or the cache record (its stores)."""
+    if STREAMED:
+        return [wo_moments_record(wildcards.model, wildcards.dataset),
+                moments_record(wildcards.model, wildcards.dataset)]
+    return [f"results/activations/{wildcards.model}/{wildcards.dataset}/cache.json"]
+
+
+def wo_source_args(wildcards):
+    """--moments (Figure 3's record first) and --layers (streamed), or --stores: the train store of
+    every layer."""
+    layers = config["models"][wildcards.model]["layers"]
+    if STREAMED:
+        return (f"--moments {' '.join(wo_input(wildcards))} --layers {' '.join(map(str, layers))}")
+    return "--stores " + " ".join(f"results/activations/{wildcards.model}/{wildcards.dataset}/L{layer}.manifest.json"
+                                  for layer in layers)
 
 
 def spectrum_input(wildcards):

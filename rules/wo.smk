@@ -1,12 +1,13 @@
 # Where the low rank comes from (Figure 3): O = Z W^O decomposed along the principal
-# directions of O, from the cached attn_z / attn_out of every configured layer and the
-# model's o_proj weights; plus W^O's own spectrum and a per-layer summary.
+# directions of O, from the cached attn_z / attn_out of every configured layer (spectrum.mode:
+# stored) or their moments streamed by the caching job (streamed), and the model's o_proj
+# weights; plus W^O's own spectrum and a per-layer summary.
 
 
 rule wo_decomposition:
     input:
         model=prepared_model,
-        cache="results/activations/{model}/{dataset}/cache.json",
+        source=wo_input,
     output:
         decomposition="results/wo/{model}/{dataset}/decomposition.csv",
         spectrum="results/wo/{model}/{dataset}/wo_spectrum.csv",
@@ -14,10 +15,7 @@ rule wo_decomposition:
     params:
         model_dir="resources/models/{model}/hf",
         dtype=lambda w: model_cfg(w)["dtype"],
-        stores=lambda w: [
-            f"results/activations/{w.model}/{w.dataset}/L{layer}.manifest.json"
-            for layer in model_cfg(w)["layers"]
-        ],
+        source=wo_source_args,
         threshold=config["spectrum"]["threshold"],
     log:
         "results/logs/wo_decomposition/{model}/{dataset}.log",
@@ -31,7 +29,7 @@ rule wo_decomposition:
         "../envs/attnspace.yaml"
     shell:
         "attnspace wo-decomposition --model-dir {params.model_dir} --dtype {params.dtype} "
-        "--stores {params.stores} --model {wildcards.model} --dataset {wildcards.dataset} "
+        "{params.source} --model {wildcards.model} --dataset {wildcards.dataset} "
         "--threshold {params.threshold} --threads {threads} --decomposition {output.decomposition} "
         "--spectrum {output.spectrum} --summary {output.summary} > {log} 2>&1"
 

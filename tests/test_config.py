@@ -190,14 +190,11 @@ def test_cache_layers_resolve_per_model_and_the_shipped_configs_cache_what_they_
         cached = {(model, site, layer) for model in cfg["models"]
                   for site, layers in cached_layers(cfg, model).items() for layer in layers}
         assert read <= cached
-        # nothing cached that no stage reads: attn_in is Lorsa's alone, at the focus layer; with streamed
-        # spectra (the paper), mlp_out and resid_post are read only by the focus model's Figure 4 suite,
-        # and cache.layers (one list for every model) cannot leave them out of the other models
+        if cfg["spectrum"]["mode"] == "streamed":  # the paper: stores only what is read (stored_sites)
+            continue
+        # nothing cached that no stage reads: attn_in is Lorsa's alone, at the focus layer
         lorsa = set(cfg["lorsa"]["models"])
         unread = {(m, "attn_in", L) for m, L in focus_layers(cfg).items() if m not in lorsa}
-        if cfg["spectrum"]["mode"] == "streamed":
-            unread |= {(m, s, L) for m in cfg["models"] if m != cfg["focus"]["model"]
-                       for s in ("mlp_out", "resid_post") for L in cfg["models"][m]["layers"]}
         assert {(m, s, L) for m, s, L in cached - read} == unread
     paper = check_config(load("config/paper.yaml"))
     assert sae_store_sites(paper) == []  # its SAEs train on the live model
@@ -216,3 +213,46 @@ def test_a_site_may_be_cached_at_the_focus_layer_only_when_nothing_else_reads_it
     with pytest.raises(ConfigError, match=r"^cache.layers.attn_z = 'focus' leaves out layers \[1\] of tiny, "
                                           r"where figures.fig3 reads attn_z\. Fix: "):
         check_config(cfg)
+
+
+def _streamed(cfg: dict, live: bool) -> dict:
+    """``cfg`` with streamed spectra; ``live``: SAEs on the live model and the LlamaScope suite."""
+    cfg["spectrum"]["mode"] = "streamed"
+    if live:
+        cfg["sae"]["source"] = "live"
+        cfg["suite"] = {"source": "llamascope", "llamascope": {
+            "repos": {s: f"x/{s}" for s in ("attn_out", "mlp_out", "resid_post")},
+            "letters": {"attn_out": "A", "mlp_out": "M", "resid_post": "R"}, "folder": "L{layer}{letter}"}}
+    return cfg
+
+
+@pytest.mark.parametrize("live", [False, True])
+def test_streamed_caches_store_only_what_is_read_per_pair_and_split(tiny_llama, live):
+    """Focus pair (tiny, pydocs), layers 1 and 2, focus layer 2. SAEs of Figures 5-7 (attn_out at 2) and the
+    Figure 4 suite (its three sites at 1 and 2): held-out rows, and train rows only where they train on the
+    cache; Lorsa: attn_in and attn_out at 2, both splits. Spectra and Figure 3 read moments. The other
+    dataset: nothing."""
+    from attnspace.config import stored_sites
+
+    cfg = check_config(_streamed(tiny_config(tiny_llama), live))
+    every = {"attn_out": [1, 2], "mlp_out": [1, 2], "resid_post": [1, 2], "attn_in": [2]}
+    train = {"attn_out": [2], "attn_in": [2]} if live else every
+    assert stored_sites(cfg, "tiny", "pydocs") == {"train": train, "heldout": every}
+    assert stored_sites(cfg, "tiny", "pycode") == {}
+    cfg["figures"] = {"fig1": {}, "fig3": {}}  # spectra and Figure 3 only: moments, no store at all
+    cfg["lorsa"]["models"] = []
+    assert stored_sites(check_config(cfg), "tiny", "pydocs") == {}
+
+
+def test_streamed_cache_still_refuses_a_stage_whose_site_it_does_not_store_where_read(tiny_llama):
+    cfg = _streamed(tiny_config(tiny_llama), live=True)
+    cfg["cache"]["layers"] = {"attn_in": [1]}
+    with pytest.raises(ConfigError, match=r"^cache.layers.attn_in = \[1\] leaves out layers \[2\] of tiny, where "
+                                          r"lorsa.models reads attn_in\. Fix: add them to cache.layers.attn_in"):
+        check_config(copy.deepcopy(cfg))
+    cfg["cache"] = {"sites": ["attn_out", "resid_post", "attn_in"], "chunk_rows": 256, "shard_rows": 512}
+    with pytest.raises(ConfigError, match=r"^cache.sites = .* lacks mlp_out, which suite.sites reads \(model tiny\)\. "
+                                          r"Fix: add mlp_out to cache.sites\."):
+        check_config(copy.deepcopy(cfg))
+    cfg["cache"]["sites"] = ["attn_out", "mlp_out", "resid_post", "attn_in"]  # no attn_z: Figure 3 reads moments
+    check_config(cfg)

@@ -35,12 +35,13 @@ def tiny(tiny_llama):
     return model, tok, splits
 
 
-def run(model, tok, splits, out, sites=tuple(SITES), checkpoint_docs=1000):
+def run(model, tok, splits, out, sites=tuple(SITES), checkpoint_docs=1000, wo=False):
     return cache_activations(model, splits, out / "activations", model_name="tiny", dataset="synthetic",
                              layers=LAYERS, sites=list(sites), logical_dtype="float32",
                              special_ids={tok.bos_token_id, tok.eos_token_id}, chunk_rows=64, shard_rows=128,
                              config_hash="abc", moments_dir=out / "moments", moment_sites=SPECTRUM_SITES,
-                             groups=GROUPS, checkpoint_docs=checkpoint_docs)
+                             groups=GROUPS, checkpoint_docs=checkpoint_docs,
+                             wo_moments_dir=out / "moments" / "wo" if wo else None)
 
 
 @pytest.fixture(scope="module")
@@ -138,6 +139,26 @@ def test_killed_job_resumes_to_the_same_bytes(tiny, cached, tmp_path, monkeypatc
             whole = np.load(moments_file(cached / "moments", layer, site))
             assert np.array_equal(resumed, whole), (layer, site)
     assert json.loads(record.read_text())["files"] == json.loads((cached / "moments" / RECORD).read_text())["files"]
+
+
+def test_figure3_moments_and_their_check_resume_to_the_same_values(tiny, tmp_path, monkeypatch):
+    """Figure 3's moments (one group) and the running maxima of its reconstruction check survive a
+    kill: the rerun ends with the bytes and maxima of an uninterrupted run."""
+    model, tok, splits = tiny
+    run(model, tok, splits, tmp_path / "whole", sites=(), wo=True)
+    _, calls = kill_capture_at(monkeypatch, 8)
+    with pytest.raises(KeyboardInterrupt):
+        run(model, tok, splits, tmp_path / "killed", sites=(), checkpoint_docs=3, wo=True)
+    calls["n"] = -10**9
+    run(model, tok, splits, tmp_path / "killed", sites=(), checkpoint_docs=3, wo=True)
+    whole, resumed = (json.loads((tmp_path / name / "moments" / "wo" / RECORD).read_text())
+                      for name in ("whole", "killed"))
+    assert whole["n_groups"] == 1 and sorted(whole["files"]["1"]) == ["attn_z"]  # attn_out: a spectrum site
+    assert sorted(whole["maxima"]) == [f"L{layer}/{name}" for layer in LAYERS for name in ("o_error", "o_scale")]
+    assert resumed == whole and all(v > 0 for v in whole["maxima"].values())
+    for layer in LAYERS:
+        assert np.array_equal(np.load(moments_file(tmp_path / "killed" / "moments" / "wo", layer, "attn_z")),
+                              np.load(moments_file(tmp_path / "whole" / "moments" / "wo", layer, "attn_z")))
 
 
 def test_damaged_moments_are_refused(tiny, tmp_path):

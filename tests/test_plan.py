@@ -67,15 +67,30 @@ def test_default_plan_by_hand(tmp_path):
 def test_paper_plan_shows_the_scale(tmp_path):
     cfg = yaml.safe_load((REPO / "config/paper.yaml").read_text())
     jobs = plan(tmp_path, "config/paper.yaml")
-    cache = jobs[jobs["stage"] == "cache_activations"]
-    assert len(cache) == 12 and (cache["rows_per_site"] == 11_000_000).all()
-    llama = cache[cache["job"] == "llama-3.1-8b/slimpajama"].iloc[0]
-    layers = len(cfg["models"]["llama-3.1-8b"]["layers"])
-    # stores in bfloat16: 4 sites at every layer, attn_in (Lorsa's input) at the focus layer only; and
-    # (spectrum.mode: streamed) the float64 moments of the 3 spectrum sites in at most 64 document groups,
-    # each (4096 + 1)^2
-    assert llama["disk_bytes"] == (11_000_000 * (layers * (4 * 4096 * 2 + 13) + 4096 * 2)
-                                   + layers * 3 * 64 * 4097**2 * 8)
+    cache = jobs[jobs["stage"] == "cache_activations"].set_index("job")
+    assert len(cache) == 12 and cfg["spectrum"]["bootstrap"]["groups"] == 16
+    # spectrum.mode: streamed: every pair streams the float64 moments of the 3 spectrum sites at each of its
+    # layers in at most 16 document groups, each (d + 1)^2, and Figure 3's: attn_z (width assumed d_model until
+    # the model is prepared) in one group; attn_out's come from the spectrum moments
+    def moments(layers: int, d: int) -> int:
+        return layers * 3 * 16 * (d + 1) ** 2 * 8 + layers * (d + 1) ** 2 * 8
+
+    # the focus pair alone stores anything (bfloat16, 13 bytes of row metadata per store and row): train rows
+    # of attn_out and attn_in at layer 15 (Lorsa; the SAEs train on the live model), held-out rows of the
+    # suite's 3 sites at the 8 layers (Figure 4's dead features, the SAEs' evaluation) and of attn_in at 15
+    llama = cache.loc["llama-3.1-8b/slimpajama"]
+    assert llama["disk_bytes"] == (10_000_000 * (2 * 4096 * 2 + 13) + 1_000_000 * (8 * (3 * 4096 * 2 + 13) + 4096 * 2)
+                                   + moments(8, 4096))
+    assert (llama["rows_per_site"], llama["forward_tokens"]) == (11_000_000, 11_000_000)
+    # every other pair stores nothing: its job runs the train split through the model for the moments only
+    for job in ("llama-3.1-8b/cci3", "pythia-2.8b/slimpajama", "qwen3-8b/redpajama-github"):
+        model = job.split("/")[0]
+        m = cfg["models"][model]
+        assert cache.loc[job, "disk_bytes"] == moments(len(m["layers"]), m["d_model"]), job
+        assert (cache.loc[job, "rows_per_site"], cache.loc[job, "forward_tokens"]) == (0, 10_000_000)
+        assert "stores: none" in cache.loc[job, "note"]
+    # in all, about 1/20 of the 35 TB the paper configuration first planned
+    assert jobs["disk_bytes"].sum() < 3.5e12
     assert not (jobs["stage"] == "cache_sae").any()  # the SAEs train on the live model
     sae = jobs[jobs["stage"] == "train_sae"]
     whole_batches = 2_500_000_000 // 4096 * 4096

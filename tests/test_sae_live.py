@@ -71,7 +71,8 @@ def test_live_stream_serves_batches_and_reports_exhaustion(cached):
 
 
 def test_train_sae_command_trains_from_the_live_model(cached, tiny_llama, tmp_path):
-    """The CLI path the paper config takes (sae.source: live): more tokens than the cache holds."""
+    """The CLI path the paper config takes (sae.source: live): more tokens than the cache holds, and no
+    train store (a streamed cache stores only the held-out rows an evaluation reads)."""
     import json
 
     from attnspace.cli import main
@@ -79,7 +80,8 @@ def test_train_sae_command_trains_from_the_live_model(cached, tiny_llama, tmp_pa
     *_, store = cached
     root = store.path.parent
     out = tmp_path / "run"
-    main(["train-sae", "--store", str(store.path), "--heldout", str(store_path(root, LAYER, "heldout")),
+    absent = tmp_path / "not-stored" / f"L{LAYER}.manifest.json"
+    main(["train-sae", "--store", str(absent), "--heldout", str(store_path(root, LAYER, "heldout")),
           "--site", SITE, "--run", "base-d0-sparse_adam-n96-k4", "--batch-size", "64", "--buffer-rows", "128",
           "--train-tokens", "1024", "--eval-tokens", "64", "--lr", "0.001", "--model-dir", str(tiny_llama),
           "--tokens", str(root / "tokens.npz"), "--layer", str(LAYER), "--live-source", json.dumps(SOURCE),

@@ -1,8 +1,11 @@
 """The W^O variance decomposition (Figure 3) on tiny random models cached through the
 real activation cache: O from the cached Z and the weights equals the cached attn_out,
-and Var(O e_i) = Var(Z v_i) ||v||^2 holds along every principal direction."""
+and Var(O e_i) = Var(Z v_i) ||v||^2 holds along every principal direction; the tables from the
+moments the caching job streams (spectrum.mode: streamed) equal those from the stores."""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pytest
@@ -12,7 +15,8 @@ from attnspace.cache import cache_activations
 from attnspace.corpora import TokenSplit
 from attnspace.spectrum import intrinsic_dimension
 from attnspace.store import open_store
-from attnspace.wo_decomposition import analyse, covariance, decompose, head_overlap, wo_spectrum
+from attnspace.moments import RECORD
+from attnspace.wo_decomposition import analyse, analyse_moments, covariance, decompose, head_overlap, wo_spectrum
 from conftest import tiny_causal_lm
 
 VOCAB, HIDDEN, LAYERS, BOS = 64, 32, 3, 1  # conftest.tiny_causal_lm's sizes
@@ -27,13 +31,18 @@ def _build(family: str):
     return model
 
 
+def _split() -> TokenSplit:
+    """600 tokens in 6 documents, each opening with BOS."""
+    rng = np.random.default_rng(0)
+    docs = [np.concatenate([[BOS], rng.integers(3, VOCAB, 99)]).astype(np.int32) for _ in range(6)]
+    return TokenSplit(np.concatenate(docs), np.arange(0, 601, 100, dtype=np.int64))
+
+
 @pytest.fixture(scope="module", params=["llama", "gemma3", "gpt_neox"])
 def cached(request, tmp_path_factory):
     """(model, [store of layers 0 and 2]) with 600 tokens in 6 documents."""
     model = _build(request.param)
-    rng = np.random.default_rng(0)
-    docs = [np.concatenate([[BOS], rng.integers(3, VOCAB, 99)]).astype(np.int32) for _ in range(6)]
-    split = TokenSplit(np.concatenate(docs), np.arange(0, 601, 100, dtype=np.int64))
+    split = _split()
     out = tmp_path_factory.mktemp(request.param)
     cache_activations(model, {"train": split, "heldout": split}, out, model_name="tiny", dataset="rand",
                       layers=[0, 2], sites=["attn_out", "attn_z"], logical_dtype="float32",
@@ -137,3 +146,42 @@ def test_summary_counterfactuals(cached):
     for col in ("id_o", "id_z", "id_o_white_z", "id_o_flat_wo", "z_var_weakest_half"):
         assert 0 < row[col] <= 1
     assert spec.groupby("layer")["z_var_fraction"].sum().to_numpy() == pytest.approx([1.0, 1.0])
+
+
+@pytest.mark.parametrize("spectrum_sites", [["attn_out", "mlp_out"], ["resid_post"]])
+def test_streamed_decomposition_equals_stored(cached, spectrum_sites, tmp_path):
+    """The same tokens, no store written: attn_z's moments in one group, attn_out's from the spectrum
+    moments (3 groups, summed) or, when attn_out is no spectrum site, beside attn_z's; the check
+    Z W^O + b = O taken in the forward."""
+    model, stores = cached
+    split = _split()
+    manifests = cache_activations(model, {"train": split, "heldout": split}, tmp_path / "activations",
+                                  model_name="tiny", dataset="rand", layers=[0, 2], sites=["attn_out", "attn_z"],
+                                  logical_dtype="float32", special_ids={BOS, 2}, chunk_rows=128, shard_rows=256,
+                                  store_sites={}, moments_dir=tmp_path / "moments", moment_sites=spectrum_sites,
+                                  groups=3, wo_moments_dir=tmp_path / "moments" / "wo")
+    assert manifests == [] and not (tmp_path / "activations").exists()
+    records = [tmp_path / "moments" / "wo" / RECORD, tmp_path / "moments" / RECORD]
+    wo_record = json.loads(records[0].read_text())
+    assert wo_record["n_groups"] == 1
+    assert sorted(wo_record["files"]["0"]) == sorted(["attn_z"] + (["attn_out"] if "attn_out" not in spectrum_sites
+                                                                   else []))
+    stored = analyse(model, stores, model_name="tiny", dataset="rand")
+    streamed = analyse_moments(model, records, [0, 2], model_name="tiny", dataset="rand")
+    for a, b in zip(stored, streamed):
+        assert list(a.columns) == list(b.columns) and len(a) == len(b)
+        for col in a.columns:
+            if col == "identity_rel_error":  # itself a float64 round-off residue, relative to max Var(O e_i)
+                np.testing.assert_allclose(b[col], a[col], rtol=0, atol=1e-10, err_msg=col)
+            elif col in ("wo_contrib", "z_contrib"):
+                # the principal directions of O: those of very small variance are round-off in either path
+                # (float64 centring after the product, amplified where a bias makes the mean large)
+                strong = a["var_o"] >= 1e-4 * a.groupby("layer")["var_o"].transform("max")
+                np.testing.assert_allclose(b[col][strong], a[col][strong], rtol=1e-7, err_msg=col)
+            elif a[col].dtype.kind in "fc":
+                np.testing.assert_allclose(b[col], a[col], rtol=1e-9, atol=1e-12 * np.abs(a[col]).max(), err_msg=col)
+            else:
+                assert (a[col] == b[col]).all(), col
+    # the reconstruction check taken in the forward is the stored path's, over the same rows
+    np.testing.assert_allclose(streamed[2]["o_rel_error"], stored[2]["o_rel_error"], rtol=1e-9)
+    assert (streamed[2]["o_rel_error"] > 0).all()

@@ -363,6 +363,30 @@ def test_streamed_spectra_read_moments_and_cache_no_spectrum_only_site(tmp_path)
            "--groups 64" in cache[0]
     assert "--moments results/moments/smollm2-135m/pydocs/moments.json --layer 15 --sites" in spectrum[0]
     assert "--store" not in spectrum[0]
+    # it stores only what is read there: Lorsa's two sites at layer 15, and the held-out rows the SAEs of
+    # Figures 5-7 are evaluated on (they train on the SAE store)
+    assert """--store-sites '{"train":{"attn_out":[15],"attn_in":[15]},"heldout":{"attn_out":[15],"attn_in":[15]}}'""" \
+        in cache[0]
+
+
+def test_streamed_figure3_reads_moments_and_an_unread_pair_stores_nothing(tmp_path):
+    """spectrum.mode: streamed: the W^O decomposition reads Figure 3's moments and the spectrum moments, no
+    store; the caching job of a (model, dataset) no stage reads stores nothing but still streams both."""
+    cfg = yaml.safe_load((REPO / "config.yaml").read_text())
+    cfg["spectrum"]["mode"] = "streamed"
+    (tmp_path / "streamed.yaml").write_text(yaml.safe_dump(cfg))
+    r = snakemake_cli("results/wo/smollm2-135m/pycode/summary.csv", "-n", "-p", "--configfile", "streamed.yaml",
+                      cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    lines = r.stdout.splitlines()
+    cache = [line for line in lines if "attnspace cache " in line]
+    wo = [line for line in lines if "attnspace wo-decomposition " in line]
+    assert len(cache) == 1 and len(wo) == 1
+    assert "--store-sites '{}' --wo-moments-dir results/moments/smollm2-135m/pycode/wo " in cache[0]
+    layers = " ".join(map(str, cfg["models"]["smollm2-135m"]["layers"]))
+    assert (f"--moments results/moments/smollm2-135m/pycode/wo/moments.json "
+            f"results/moments/smollm2-135m/pycode/moments.json --layers {layers} ") in wo[0]
+    assert "--stores" not in wo[0]
 
 
 def test_bad_config_stops_before_any_job(tmp_path):

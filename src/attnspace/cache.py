@@ -9,7 +9,13 @@ Stores appear, with their manifests, only when complete. The SAE store is the sa
 driver on the ``sae`` split, at the focus layer only. With spectrum sites streamed
 (``moment_sites``), the same forward of the train split also feeds a
 :class:`attnspace.moments.MomentsAccumulator`, which keeps their per-document-group moments in
-place of stores.
+place of stores, and (``wo_moments_dir``) Figure 3's: attn_z's moments in one document group and the
+check that Z and the weights give O (:func:`attnspace.wo_decomposition.reconstruction_maxima`).
+
+Which stores a job writes: ``sites`` at ``layers`` (``site_layers`` narrowing some sites) in every
+split of ``split_names``; or, given ``store_sites`` (spectrum.mode: streamed, where the config
+decides per (model, dataset) what some stage reads: :func:`attnspace.config.stored_sites`), exactly
+the sites and layers it names per split, a split it does not name storing nothing.
 """
 
 from __future__ import annotations
@@ -35,16 +41,18 @@ def store_path(out_dir: Path | str, layer: int, split: str) -> Path:
 
 
 def cache_split(model, tokens: TokenSplit, writers: dict[int, StoreWriter], sites: list[str],
-                special_ids: set[int], desc: str = "", moments: MomentsAccumulator | None = None) -> None:
+                special_ids: set[int], desc: str = "",
+                moments: MomentsAccumulator | list[MomentsAccumulator] | None = None) -> None:
     """Run every document of ``tokens`` through ``model`` and append to each writer its own sites
-    (those of ``sites`` it was opened with); add the moments of ``moments.sites`` to ``moments``."""
+    (those of ``sites`` it was opened with); add the moments of each accumulator's sites to it."""
     device = next(model.parameters()).device
-    layers = sorted(set(writers) | set(moments.layers if moments else ()))
-    captured = list(dict.fromkeys(list(sites) + (moments.sites if moments else [])))
+    accumulators = [moments] if isinstance(moments, MomentsAccumulator) else list(moments or [])
+    layers = sorted(set(writers).union(*(a.layers for a in accumulators)))
+    captured = list(dict.fromkeys(list(sites) + [s for a in accumulators for s in a.sites]))
     bar = tqdm(total=tokens.n_tokens, desc=desc, unit="tok", mininterval=5, smoothing=0.1)
     for doc_i, (start, ids) in enumerate(zip(tokens.doc_starts[:-1], tokens.documents())):
         n = ids.shape[0]
-        if not writers and moments is not None and doc_i < moments.next_doc:
+        if not writers and accumulators and doc_i < min(a.next_doc for a in accumulators):
             bar.update(n)  # counted before a restart, and no store needs it
             continue
         acts = capture(model, torch.as_tensor(ids, dtype=torch.long, device=device)[None], layers, captured)
@@ -52,8 +60,8 @@ def cache_split(model, tokens: TokenSplit, writers: dict[int, StoreWriter], site
                     pos=np.arange(n, dtype=np.int32), keep=keep_mask(ids, special_ids))
         for layer in sorted(writers):
             writers[layer].append({s: acts[layer, s][0] for s in writers[layer].sites}, **meta)
-        if moments is not None:
-            moments.add(doc_i, acts, meta["keep"])
+        for a in accumulators:
+            a.add(doc_i, acts, meta["keep"])
         bar.update(n)
     bar.close()
 
@@ -68,35 +76,70 @@ def layer_sites(layers: list[int], sites: list[str],
     return {layer: chosen for layer, chosen in out.items() if chosen}
 
 
+def split_layer_sites(layers: list[int], sites: list[str], site_layers: dict[str, list[int]] | None = None,
+                      split_names: tuple[str, ...] = SPLITS,
+                      store_sites: dict[str, dict[str, list[int]]] | None = None) -> dict[str, dict[int, list[str]]]:
+    """{split: {layer: the sites stored there}} for each split of ``split_names``.
+
+    Without ``store_sites``, every split stores :func:`layer_sites` of ``sites``. With it
+    ({split: {site: [layers]}}), a split stores exactly its sites at their layers (among
+    ``layers``), and a split it does not name stores nothing.
+    """
+    if store_sites is None:
+        by_layer = layer_sites(layers, sites, site_layers) if sites else {}
+        return {split: by_layer for split in split_names}
+    chosen = {split: store_sites.get(split, {}) for split in split_names}
+    return {split: layer_sites(layers, list(own), own) if own else {} for split, own in chosen.items()}
+
+
+def wo_moment_sites(moment_sites: list[str]) -> list[str]:
+    """The sites Figure 3's moments keep in their single group: attn_z, and attn_out unless the
+    spectrum moments already have it (its groups are summed)."""
+    return ["attn_z"] + ([] if "attn_out" in moment_sites else ["attn_out"])
+
+
 def cache_activations(model, splits: dict[str, TokenSplit], out_dir: Path | str, *, model_name: str,
                       dataset: str, layers: list[int], sites: list[str], logical_dtype: str,
                       special_ids: set[int], chunk_rows: int, shard_rows: int,
                       config_hash: str = "", site_layers: dict[str, list[int]] | None = None,
                       split_names: tuple[str, ...] = SPLITS, moments_dir: Path | str | None = None,
                       moment_sites: list[str] = (), groups: int = 1,
-                      checkpoint_docs: int = CHECKPOINT_DOCS) -> list[dict]:
+                      checkpoint_docs: int = CHECKPOINT_DOCS,
+                      store_sites: dict[str, dict[str, list[int]]] | None = None,
+                      wo_moments_dir: Path | str | None = None) -> list[dict]:
     """Cache ``sites`` at ``layers`` (a site of ``site_layers`` only at its own layers) for each
-    split of ``split_names``; returns the manifests written.
+    split of ``split_names``, or exactly ``store_sites`` (:func:`split_layer_sites`); returns the
+    manifests written.
 
     With ``moment_sites``, the train split's forward also accumulates their moments at every
     layer in at most ``groups`` document groups under ``moments_dir`` (:mod:`attnspace.moments`),
-    checkpointed every ``checkpoint_docs`` documents.
+    checkpointed every ``checkpoint_docs`` documents. With ``wo_moments_dir``, it also keeps
+    Figure 3's moments there (:func:`wo_moment_sites` in one group, and the reconstruction check).
     """
-    by_layer = layer_sites(layers, sites, site_layers) if sites else {}
-    widths = {s: site_width(model, s) for s in sites}
+    by_split = split_layer_sites(layers, sites, site_layers, split_names, store_sites)
+    widths = {s: site_width(model, s) for by_layer in by_split.values() for c in by_layer.values() for s in c}
     manifests = []
     for split in split_names:
         tokens = splits[split]
-        moments = None
-        if moment_sites and split == "train":
+        by_layer = by_split[split]
+        moments = []
+        if split == "train" and (moment_sites or wo_moments_dir):
             keep = keep_mask(tokens.ids, special_ids)
-            moments = MomentsAccumulator(
-                moments_dir, model=model_name, dataset=dataset, layers=layers,
-                widths={s: site_width(model, s) for s in moment_sites},
-                doc_group=document_group_of_docs(tokens, special_ids, groups), n_tokens=tokens.n_tokens,
-                n_kept=int(keep.sum()), device=next(model.parameters()).device, config_hash=config_hash,
-                checkpoint_docs=checkpoint_docs)
-        if not sites and moments is None:
+            common = dict(model=model_name, dataset=dataset, layers=layers, n_tokens=tokens.n_tokens,
+                          n_kept=int(keep.sum()), device=next(model.parameters()).device, config_hash=config_hash,
+                          checkpoint_docs=checkpoint_docs)
+            if moment_sites:
+                moments.append(MomentsAccumulator(
+                    moments_dir, widths={s: site_width(model, s) for s in moment_sites},
+                    doc_group=document_group_of_docs(tokens, special_ids, groups), **common))
+            if wo_moments_dir:
+                from attnspace.wo_decomposition import reconstruction_maxima
+
+                moments.append(MomentsAccumulator(
+                    wo_moments_dir, widths={s: site_width(model, s) for s in wo_moment_sites(list(moment_sites))},
+                    doc_group=np.zeros(tokens.n_docs, dtype=np.int64),
+                    maxima=reconstruction_maxima(model, layers), **common))
+        if not by_layer and not moments:
             continue  # nothing of this split is asked for
         with ExitStack() as stack:
             writers = {
@@ -109,6 +152,6 @@ def cache_activations(model, splits: dict[str, TokenSplit], out_dir: Path | str,
             cache_split(model, tokens, writers, sorted({s for c in by_layer.values() for s in c}), special_ids,
                         desc=f"{model_name}/{dataset} {split}", moments=moments)
             manifests += [writers[layer].close() for layer in sorted(writers)]
-        if moments is not None:
-            moments.close()
+        for accumulator in moments:
+            accumulator.close()
     return manifests

@@ -273,35 +273,78 @@ def cached_layers(config: dict, model: str) -> dict[str, list[int]]:
     return out
 
 
-def store_readers(config: dict) -> list[tuple[str, str, str, list[int]]]:
-    """Every (key, model, site, layers) whose cached activations a configured stage reads.
+def store_reads(config: dict) -> list[tuple[str, str, str | None, str, list[int], tuple[str, ...]]]:
+    """Every (key, model, dataset, site, layers, splits) of cached activations a configured stage reads.
 
-    ``key`` names the setting that makes the stage read them. The spectra (Figures 1, 2A,
-    8, 9, the interventions, ASI) read ``spectrum.sites`` at every layer (spectrum.mode: stored;
-    streamed, they read the caching job's moments instead); the W^O
-    decomposition (Figure 3) reads attn_z and attn_out at every layer; the SAEs of
-    Figures 5-7 read their site at the focus layer and the Figure 4 suite its sites at
-    every layer of the focus model (train and held-out stores; the LlamaScope suite the
-    held-out ones only); Lorsa (Table 1) reads attn_in and attn_out at each of its
-    models' focus layers.
+    ``key`` names the setting that makes the stage read them; ``dataset`` None: every dataset;
+    ``splits``: train and/or heldout of the main cache. With spectrum.mode: stored, the spectra
+    (Figures 1, 2A, 8, 9, the interventions, ASI) read ``spectrum.sites`` and the W^O decomposition
+    (Figure 3) attn_z and attn_out, at every layer of every (model, dataset), train split; streamed,
+    both read the caching job's moments instead. The SAEs of Figures 5-7 read their site at the
+    focus model, dataset and layer: the held-out rows (evaluation), and the train split unless they
+    train on the live model or the SAE store (:func:`sae_splits`). The Figure 4 suite reads its
+    sites at every layer of the focus model, focus dataset: the held-out rows (dead features), and,
+    when the pipeline trains it, what its SAEs read. Lorsa (Table 1) reads attn_in and attn_out at
+    each of its models' focus layers, focus dataset, both splits.
     """
     figures, focus = config["figures"], config["focus"]
     at_focus = focus_layers(config)
+    both = ("train", "heldout")
     out = []
-    for model, m in config["models"].items():
-        if config["spectrum"].get("mode", "stored") == "stored":  # streamed: the spectra read moments, no store
-            out += [("spectrum.sites", model, site, list(m["layers"])) for site in config["spectrum"]["sites"]]
-        if "fig3" in figures:
-            out += [("figures.fig3", model, site, list(m["layers"])) for site in ("attn_z", "attn_out")]
+    if config["spectrum"].get("mode", "stored") == "stored":
+        for model, m in config["models"].items():
+            out += [("spectrum.sites", model, None, site, list(m["layers"]), ("train",))
+                    for site in config["spectrum"]["sites"]]
+            if "fig3" in figures:
+                out += [("figures.fig3", model, None, site, list(m["layers"]), ("train",))
+                        for site in ("attn_z", "attn_out")]
     for name in ("fig5", "fig6", "fig7"):
         if name in figures:
-            out.append((f"{name}.site", focus["model"], config[name]["site"], [focus["layer"]]))
+            out.append((f"{name}.site", focus["model"], focus["dataset"], config[name]["site"], [focus["layer"]],
+                        sae_splits(config, focus["layer"])))
     if "fig4" in figures:
-        layers = list(config["models"][focus["model"]]["layers"])
-        out += [("suite.sites", focus["model"], site, layers) for site in config["suite"]["sites"]]
+        by_splits: dict[tuple[str, ...], list[int]] = {}
+        for layer in config["models"][focus["model"]]["layers"]:
+            splits = ("heldout",) if config["suite"]["source"] == "llamascope" else sae_splits(config, layer)
+            by_splits.setdefault(splits, []).append(layer)
+        out += [("suite.sites", focus["model"], focus["dataset"], site, layers, splits)
+                for splits, layers in by_splits.items() for site in config["suite"]["sites"]]
     for model in config["lorsa"]["models"]:
-        out += [("lorsa.models", model, site, [at_focus[model]]) for site in ("attn_in", "attn_out")]
+        out += [("lorsa.models", model, focus["dataset"], site, [at_focus[model]], both)
+                for site in ("attn_in", "attn_out")]
     return out
+
+
+def sae_splits(config: dict, layer: int) -> tuple[str, ...]:
+    """The main cache's splits an SAE at the focus model, dataset and ``layer`` reads: the held-out
+    rows it is evaluated on, and the train split unless it trains on the live model (sae.source:
+    live) or on the SAE store (the focus layer, when there is one: :func:`sae_store_sites`)."""
+    if config["sae"]["source"] == "live" or (sae_store_sites(config) and layer == config["focus"]["layer"]):
+        return ("heldout",)
+    return ("train", "heldout")
+
+
+def store_readers(config: dict) -> list[tuple[str, str, str, list[int]]]:
+    """Every (key, model, site, layers) whose cached activations a configured stage reads, over
+    datasets and splits (:func:`store_reads`)."""
+    return [(key, model, site, layers) for key, model, _, site, layers, _ in store_reads(config)]
+
+
+def stored_sites(config: dict, model: str, dataset: str) -> dict[str, dict[str, list[int]]]:
+    """What the (model, dataset) cache stores with spectrum.mode: streamed: {split: {site: [layers]}},
+    exactly the sites, layers and splits some stage reads there (:func:`store_reads`), in the order of
+    cache.sites and the model's layers. A split or site nothing reads is absent; a pair nothing reads
+    stores nothing (its caching job still runs the forward for the moments). With spectrum.mode:
+    stored every split stores cache.sites at their cache.layers (:func:`cached_layers`)."""
+    chosen: dict[str, dict[str, set[int]]] = {}
+    for _, m, ds, site, layers, splits in store_reads(config):
+        if m == model and ds in (None, dataset):
+            for split in splits:
+                chosen.setdefault(split, {}).setdefault(site, set()).update(layers)
+    order = config["models"][model]["layers"]
+    return {split: {site: [layer for layer in order if layer in chosen[split][site]]
+                    for site in config["cache"]["sites"] if site in chosen[split]}
+            for split in ("train", "heldout") if split in chosen}
 
 
 def sae_store_sites(config: dict) -> list[str]:

@@ -16,6 +16,10 @@ written last. The record lists every file with a SHA-256 digest of each group's 
 from memory as the group is written; :func:`load_moments` refuses a file without a record
 (a killed job), a missing or resized file, or a group whose bytes no longer match.
 
+Running maxima (``maxima``): named functions of a document's activations whose largest value over
+the split is kept beside the moments and published in the record (Figure 3's check that the cached
+Z and the weights give O, :func:`attnspace.wo_decomposition.reconstruction_maxima`).
+
 Resuming: every ``checkpoint_docs`` documents the accumulator flushes its finished groups,
 saves the running totals of the current group and then, last, a state record holding the
 index of the next document (in ``.partial/``). A job restarted on the same tokens, sites,
@@ -91,7 +95,7 @@ class MomentsAccumulator:
     def __init__(self, out_dir: Path | str, *, model: str, dataset: str, layers: list[int],
                  widths: dict[str, int], doc_group: np.ndarray, n_tokens: int, n_kept: int,
                  device: torch.device | str = "cpu", config_hash: str = "",
-                 checkpoint_docs: int = CHECKPOINT_DOCS) -> None:
+                 checkpoint_docs: int = CHECKPOINT_DOCS, maxima: dict | None = None) -> None:
         self.out_dir = Path(out_dir)
         self.record_file = self.out_dir / RECORD
         self.partial = self.out_dir / ".partial"
@@ -105,10 +109,13 @@ class MomentsAccumulator:
         self.n_groups = int(self.doc_group[-1]) + 1
         self.device = torch.device(device)
         self.checkpoint_docs = max(1, int(checkpoint_docs))
+        self.max_functions = dict(maxima or {})
         self.key = dict(format=FORMAT, model=model, dataset=dataset, split="train", layers=self.layers,
                         widths=self.widths, n_groups=self.n_groups, n_docs=self.n_docs, n_tokens=int(n_tokens),
                         n_kept=int(n_kept), config_hash=config_hash,
                         doc_group=hashlib.sha256(self.doc_group.tobytes()).hexdigest()[:16])
+        if self.max_functions:  # absent otherwise: records and checkpoints without maxima stay as they were
+            self.key["maxima"] = sorted(self.max_functions)
         # Unpublish first: from here on no stale record can pass for this run's.
         self.record_file.unlink(missing_ok=True)
         self._sums = {(layer, site): torch.zeros((w + 1, w + 1), dtype=torch.float64, device=self.device)
@@ -119,9 +126,11 @@ class MomentsAccumulator:
             self.partial.mkdir(parents=True)
             self.next_doc = 0
             self.digests = {self._name(layer, site): [None] * self.n_groups for layer, site in self._sums}
+            self.maxima = {name: 0.0 for name in self.max_functions}
         else:
             self.next_doc = int(state["next_doc"])
             self.digests = state["digests"]
+            self.maxima = {name: float(state["maxima"][name]) for name in self.max_functions}
             with np.load(self.partial / "sums.npz", allow_pickle=False) as z:
                 for (layer, site), acc in self._sums.items():
                     acc.copy_(torch.from_numpy(z[self._name(layer, site)]))
@@ -169,6 +178,8 @@ class MomentsAccumulator:
             # [x, 1] with dropped rows zeroed: (x_a^T x_a) packs X^T X, the column sums and n at once.
             xa = torch.cat([x, torch.ones_like(x[:, :1])], dim=1) * keep_t
             acc.addmm_(xa.T, xa)
+        for name, f in self.max_functions.items():
+            self.maxima[name] = max(self.maxima[name], float(f(acts)))
         self.next_doc += 1
         g = int(self.doc_group[doc_i])
         if self.next_doc == self.n_docs or self.doc_group[self.next_doc] != g:
@@ -192,7 +203,10 @@ class MomentsAccumulator:
             os.fsync(f.fileno())
         write_npz(self.partial / "sums.npz",
                   **{self._name(layer, site): acc.cpu().numpy() for (layer, site), acc in self._sums.items()})
-        write_json({"key": self.key, "next_doc": self.next_doc, "digests": self.digests}, self.partial / "state.json")
+        state = {"key": self.key, "next_doc": self.next_doc, "digests": self.digests}
+        if self.max_functions:
+            state["maxima"] = self.maxima
+        write_json(state, self.partial / "state.json")
 
     def close(self) -> dict:
         """Publish every (layer, site) file, then the record (returned); remove the checkpoint."""
@@ -209,7 +223,9 @@ class MomentsAccumulator:
                 file=final.relative_to(self.out_dir).as_posix(), width=self.widths[site],
                 digests=self.digests[self._name(layer, site)])
         self._out = {}
-        record = {k: v for k, v in self.key.items() if k != "doc_group"} | {"files": files}
+        record = {k: v for k, v in self.key.items() if k not in ("doc_group", "maxima")} | {"files": files}
+        if self.max_functions:
+            record["maxima"] = self.maxima
         write_json(record, self.record_file)
         shutil.rmtree(self.partial, ignore_errors=True)
         return record
@@ -244,6 +260,16 @@ def load_moments(record: Path | str, layer: int, site: str) -> tuple[np.ndarray,
     """([G, d+1, d+1] float64 moments, the record) of ``site`` at ``layer``, every group checked
     against the record's digest."""
     record = Path(record)
+    m, digests, rec, path = _open_moments(record, layer, site)
+    out = np.empty(m.shape, dtype=np.float64)
+    for g, block in enumerate(_checked_groups(record, path, m, digests)):
+        out[g] = block
+    return out, rec
+
+
+def _open_moments(record: Path, layer: int, site: str) -> tuple[np.ndarray, list[str], dict, Path]:
+    """(the [G, d+1, d+1] file mapped read-only, its groups' digests, the record, its path), checked
+    against the record's format, shape and dtype."""
     try:
         rec = json.loads(record.read_text())
     except (OSError, ValueError) as e:
@@ -262,9 +288,34 @@ def load_moments(record: Path | str, layer: int, site: str) -> tuple[np.ndarray,
     if m.shape != (rec["n_groups"], w + 1, w + 1) or m.dtype != np.float64:
         raise MomentsError(f"{path}: shape {m.shape} {m.dtype}, the record says "
                            f"({rec['n_groups']}, {w + 1}, {w + 1}) float64. Fix: {_fix(record)}")
-    out = np.empty(m.shape, dtype=np.float64)
-    for g, digest in enumerate(entry["digests"]):
-        out[g] = m[g]
-        if group_digest(out[g]) != digest:
+    return m, entry["digests"], rec, path
+
+
+def _checked_groups(record: Path, path: Path, m: np.ndarray, digests: list[str]):
+    """Each group of ``m`` in order, read into memory and checked against its digest."""
+    for g, digest in enumerate(digests):
+        block = np.array(m[g], dtype=np.float64)
+        if group_digest(block) != digest:
             raise MomentsError(f"{path}: group {g} does not match the record's digest. Fix: {_fix(record)}")
-    return out, rec
+        yield block
+
+
+def record_holds(record: Path | str, layer: int, site: str) -> bool:
+    """Whether the moments record lists ``site`` at ``layer`` (False when there is no readable record)."""
+    try:
+        rec = json.loads(Path(record).read_text())
+    except (OSError, ValueError):
+        return False
+    return site in rec.get("files", {}).get(str(int(layer)), {})
+
+
+def summed_moments(record: Path | str, layer: int, site: str) -> tuple[np.ndarray, dict]:
+    """([d+1, d+1] float64 moments of ``site`` at ``layer`` summed over the document groups, the
+    record): the packed [[X^T X, colsum], [colsum^T, n]] of every kept row, read one group at a
+    time (memory of one group), each group checked against its digest."""
+    record = Path(record)
+    m, digests, rec, path = _open_moments(record, layer, site)
+    total = np.zeros(m.shape[1:], dtype=np.float64)
+    for block in _checked_groups(record, path, m, digests):
+        total += block
+    return total, rec

@@ -5,13 +5,16 @@ each job's ``attnspace`` command, and each command is parsed by the CLI's own pa
 the plan counts exactly the arguments the jobs will get. Per job it counts
 
 * disk: bytes of the activation stores a caching job writes (per split and layer: rows x
-  (sum of the widths of the sites cached at that layer x bytes per value + per-row metadata);
-  stores are uncompressed), of the spectrum moments it streams (spectrum.mode: streamed; groups
-  x (width + 1)^2 float64 per layer and site, ``groups`` being the most document groups) and of
+  (sum of the widths of the sites stored at that layer x bytes per value + per-row metadata);
+  stores are uncompressed; with spectrum.mode: streamed only the sites, layers and splits its
+  ``--store-sites`` names), of the moments it streams (spectrum.mode: streamed: per layer and
+  spectrum site, groups x (width + 1)^2 float64, ``groups`` being the most document groups; and
+  for Figure 3 one group of attn_z, and of attn_out where it is no spectrum site) and of
   trained dictionaries (float32 weights, and Adam's two moments in the checkpoint);
-* activation rows per site: the train and held-out rows of the main cache, the SAE store's
-  rows (``cache_sae``);
-* model-forward tokens: tokens run through the model by caching (the SAE store's forwards stop
+* activation rows per site: the rows of the main cache's splits that store anything, the SAE
+  store's rows (``cache_sae``);
+* model-forward tokens: tokens run through the model by caching (every split that stores
+  anything, and the train split where moments are streamed; the SAE store's forwards stop
   at the focus layer and are counted as whole passes), the loss-recovered
   interventions (each site and k is a pass from the layer on, counted as whole passes),
   live SAE training (once per SAE group: its members share one stream; counted on the group's
@@ -43,7 +46,7 @@ META_BYTES_PER_ROW = 4 + 4 + 4 + 1
 """token_id, doc, pos (int32) and keep (bool) beside every store's rows."""
 
 MOMENT_BYTES = 8
-"""Streamed spectrum moments (spectrum.mode: streamed) are float64: per layer and site, groups x (d+1)^2."""
+"""Streamed moments (spectrum.mode: streamed) are float64: per layer and site, groups x (d+1)^2."""
 
 
 @dataclass
@@ -125,28 +128,43 @@ def plan_jobs(commands: list[list[str]], config: dict, root: Path = Path(".")) -
 
 
 def _cache_row(a, config: dict, root: Path) -> PlanRow:
-    """A caching job: each of its splits' stores, one per layer with the sites cached there."""
-    from attnspace.cache import layer_sites
+    """A caching job: each of its splits' stores, one per layer with the sites stored there, and the
+    moments it streams."""
+    from attnspace.cache import split_layer_sites, wo_moment_sites
 
     m, tokens = config["models"][a.model], config["tokens"]
     split_rows = {"train": tokens["train_tokens"], "heldout": tokens["heldout_tokens"],
                   "sae": tokens["sae_train_tokens"]}
-    n_rows = sum(split_rows[split] for split in a.splits)
-    notes, widths = set(), {}
-    for site in a.sites:
-        widths[site], note = _site_width(site, m, attn_z_width(a.model, root))
+    store_sites = json.loads(a.store_sites) if a.store_sites is not None else None
+    by_split = split_layer_sites(a.layers, a.sites, json.loads(a.site_layers), tuple(a.splits), store_sites)
+    notes = set()
+
+    def width(site: str) -> int:
+        w, note = _site_width(site, m, attn_z_width(a.model, root))
         notes.add(note)
-    by_layer = layer_sites(a.layers, a.sites, json.loads(a.site_layers))
-    disk = sum(n_rows * (sum(widths[s] for s in sites) * BYTES[a.dtype] + META_BYTES_PER_ROW)
-               for sites in by_layer.values())
-    for site in a.moment_sites or []:  # spectrum.mode: streamed
-        width, note = _site_width(site, m, attn_z_width(a.model, root))
-        disk += len(a.layers) * a.groups * (width + 1) ** 2 * MOMENT_BYTES
-        notes.add(note)
+        return w
+
+    disk = sum(split_rows[split] * (sum(width(s) for s in sites) * BYTES[a.dtype] + META_BYTES_PER_ROW)
+               for split, by_layer in by_split.items() for sites in by_layer.values())
+    moment_sites = a.moment_sites or []  # spectrum.mode: streamed
+    disk += sum(len(a.layers) * a.groups * (width(s) + 1) ** 2 * MOMENT_BYTES for s in moment_sites)
+    if a.wo_moments_dir:  # Figure 3's, in one group
+        disk += sum(len(a.layers) * (width(s) + 1) ** 2 * MOMENT_BYTES for s in wo_moment_sites(moment_sites))
+    stored = [split for split, by_layer in by_split.items() if by_layer]
+    run = [split for split in a.splits if split in stored or (split == "train" and (moment_sites or a.wo_moments_dir))]
     stage = "cache_sae" if a.splits == ["sae"] else "cache_activations"
     if stage == "cache_sae":
         notes.add(f"forward stops at layer {max(a.layers)} of {m['n_layers']}")
-    return PlanRow(stage, f"{a.model}/{a.dataset}", disk, n_rows, n_rows, note="; ".join(sorted(n for n in notes if n)))
+    if store_sites is not None:
+        notes.add("stores: " + ("; ".join(f"{split} {', '.join(f'{s} L{_layers(ls)}' for s, ls in sites.items())}"
+                                          for split, sites in store_sites.items()) or "none"))
+    return PlanRow(stage, f"{a.model}/{a.dataset}", disk, sum(split_rows[s] for s in stored),
+                   sum(split_rows[s] for s in run), note="; ".join(sorted(n for n in notes if n)))
+
+
+def _layers(layers: list[int]) -> str:
+    """Layers as in a note: 15, or 3-31 (8) for several."""
+    return str(layers[0]) if len(layers) == 1 else f"{layers[0]}-{layers[-1]} ({len(layers)})"
 
 
 def _sae_row(a, run: dict, config: dict, speed: dict, group_size: int = 1, first: bool = True) -> PlanRow:

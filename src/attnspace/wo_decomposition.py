@@ -18,11 +18,18 @@ Beyond the paper's figure, :func:`wo_spectrum` and :func:`layer_summary` describ
 W^O itself: its singular values, how Z's variance spreads over its input directions
 (weakest directions and null space included), the intrinsic dimension O would have
 with either factor made isotropic, and how much the heads' output subspaces overlap.
+
+Two sources give the same tables (to float64 rounding): the cached stores of attn_z and
+attn_out (:func:`analyse`; spectrum.mode: stored), or the moments the caching job streamed
+(:func:`analyse_moments`; spectrum.mode: streamed): attn_z's Gram matrix in one document group,
+attn_out's from the spectrum moments, and the reconstruction check's maxima taken in the forward
+(:func:`reconstruction_maxima`).
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -45,9 +52,19 @@ class Decomposition:
 
 def covariance(store: Store, site: str, threads: int = 1) -> np.ndarray:
     """Covariance [w, w] (float64, divided by n) of the kept rows of ``site``, in one pass."""
-    G, colsum, n = gram(store.dask(site), store.keep(), threads=threads)
+    return covariance_from_gram(*gram(store.dask(site), store.keep(), threads=threads))
+
+
+def covariance_from_gram(G: np.ndarray, colsum: np.ndarray, n: int) -> np.ndarray:
+    """Covariance [w, w] (float64, divided by n) from the uncentred moments X^T X, column sums and n."""
     cov = (G - np.outer(colsum, colsum / n)) / n
     return (cov + cov.T) / 2
+
+
+def unpack_moments(total: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """(X^T X [d, d], colsum [d], n) from packed moments [[X^T X, colsum], [colsum^T, n]] [d+1, d+1]."""
+    d = total.shape[0] - 1
+    return total[:d, :d], total[:d, d], int(round(total[d, d]))
 
 
 def decompose(o_spec: Spectrum, cov_z: np.ndarray, w_o: np.ndarray) -> Decomposition:
@@ -162,6 +179,35 @@ def reconstruction_error(store: Store, w: np.ndarray, bias: np.ndarray | None, r
     return worst / scale
 
 
+def reconstruction_maxima(model, layers: list[int]) -> dict:
+    """Figure 3's reconstruction check, taken in the caching forward (spectrum.mode: streamed).
+
+    Per layer L, two functions of one document's activations ``acts[(L, site)]`` [1, rows, width]:
+    ``L{L}/o_error`` = max |Z W^O + b - O| and ``L{L}/o_scale`` = max |O| over every row (BOS/EOS
+    included), in float64 on the model's device. Their maxima over a split's documents, divided,
+    are :func:`reconstruction_error` of that split's store (:class:`attnspace.moments.MomentsAccumulator`
+    keeps them).
+    """
+    from attnspace.sites import site_module
+
+    out = {}
+    for layer in layers:
+        proj = site_module(model, layer, "attn_out")
+        w = proj.weight.detach().double()
+        bias = None if proj.bias is None else proj.bias.detach().double()
+
+        def error(acts, layer=layer, w=w, bias=bias):
+            z, o = acts[layer, "attn_z"][0].double(), acts[layer, "attn_out"][0].double()
+            o_hat = z @ w.T + (0.0 if bias is None else bias)
+            return float((o_hat - o).abs().max())
+
+        def scale(acts, layer=layer):
+            return float(acts[layer, "attn_out"][0].double().abs().max())
+
+        out[f"L{layer}/o_error"], out[f"L{layer}/o_scale"] = error, scale
+    return out
+
+
 def analyse_layer(store: Store, w: np.ndarray, bias: np.ndarray | None, n_heads: int, *, threads: int = 1,
                   tau: float = THRESHOLD) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """Decomposition, W^O spectrum and summary of one cached layer.
@@ -170,11 +216,18 @@ def analyse_layer(store: Store, w: np.ndarray, bias: np.ndarray | None, n_heads:
     Returns (decomposition rows: i, var_o, wo_contrib, z_contrib; W^O spectrum rows
     (:func:`wo_spectrum`); summary fields of :class:`LayerSummary` without the keys).
     """
+    o_spec = spectrum_from_gram(*gram(store.dask("attn_out"), store.keep(), threads=threads))
+    cov_z = covariance(store, "attn_z", threads)
+    return layer_tables(o_spec, cov_z, w, n_heads, reconstruction_error(store, w, bias), tau=tau)
+
+
+def layer_tables(o_spec: Spectrum, cov_z: np.ndarray, w: np.ndarray, n_heads: int, o_rel_error: float, *,
+                 tau: float = THRESHOLD) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """:func:`analyse_layer`'s tables from O's spectrum, Z's covariance over the same rows, the
+    weights w = o_proj.weight [d_model, d_z] and the reconstruction check's value."""
     w = np.asarray(w, dtype=np.float64)
     d, d_z = w.shape
     w_o = w.T
-    o_spec = spectrum_from_gram(*gram(store.dask("attn_out"), store.keep(), threads=threads))
-    cov_z = covariance(store, "attn_z", threads)
     dec = decompose(o_spec, cov_z, w_o)
     decomposition = pd.DataFrame({"i": np.arange(1, dec.var_o.shape[0] + 1), "var_o": dec.var_o,
                                   "wo_contrib": dec.wo_contrib, "z_contrib": dec.z_contrib})
@@ -199,7 +252,7 @@ def analyse_layer(store: Store, w: np.ndarray, bias: np.ndarray | None, n_heads:
         z_var_null=float(z_share[r:].sum()),
         head_overlap=head_overlap(w, n_heads),
         head_overlap_random=(d_z // n_heads) / d,
-        o_rel_error=reconstruction_error(store, w, bias),
+        o_rel_error=o_rel_error,
         identity_rel_error=float(np.abs(dec.var_o - dec.z_contrib * dec.wo_contrib).max() / dec.var_o.max()),
     )
     return decomposition, spec, summary
@@ -213,16 +266,66 @@ def analyse(model, stores: list[Store], *, model_name: str, dataset: str, thread
     z_contrib), W^O spectrum (model, dataset, layer, j, sv, rel_sv, z_var_fraction) and
     summary (:class:`LayerSummary`).
     """
-    from attnspace.sites import site_module
+    n_heads = model.config.get_text_config().num_attention_heads
+    layers = []
+    for store in stores:
+        w, bias = _weights(model, store.layer)
+        layers.append((store.layer, analyse_layer(store, w, bias, n_heads, threads=threads, tau=tau)))
+    return _tables(layers, model_name, dataset)
+
+
+def analyse_moments(model, records: list[Path | str], layers: list[int], *, model_name: str, dataset: str,
+                    tau: float = THRESHOLD) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """:func:`analyse`'s three tables from streamed moments (spectrum.mode: streamed), at ``layers``.
+
+    ``records``: moments records (moments.json) of the (model, dataset); each site's moments come
+    from the first record that holds them, summed over its document groups. One of them must carry
+    the reconstruction check's maxima (``maxima``, :func:`reconstruction_maxima`).
+    """
+    from attnspace.moments import MomentsError, record_holds, summed_moments
 
     n_heads = model.config.get_text_config().num_attention_heads
+
+    def moments_of(layer: int, site: str) -> tuple[np.ndarray, dict]:
+        for record in records:
+            if record_holds(record, layer, site):
+                return summed_moments(record, layer, site)
+        raise MomentsError(f"none of the moments records {[str(r) for r in records]} holds {site} at layer "
+                           f"{layer}. Fix: rm -f {' '.join(map(str, records))} and rerun snakemake "
+                           "(the cache rule streams Figure 3's moments)")
+
+    tables = []
+    for layer in layers:
+        w, _ = _weights(model, layer)
+        o_total, _ = moments_of(layer, "attn_out")
+        z_total, rec = moments_of(layer, "attn_z")
+        maxima = rec.get("maxima") or {}
+        if f"L{layer}/o_error" not in maxima:
+            raise MomentsError(f"{records}: no reconstruction check recorded at layer {layer}. "
+                               f"Fix: rm -f {' '.join(map(str, records))} and rerun snakemake")
+        o_rel_error = maxima[f"L{layer}/o_error"] / maxima[f"L{layer}/o_scale"]
+        o_spec = spectrum_from_gram(*unpack_moments(o_total))
+        cov_z = covariance_from_gram(*unpack_moments(z_total))
+        tables.append((layer, layer_tables(o_spec, cov_z, w, n_heads, o_rel_error, tau=tau)))
+    return _tables(tables, model_name, dataset)
+
+
+def _weights(model, layer: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """(o_proj.weight [d_model, d_z], its bias or None) of ``layer``, in float64."""
+    from attnspace.sites import site_module
+
+    proj = site_module(model, layer, "attn_out")
+    w = proj.weight.detach().double().cpu().numpy()
+    bias = None if proj.bias is None else proj.bias.detach().double().cpu().numpy()
+    return w, bias
+
+
+def _tables(layers: list, model_name: str, dataset: str) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """The three tables from [(layer, (decomposition, W^O spectrum, summary fields))], keyed by
+    model, dataset and layer."""
     decs, specs, sums = [], [], []
-    for store in stores:
-        proj = site_module(model, store.layer, "attn_out")
-        w = proj.weight.detach().double().cpu().numpy()
-        bias = None if proj.bias is None else proj.bias.detach().double().cpu().numpy()
-        dec, spec, summary = analyse_layer(store, w, bias, n_heads, threads=threads, tau=tau)
-        key = dict(model=model_name, dataset=dataset, layer=store.layer)
+    for layer, (dec, spec, summary) in layers:
+        key = dict(model=model_name, dataset=dataset, layer=layer)
         decs.append(dec.assign(**key)[list(key) + list(dec.columns)])
         specs.append(spec.assign(**key)[list(key) + list(spec.columns)])
         sums.append(asdict(LayerSummary(**key, **summary)))

@@ -66,7 +66,8 @@ def cmd_cache(a):
         logical_dtype=a.dtype, special_ids=set(meta["special_ids"]), chunk_rows=a.chunk_rows,
         shard_rows=a.shard_rows, config_hash=a.config_hash, site_layers=json.loads(a.site_layers),
         split_names=tuple(a.splits), moments_dir=a.moments_dir, moment_sites=a.moment_sites or [], groups=a.groups,
-        **({"checkpoint_docs": a.checkpoint_docs} if a.checkpoint_docs else {}))
+        store_sites=json.loads(a.store_sites) if a.store_sites is not None else None,
+        wo_moments_dir=a.wo_moments_dir, **({"checkpoint_docs": a.checkpoint_docs} if a.checkpoint_docs else {}))
     write_json({"model": a.model, "dataset": a.dataset, "config_hash": a.config_hash, "stores": manifests},
                a.record)
     log.info("wrote %d stores under %s", len(manifests), a.out_dir)
@@ -117,6 +118,8 @@ def add_commands(sub) -> None:
                    help='JSON {site: [layers]}: those sites only at those layers (the others at every --layers)')
     s.add_argument("--splits", nargs="+", default=["train", "heldout"], choices=["train", "heldout", "sae"],
                    help="token splits to cache (sae: the SAE store)")
+    s.add_argument("--store-sites", help='JSON {split: {site: [layers]}}: store exactly these, in place of --sites and '
+                   '--site-layers; a split of --splits it does not name stores nothing (spectrum.mode: streamed)')
     s.add_argument("--chunk-rows", type=int, default=2048)
     s.add_argument("--shard-rows", type=int, default=65536)
     s.add_argument("--config-hash", default="")
@@ -126,6 +129,8 @@ def add_commands(sub) -> None:
     s.add_argument("--moment-sites", nargs="*", help="sites whose spectrum moments are streamed (spectrum.mode: "
                    "streamed) at every layer of the train split, under --moments-dir")
     s.add_argument("--moments-dir", help="folder of the streamed moments and their record, moments.json")
+    s.add_argument("--wo-moments-dir", help="also keep Figure 3's moments here: attn_z (and attn_out unless a moment "
+                   "site) at every layer in one group, with the Z W^O + b = O check (spectrum.mode: streamed)")
     s.add_argument("--groups", type=int, default=schema_default("spectrum.bootstrap.groups"),
                    help="most document groups the streamed moments are kept in")
     s.add_argument("--checkpoint-docs", type=int, help="documents between checkpoints of the streamed moments "

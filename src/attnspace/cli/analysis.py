@@ -89,13 +89,19 @@ def cmd_wo_decomposition(a):
     from attnspace.files import write_csv
     from attnspace.models import load_model
     from attnspace.store import open_store
-    from attnspace.wo_decomposition import analyse
+    from attnspace.wo_decomposition import analyse, analyse_moments
 
+    if a.moments and not a.layers:
+        raise SystemExit("--moments needs --layers")
     set_threads(a.threads)
     model, _ = load_model(a.model_dir, a.dtype)
-    stores = [open_store(Path(p)) for p in a.stores]
-    decomposition, spectrum, summary = analyse(model, stores, model_name=a.model, dataset=a.dataset,
-                                               threads=a.threads, tau=a.threshold)
+    if a.moments:  # spectrum.mode: streamed
+        decomposition, spectrum, summary = analyse_moments(model, a.moments, a.layers, model_name=a.model,
+                                                           dataset=a.dataset, tau=a.threshold)
+    else:
+        stores = [open_store(Path(p)) for p in a.stores]
+        decomposition, spectrum, summary = analyse(model, stores, model_name=a.model, dataset=a.dataset,
+                                                   threads=a.threads, tau=a.threshold)
     write_csv(decomposition, a.decomposition)
     write_csv(spectrum, a.spectrum)
     write_csv(summary, a.summary)
@@ -169,7 +175,11 @@ def add_commands(sub) -> None:
     s = sub.add_parser("wo-decomposition", help="Var(O e_i) = Var(Z v_i) ||W^O e_i||^2 at every cached layer")
     s.add_argument("--model-dir", required=True)
     s.add_argument("--dtype", default="float32")
-    s.add_argument("--stores", nargs="+", required=True, help="the stores' manifest (or .zarr) paths")
+    source = s.add_mutually_exclusive_group(required=True)
+    source.add_argument("--stores", nargs="+", help="the stores' manifest (or .zarr) paths")
+    source.add_argument("--moments", nargs="+", help="the streamed moments' records (moments.json: the spectrum "
+                        "sites', Figure 3's) instead of stores (spectrum.mode: streamed)")
+    s.add_argument("--layers", type=int, nargs="+", help="the layers to analyse (with --moments)")
     s.add_argument("--model", required=True)
     s.add_argument("--dataset", required=True)
     s.add_argument("--threshold", type=float, default=schema_default("spectrum.threshold"))

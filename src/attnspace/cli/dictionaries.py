@@ -68,7 +68,10 @@ def _train_members(shared, members: list) -> list[dict]:
     set_threads(shared.threads)
     if shared.live_source and not (shared.model_dir and shared.tokens and shared.layer is not None):
         raise SystemExit("--live-source needs --model-dir, --tokens and --layer (the model to run and its documents)")
-    train, heldout = open_store(Path(shared.store)), open_store(Path(shared.heldout))
+    # A live stream reads no training rows: the held-out store (same model, dataset, layer and site)
+    # says what the stream is, so the train split need not be stored (spectrum.mode: streamed).
+    heldout = open_store(Path(shared.heldout))
+    train = heldout if shared.live_source else open_store(Path(shared.store))
     model = None
     if shared.model_dir and (shared.live_source or any(m.lm_eval_tokens for _, m in members)):
         model, _ = load_model(shared.model_dir, shared.dtype)  # one copy for the live stream and the LM losses
