@@ -51,7 +51,8 @@ rule cache_activations:
         "results/logs/cache_activations/{model}/{dataset}.log",
     benchmark:
         "results/benchmarks/cache_activations/{model}/{dataset}.tsv"
-    threads: 2
+    threads: 1  # one thread a job: see MODEL_JOB_PRIORITY in common.smk
+    priority: MODEL_JOB_PRIORITY
     resources:
         gpu=GPU,
         mem_mb=16000,
@@ -89,7 +90,8 @@ rule cache_sae:
         "results/logs/cache_sae/{model}/{dataset}.log",
     benchmark:
         "results/benchmarks/cache_sae/{model}/{dataset}.tsv"
-    threads: 2
+    threads: 1
+    priority: MODEL_JOB_PRIORITY
     resources:
         gpu=GPU,
         mem_mb=16000,

@@ -21,7 +21,8 @@ rule loss_recovered:
         "results/logs/loss_recovered/{model}/{dataset}/L{layer}.log",
     benchmark:
         "results/benchmarks/loss_recovered/{model}/{dataset}/L{layer}.tsv"
-    threads: 2
+    threads: 1
+    priority: MODEL_JOB_PRIORITY
     resources:
         gpu=GPU,
         mem_mb=8000,

@@ -21,6 +21,7 @@ rule train_lorsa:
     benchmark:
         "results/benchmarks/train_lorsa/{model}/{dataset}/L{layer}/{init}-r{replicate}.tsv"
     threads: 1
+    priority: 20  # between the SAE groups, by its work (sae_group_priority in common.smk)
     resources:
         gpu=GPU,
         mem_mb=8000,

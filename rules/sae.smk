@@ -29,6 +29,7 @@ for group in sae_groups():
         benchmark:
             f"results/benchmarks/train_sae/{group['rule']}.tsv"
         threads: sae_group_threads()
+        priority: sae_group_priority(group)
         resources:
             **sae_group_resources(group),
         conda:

@@ -20,6 +20,7 @@ rule spectrum:
     benchmark:
         "results/benchmarks/spectrum/{model}/{dataset}/L{layer}.tsv"
     threads: 1
+    priority: SPECTRUM_PRIORITY
     resources:
         mem_mb=4000,
         runtime=60,
