@@ -22,9 +22,10 @@ FIGURE_CODE = [CODE / "figures.py", CODE / "captions.py", CODE / "claims.py"]  #
 
 # Scheduling on a few cores. Every job runs on one thread: the jobs that run a model (caching, the
 # SAE store, loss recovered) gained 1.27x and 1.11x from a second thread on the 2-core development
-# machine, so two one-thread jobs side by side get more done. Those jobs and the spectra (which gate
-# them and every SAE) start first; the SAE groups then go largest first (sae_group_priority), so
-# the run does not end on one long job while the other cores idle.
+# machine, so two one-thread jobs side by side get more done. Those jobs, everything before them
+# (fetching, preparing, tokenizing: a priority does not pass to a job's inputs) and the spectra
+# (which gate them and every SAE) start first; the SAE groups then go largest first
+# (sae_group_priority), so the run does not end on one long job while the other cores idle.
 MODEL_JOB_PRIORITY = 100
 SPECTRUM_PRIORITY = 90
 

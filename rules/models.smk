@@ -19,6 +19,7 @@ rule fetch_gguf:
     benchmark:
         "results/benchmarks/fetch_gguf/{model}.tsv"
     threads: 1
+    priority: MODEL_JOB_PRIORITY
     resources:
         mem_mb=2000,
         runtime=30,
@@ -46,7 +47,8 @@ rule prepare_model:
         "results/logs/prepare_model/{model}.log",
     benchmark:
         "results/benchmarks/prepare_model/{model}.tsv"
-    threads: 2
+    threads: 1
+    priority: MODEL_JOB_PRIORITY
     resources:
         mem_mb=8000,
         runtime=60,

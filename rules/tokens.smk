@@ -18,6 +18,7 @@ rule tokenize:
     benchmark:
         "results/benchmarks/tokenize/{model}/{dataset}.tsv"
     threads: 1
+    priority: MODEL_JOB_PRIORITY
     resources:
         mem_mb=4000,
         runtime=60,
@@ -50,6 +51,7 @@ rule tokenize_sae:
     benchmark:
         "results/benchmarks/tokenize_sae/{model}/{dataset}.tsv"
     threads: 1
+    priority: MODEL_JOB_PRIORITY
     resources:
         mem_mb=4000,
         runtime=60,
