@@ -20,9 +20,9 @@ BASE = Path(os.path.relpath(workflow.basedir))
 CODE = BASE / "src" / "attnspace"
 FIGURE_CODE = [CODE / "figures.py", CODE / "captions.py", CODE / "claims.py"]  # drawing and caption numbers
 
-# Scheduling on a few cores. Every job runs on one thread: the jobs that run a model (caching, the
-# SAE store, loss recovered) gained 1.27x and 1.11x from a second thread on the 2-core development
-# machine, so two one-thread jobs side by side get more done. Those jobs, everything before them
+# Scheduling on a few cores. Every job runs on one thread: a second thread made the jobs that run a
+# model 1.27x (caching), 1.64x (the SAE store) and 1.26x (loss recovered, Gemma) faster on the 2-core
+# development machine, so two one-thread jobs side by side get more done. Those jobs, everything before them
 # (fetching, preparing, tokenizing: a priority does not pass to a job's inputs) and the spectra
 # (which gate them and every SAE) start first; the SAE groups then go largest first
 # (sae_group_priority), so the run does not end on one long job while the other cores idle.
