@@ -342,6 +342,14 @@ def test_paper_fig7_plans_every_size_from_live_activations(tmp_path):
         assert ("--lr 6e-05 " if "sparse_adam" in run else "--lr 4e-05 ") in command
 
 
+def dry_run_lines(tmp_path, cfg: dict, target: str) -> list[str]:
+    """The printed shell commands of a dry run of ``target`` under the configuration ``cfg``."""
+    (tmp_path / "config_under_test.yaml").write_text(yaml.safe_dump(cfg))
+    r = snakemake_cli(target, "-n", "-p", "--configfile", "config_under_test.yaml", cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r.stdout.splitlines()
+
+
 def test_streamed_spectra_read_moments_and_cache_no_spectrum_only_site(tmp_path):
     """spectrum.mode: streamed: the caching job streams every spectrum site, stores only cache.sites
     (mlp_out, a spectrum-only site once Figure 4's suite is left out, gets no store), and the spectrum
@@ -350,11 +358,7 @@ def test_streamed_spectra_read_moments_and_cache_no_spectrum_only_site(tmp_path)
     cfg["spectrum"]["mode"] = "streamed"
     cfg["cache"]["sites"] = ["attn_out", "resid_post", "attn_z", "attn_in"]
     cfg["figures"].pop("fig4")
-    (tmp_path / "streamed.yaml").write_text(yaml.safe_dump(cfg))
-    r = snakemake_cli("results/spectra/smollm2-135m/pydocs/L15/mlp_out.npz", "-n", "-p", "--configfile", "streamed.yaml",
-                      cwd=tmp_path)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    lines = r.stdout.splitlines()
+    lines = dry_run_lines(tmp_path, cfg, "results/spectra/smollm2-135m/pydocs/L15/mlp_out.npz")
     cache = [line for line in lines if "attnspace cache " in line]
     spectrum = [line for line in lines if "attnspace spectrum " in line]
     assert len(cache) == 1 and len(spectrum) == 1
@@ -374,11 +378,7 @@ def test_streamed_figure3_reads_moments_and_an_unread_pair_stores_nothing(tmp_pa
     store; the caching job of a (model, dataset) no stage reads stores nothing but still streams both."""
     cfg = yaml.safe_load((REPO / "config.yaml").read_text())
     cfg["spectrum"]["mode"] = "streamed"
-    (tmp_path / "streamed.yaml").write_text(yaml.safe_dump(cfg))
-    r = snakemake_cli("results/wo/smollm2-135m/pycode/summary.csv", "-n", "-p", "--configfile", "streamed.yaml",
-                      cwd=tmp_path)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    lines = r.stdout.splitlines()
+    lines = dry_run_lines(tmp_path, cfg, "results/wo/smollm2-135m/pycode/summary.csv")
     cache = [line for line in lines if "attnspace cache " in line]
     wo = [line for line in lines if "attnspace wo-decomposition " in line]
     assert len(cache) == 1 and len(wo) == 1
