@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_sae_data import write_store
-from test_sae_train import D_ACTIVE, Killed, PoisonedStream, planted, small_config
+from test_sae_train import D_ACTIVE, Killed, PoisonedStream, planted, planted_stores, small_config
 
 from attnspace.errors import AttnspaceError
 from attnspace.sae import train_sae
@@ -25,10 +24,7 @@ WALL_CLOCK = {"train_seconds_this_run", "tokens_per_second"}
 
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory):
-    root = tmp_path_factory.mktemp("group_stores")
-    train = write_store(root / "train.zarr", planted(8192, 1), bos_every=500, chunk_rows=1024, shard_rows=4096)
-    heldout = write_store(root / "heldout.zarr", planted(2048, 2), bos_every=500, chunk_rows=1024, shard_rows=4096)
-    return train, heldout
+    return planted_stores(tmp_path_factory.mktemp("group_stores"), 8192, 2048)
 
 
 def sample_spectrum() -> Spectrum:

@@ -31,12 +31,17 @@ def planted(n: int, seed: int, d: int = D) -> np.ndarray:
     return ((z @ feats) @ basis.T + 0.5 * basis[:, 0] + 0.01 * r.standard_normal((n, d))).astype(np.float32)
 
 
+def planted_stores(root, train_rows: int, heldout_rows: int):
+    """A train and a held-out store of planted rows (different samples), a BOS row every 500."""
+    train = write_store(root / "train.zarr", planted(train_rows, 1), bos_every=500, chunk_rows=1024, shard_rows=4096)
+    heldout = write_store(root / "heldout.zarr", planted(heldout_rows, 2), bos_every=500, chunk_rows=1024,
+                          shard_rows=4096)
+    return train, heldout
+
+
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sae_stores")
-    train = write_store(root / "train.zarr", planted(16384, 1), bos_every=500, chunk_rows=1024, shard_rows=4096)
-    heldout = write_store(root / "heldout.zarr", planted(4096, 2), bos_every=500, chunk_rows=1024, shard_rows=4096)
-    return train, heldout
+    return planted_stores(tmp_path_factory.mktemp("sae_stores"), 16384, 4096)
 
 
 def small_config(**kw) -> SAETrainConfig:
