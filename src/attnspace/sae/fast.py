@@ -17,7 +17,9 @@ whole step at 37.5 / 113 ms. At about 4 TB/s, every pass over one [n, d] fp32 ma
    [B, n] is bf16 (1 / 4 / 8 GiB instead of 2 / 8 / 16), the GEMM runs at tensor-core
    speed, and W_enc's bf16 copy is a *mirror* kept between steps (:func:`lowp_weight`):
    SparseAdam's fused kernel rewrites only the rows it updates, so the per-step cast of
-   all of W_enc (6 bytes a weight: 0.8 / 3.2 / 6.4 ms) is gone. Selection and the kept
+   all of W_enc (6 bytes a weight: 0.8 / 3.2 / 6.4 ms) is gone. Every other optimizer step
+   (Adam's fused kernel, which does not even bump W_enc's version) leaves the mirror stale,
+   and the next forward recasts it: an optimizer step hook enforces this for any optimizer. Selection and the kept
    values are those of the bf16 product, as under autocast (ties at the K-th value may
    break differently from fp32); gradients and the optimizer stay fp32.
 2. No second [B, n] buffer: one top-k on pre; AuxK masks pre in place (as the reference).
@@ -59,15 +61,40 @@ from __future__ import annotations
 
 import math
 import warnings
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 from torch.utils.weak import WeakTensorKeyDictionary
 
 from attnspace.sae.losses import auxk_loss, nmse
 from attnspace.sae.sparse import _as_grad
+
+
+CUDA_PATH: bool | None = None
+"""The CUDA configuration of the fast path: None = on CUDA devices only; True forces it on any device
+(tests prove the CUDA branches on the CPU): the bf16 encoder GEMM and its mirror, the embedding_bag
+decoder branch, and SparseAdam's fused row step (:mod:`attnspace.sae.optim`: the Triton kernel on CUDA,
+its arithmetic emulated elsewhere)."""
+
+
+def cuda_path(device: torch.device | str) -> bool:
+    """Whether the fast path takes its CUDA configuration on ``device``."""
+    return CUDA_PATH if CUDA_PATH is not None else torch.device(device).type == "cuda"
+
+
+@contextmanager
+def force_cuda_path(on: bool = True):
+    """Take (or, with ``on`` False, refuse) the CUDA configuration on every device inside the block."""
+    global CUDA_PATH
+    before, CUDA_PATH = CUDA_PATH, on
+    try:
+        yield
+    finally:
+        CUDA_PATH = before
 
 
 class _Mirror(NamedTuple):
@@ -75,6 +102,9 @@ class _Mirror(NamedTuple):
     """The low-precision copy of the weight."""
     key: tuple
     """(data_ptr, version, dtype) of the weight it copies."""
+    state: str
+    """"current"; "stepping" while an optimizer steps the weight (a kernel that updates both may
+    call :func:`mirror_synced`); "stale" once a step ended without that."""
 
 
 _MIRRORS: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
@@ -85,34 +115,69 @@ def _key(W: Tensor, dtype: torch.dtype) -> tuple:
     return (W.data_ptr(), W._version, dtype)
 
 
-def lowp_weight(W: Tensor, dtype: torch.dtype) -> Tensor:
-    """W (detached) in ``dtype``, from a mirror that is recast only when W changed since.
+def _valid(m: _Mirror | None, W: Tensor, state: str = "current") -> bool:
+    return m is not None and m.state == state and m.key == _key(W, m.tensor.dtype)
 
-    Any in-place change through torch bumps W's version and forces a full recast on the
-    next call; a kernel that updates rows of W and of the mirror together calls
-    :func:`mirror_synced` after it (SparseAdam's fused step does).
+
+def lowp_weight(W: Tensor, dtype: torch.dtype) -> Tensor:
+    """W (detached) in ``dtype``, from a mirror that is recast only when W may have changed since.
+
+    The mirror is trusted only while (a) W's version is the one it was cast from (any in-place change
+    through torch's own ops bumps it) and (b) no optimizer has stepped W since, unless that step
+    updated the mirror too (:func:`mirror_synced`). (b) is needed because a fused optimizer kernel
+    (torch's fused Adam) rewrites W in place without bumping its version: every optimizer step
+    marks the mirrors of its parameters as stepping first and stale after, unless the step synced
+    them (:func:`_mark_stepping`, :func:`_mark_stepped`: global optimizer step hooks).
     """
     if dtype == W.dtype:
         return W.detach()
     m = _MIRRORS.get(W)
-    if m is None or m.key != _key(W, dtype):
+    if not (_valid(m, W) and m.tensor.dtype == dtype):
         m = _MIRRORS.pop(W, None)  # free the stale copy before casting the new one
-        m = _Mirror(W.detach().to(dtype), _key(W, dtype))
+        m = _Mirror(W.detach().to(dtype), _key(W, dtype), "current")
         _MIRRORS[W] = m
     return m.tensor
 
 
 def lowp_mirror(W: Tensor) -> Tensor | None:
-    """The mirror of W if it is current (for a kernel that updates both), else None."""
+    """The mirror of W if it was current when the optimizer step now running began (for a kernel that
+    updates W and its mirror together), else None."""
     m = _MIRRORS.get(W)
-    return m.tensor if m is not None and m.key == _key(W, m.tensor.dtype) else None
+    return m.tensor if _valid(m, W, "stepping") or _valid(m, W, "current") else None
 
 
 def mirror_synced(W: Tensor) -> None:
     """Record that W's mirror was updated together with W (after W's version was bumped)."""
     m = _MIRRORS.get(W)
-    if m is not None:
-        _MIRRORS[W] = _Mirror(m.tensor, _key(W, m.tensor.dtype))
+    if m is not None and m.state == "stepping":
+        _MIRRORS[W] = _Mirror(m.tensor, _key(W, m.tensor.dtype), "current")
+
+
+def drop_mirror(W: Tensor) -> None:
+    """Free W's mirror (before evaluation, which reads W itself)."""
+    _MIRRORS.pop(W, None)
+
+
+def _mark(optimizer: torch.optim.Optimizer, before: str, after: str) -> None:
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            m = _MIRRORS.get(p)
+            if m is not None and m.state == before:
+                _MIRRORS[p] = m._replace(state=after)
+
+
+def _mark_stepping(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    """Before any optimizer's step: its parameters' current mirrors are stepping."""
+    _mark(optimizer, "current", "stepping")
+
+
+def _mark_stepped(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    """After any optimizer's step: a mirror the step did not sync is stale (recast at the next use)."""
+    _mark(optimizer, "stepping", "stale")
+
+
+register_optimizer_step_pre_hook(_mark_stepping)
+register_optimizer_step_post_hook(_mark_stepped)
 
 
 class Plan(NamedTuple):
@@ -240,7 +305,7 @@ class DecodeFast(torch.autograd.Function):
         # The entry gradients <grad_out, W_dec[latent]>: on CPU a sampled product over the active
         # entries (_entry_dots); elsewhere embedding_bag's own per-sample-weight backward, through
         # this small graph kept for the backward.
-        on_cpu = W_dec.device.type == "cpu"
+        on_cpu = not cuda_path(W_dec.device)
         with torch.set_grad_enabled(not on_cpu):
             v = values.detach().reshape(-1).requires_grad_(not on_cpu)
             out = F.embedding_bag(plan.gather_ids.reshape(-1), W_dec.detach(), plan.out_offsets, mode="sum",

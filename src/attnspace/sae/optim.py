@@ -28,14 +28,18 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import torch
 from torch import Tensor
 
+from attnspace.sae import fast
 from attnspace.sae.fast import lowp_mirror, mirror_synced
 
 FUSED: bool | None = None
-"""Fused row kernel for SparseAdam: None = on CUDA when Triton is importable; True/False forces it (tests)."""
+"""Fused row step for SparseAdam: None = on CUDA when Triton is importable, and wherever
+:data:`attnspace.sae.fast.CUDA_PATH` forces the CUDA configuration; True/False forces it (tests).
+Without CUDA and Triton the step's arithmetic is emulated (:func:`_emulated_row_step`)."""
 
 
 class _RowAdam(torch.optim.Optimizer):
@@ -162,6 +166,8 @@ def _rows_and_values(grad: Tensor) -> tuple[Tensor | None, Tensor]:
 def _use_fused(p: Tensor, g: Tensor) -> bool:
     if FUSED is not None:
         return FUSED and p.dim() == 2
+    if fast.CUDA_PATH:
+        return p.dim() == 2
     return p.is_cuda and p.dim() == 2 and p.is_contiguous() and _triton_kernel() is not None
 
 
@@ -202,17 +208,43 @@ def _triton_kernel():
 
 def _fused_row_step(p: Tensor, m: Tensor, v: Tensor, rows: Tensor, g: Tensor, beta1: float, beta2: float,
                     eps: float, step_size: float) -> None:
-    """SparseAdam's update of rows [U] of p, m, v [n, D] from values g [U, D], in one kernel."""
-    triton, kernel = _triton_kernel()
+    """SparseAdam's update of rows [U] of p, m, v [n, D] from values g [U, D], in one kernel (its
+    emulation where the kernel cannot run: no Triton, or a CPU tensor outside Triton's interpreter)."""
     U, D = g.shape
     if U == 0:
         return
     lowp = lowp_mirror(p)
+    kernel = _triton_kernel()
+    if kernel is None or not (p.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        _emulated_row_step(p, m, v, rows, g, beta1, beta2, eps, step_size, lowp)
+        return
+    triton, kernel = kernel
     block = min(1024, triton.next_power_of_2(D))
     kernel[(U, triton.cdiv(D, block))](
         p, m, v, g.contiguous(), rows, lowp if lowp is not None else p, D, 1 - beta1, 1 - beta2, eps, -step_size,
         HAS_LOWP=lowp is not None, BLOCK=block, enable_fp_fusion=False)
     torch.autograd.graph.increment_version(p)  # p changed in place, outside torch's ops
+    if lowp is not None:
+        mirror_synced(p)
+
+
+def _emulated_row_step(p: Tensor, m: Tensor, v: Tensor, rows: Tensor, g: Tensor, beta1: float, beta2: float,
+                       eps: float, step_size: float, lowp: Tensor | None, chunk_rows: int = 4096) -> None:
+    """The fused kernel's step in torch operations: its arithmetic, in its order, per weight (the
+    results are those of the eager :class:`SparseAdam` to the last bit), its mirror rows written as
+    bf16 of the new weight, and in row chunks, so that, like the kernel, it holds no [U, D] temporary."""
+    c1, c2 = 1 - beta1, 1 - beta2
+    for s in range(0, rows.numel(), chunk_rows):
+        r, gi = rows[s : s + chunk_rows], g[s : s + chunk_rows]
+        mi, vi, pi = m.index_select(0, r), v.index_select(0, r), p.index_select(0, r)
+        dm = (gi - mi) * c1
+        dv = (gi * gi - vi) * c2
+        p_new = pi + (-step_size) * ((dm + mi) / ((dv + vi).sqrt() + eps))
+        m.index_copy_(0, r, mi + dm)
+        v.index_copy_(0, r, vi + dv)
+        p.index_copy_(0, r, p_new)
+        if lowp is not None:
+            lowp.index_copy_(0, r, p_new.to(lowp.dtype))
     if lowp is not None:
         mirror_synced(p)
 
