@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from attnspace.sae.losses import ReconstructionStats, dead_fraction
-from attnspace.sae.model import TopKSAE
+from attnspace.sae.model import TopKSAE, eval_rows
 
 LMEval = Callable[[Callable[[Tensor], Tensor]], dict]
 """Takes reconstruct(x_raw) -> x_hat_raw; returns at least {'delta_lm_loss': float} (plus e.g. loss_recovered)."""
@@ -45,13 +45,15 @@ def evaluate(sae: TopKSAE, batches: Iterable[Tensor]) -> EvalResult:
     stats = ReconstructionStats()
     fired = torch.zeros(sae.d_sae, dtype=torch.bool, device=device)  # [n]
     active = 0
-    for x in batches:
-        x = x.to(device, sae.W_enc.dtype) * sae.norm_factor
-        out = sae(x)
-        stats.add(x, out.x_hat)
-        on = out.values > 0
-        fired[out.indices[on]] = True
-        active += int(on.sum())
+    for batch in batches:
+        for x in batch.split(eval_rows(sae)):  # [tokens, d_sae] pre-activations at most EVAL_BLOCK_BYTES
+            x = x.to(device, sae.W_enc.dtype) * sae.norm_factor
+            out = sae(x)
+            stats.add(x, out.x_hat)
+            on = out.values > 0
+            fired[out.indices[on]] = True
+            active += int(on.sum())
+            del out
     if stats.n == 0:
         raise ValueError("no held-out tokens to evaluate on")
     n_dead = int((~fired).sum())

@@ -124,14 +124,29 @@ class TopKSAE(nn.Module):
         return ForwardOutput(x_hat, enc.values, enc.indices, nmse(x, x_hat), aux)
 
 
+EVAL_BLOCK_BYTES = 2**31
+"""The largest float32 [tokens, d_sae] pre-activation block that evaluation allocates at once (2 GiB:
+512 tokens at 1M latents; a whole batch at the embedded default's sizes)."""
+
+
+def eval_rows(sae: TopKSAE) -> int:
+    """Tokens per evaluation block (:data:`EVAL_BLOCK_BYTES`)."""
+    return max(1, EVAL_BLOCK_BYTES // (4 * sae.d_sae))
+
+
 @torch.no_grad()
 def reconstruct(sae: TopKSAE, x: Tensor) -> Tensor:
     """Raw activations [..., d] -> raw reconstruction [..., d] (normalise, encode, decode, un-normalise).
 
-    For splicing into a forward pass (downstream LM loss); keeps x's dtype and device.
+    For splicing into a forward pass (downstream LM loss); keeps x's dtype and device (x is moved to
+    the SAE's device and back). Tokens go through in blocks of :func:`eval_rows`.
     """
-    shape, dtype = x.shape, x.dtype
+    shape, dtype, device = x.shape, x.dtype, x.device
     f = sae.norm_factor
-    flat = x.reshape(-1, shape[-1]).to(sae.W_enc.dtype) * f
-    enc = sae.encode(flat)
-    return (sae.decode(enc.values, enc.indices) / f).to(dtype).reshape(shape)
+    flat = x.reshape(-1, shape[-1]).to(sae.W_enc.device, sae.W_enc.dtype) * f
+    parts = []
+    for block in flat.split(eval_rows(sae)):
+        enc = sae.encode(block)
+        parts.append(sae.decode(enc.values, enc.indices))
+        del enc
+    return (torch.cat(parts) / f).to(device, dtype).reshape(shape)

@@ -17,14 +17,20 @@ has an encoder share (both training paths, reference and fast, compute it).
 
 A run whose loss becomes NaN or infinite stops there: metrics.json records
 ``status: failed`` with the step and the reason, the metric fields stay None, and no
-SAE is saved (a diverged run is reported as failed, never dropped or replaced).
+SAE is saved; an earlier run's SAE files under the same name are deleted, so no reader
+takes them for this run's (a diverged run is reported as failed, never dropped or replaced).
 Finiteness is checked on the device every step and read back every ``log_every``
 steps (and at the end), so the check adds no per-step synchronisation.
 
 Resumption: if ``out_dir/train_state.safetensors`` exists (a killed run), training
 continues from it: weights, both moments and step counts, dead-latent counters, the
 shuffle buffer's rows, read cursor and RNG state. On one device with the same
-settings, the result is bitwise that of an uninterrupted run (tested on CPU).
+settings, the result is bitwise that of an uninterrupted run (tested on CPU). The
+checkpoint's record holds the settings that determine the weights
+(``config.result_fields()``) and what the run reads (``info["inputs"]``: the training
+store's :func:`attnspace.sae.io.store_identity`, or the live stream's model, tokens and
+seeds); a checkpoint whose record differs in either, or that cannot be read, is deleted
+when its run is created, with one line saying why, and the run starts over.
 
 One SAE's state, step, checkpoint, evaluation and files are :class:`SAERun`; the loop over
 batches is :func:`train_runs`, which feeds each batch of one stream to one or more runs.
@@ -34,6 +40,7 @@ with several (runs that share the stream's settings).
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -47,8 +54,9 @@ from attnspace.files import write_json
 from attnspace.sae.config import SAETrainConfig
 from attnspace.sae.data import StoreStream, heldout_batches, mean_norm
 from attnspace.sae.evaluate import LMEval, evaluate
+from attnspace.sae.fast import cuda_path, drop_mirror
 from attnspace.sae.init import initialize
-from attnspace.sae.io import load_checkpoint, save_checkpoint, save_sae
+from attnspace.sae.io import checkpoint_record, load_checkpoint, remove_weights, save_checkpoint, save_sae
 from attnspace.sae.losses import DeadLatentTracker
 from attnspace.sae.model import TopKSAE, reconstruct
 from attnspace.sae.optim import load_optimizer_tensors, make_optimizer, optimizer_tensors
@@ -60,7 +68,8 @@ log = logging.getLogger("attnspace.sae")
 CHECKPOINT = "train_state.safetensors"
 """Checkpoint file name inside the output folder."""
 
-CHECKPOINT_FORMAT = "attnspace-sae-train-state/1"
+CHECKPOINT_FORMAT = "attnspace-sae-train-state/2"
+"""Tag of the checkpoint's record; /2 added what the run reads (``inputs``)."""
 
 _PARAMS = ["W_enc", "b_enc", "W_dec", "b_dec"]
 
@@ -112,6 +121,7 @@ class SAERun:
         """The stream's state saved with the checkpoint resumed from (None for a fresh run)."""
         self.failure: str | None = None
         self.finite = torch.ones((), dtype=torch.bool, device=self.device)  # all losses so far finite (on the device)
+        self.drop_stale_checkpoint()
 
     def setup(self, sample: Tensor, resume: bool) -> None:
         """Build the SAE on the normalisation sample [N, d] (raw; the first ``asi_sample_tokens`` rows)
@@ -122,7 +132,7 @@ class SAERun:
         sae.sparse_grad = config.optimizer in ("sparse_adam", "masked_adam")  # row-sparse gradients; Adam's are dense
         sae.centred = bool(config.centred)
         sae.fast = True if config.fast is None else config.fast  # attnspace.sae.fast: same model, about 2x faster on CPU too
-        sae.matmul_dtype = torch.bfloat16 if sae.fast and device.type == "cuda" else None
+        sae.matmul_dtype = torch.bfloat16 if sae.fast and cuda_path(device) else None
         self.sae, self.d = sae, d
         self.opt = make_optimizer(config.optimizer, [getattr(sae, p) for p in _PARAMS], config.learning_rate,
                                   config.betas, config.eps)
@@ -157,9 +167,9 @@ class SAERun:
             self.failure = f"loss not finite (NaN or inf) by step {done} of {config.n_steps}"
             log.error("%s: %s; the run is recorded as failed", self.out_dir.name, self.failure)
             return
-        self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
+        self.opt.zero_grad(set_to_none=True)  # no gradient lives into the next forward (1M latents: 16 GiB each)
         tracker.update(out.values.detach(), out.indices)
         if config.log_every and done % config.log_every == 0:
             log.info("%s: step %d/%d nmse %.4f auxk %.4f dead %d", self.out_dir.name, done, config.n_steps,
@@ -176,19 +186,51 @@ class SAERun:
         tensors.update(optimizer_tensors(self.opt, _PARAMS))
         tensors["dead.tokens_since_fired"] = self.tracker.tokens_since_fired
         tensors.update(stream_state)
-        record = dict(format=CHECKPOINT_FORMAT, config=self.config.result_fields(), step=done,
+        record = dict(format=CHECKPOINT_FORMAT, config=self.config.result_fields(), inputs=self.inputs, step=done,
                       dataset_norm=self.sae.dataset_norm, init_norm=self.init_norm)
         save_checkpoint(self.ckpt_path, tensors, record)
 
-    def _resume(self) -> None:
-        path, config, sae = self.ckpt_path, self.config, self.sae
-        tensors, record = load_checkpoint(path)
+    @property
+    def inputs(self):
+        """What the run reads (``info["inputs"]``, set by the CLI), as a checkpoint records it (JSON)."""
+        return json.loads(json.dumps((self.info or {}).get("inputs"), sort_keys=True))
+
+    def stale_reason(self) -> str | None:
+        """Why the checkpoint in ``out_dir`` cannot be resumed by this run, or None when it can (or there is none)."""
+        try:
+            record = checkpoint_record(self.ckpt_path)
+        except FileNotFoundError:
+            return None
+        except Exception as err:  # safetensors, JSON or key errors alike: the file is damaged
+            return f"it cannot be read ({type(err).__name__}: {' '.join(str(err).split())[:200]})"
         if record.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"{path}: not an SAE training checkpoint ({record.get('format')!r})")
-        if record["config"] != config.result_fields():
-            changed = sorted(k for k, v in config.result_fields().items() if record["config"].get(k) != v)
-            raise ValueError(f"{path}: checkpoint was written with other settings ({', '.join(changed)}); "
-                             "delete it to start over")
+            return f"its format is {record.get('format')!r}, this code writes {CHECKPOINT_FORMAT!r}"
+        fields, saved = self.config.result_fields(), record.get("config")
+        if not isinstance(saved, dict) or saved != fields:
+            saved = saved if isinstance(saved, dict) else {}
+            changed = sorted(k for k in fields.keys() | saved.keys() if saved.get(k) != fields.get(k))
+            return f"it was written with other settings ({', '.join(changed)})"
+        if record.get("inputs") != self.inputs:
+            now, then = self.inputs, record.get("inputs")
+            changed = sorted(k for k in now.keys() | then.keys() if now.get(k) != then.get(k)) \
+                if isinstance(now, dict) and isinstance(then, dict) else []
+            return f"it was computed from other inputs ({', '.join(changed) or 'inputs'})"
+        return None
+
+    def drop_stale_checkpoint(self) -> None:
+        """Delete the checkpoint in ``out_dir`` if it cannot be resumed (:meth:`stale_reason`), logging why."""
+        reason = self.stale_reason()
+        if reason is not None:
+            log.warning("%s: discarding the training checkpoint %s: %s; this run starts over",
+                        self.out_dir, self.ckpt_path.name, reason)
+            self.ckpt_path.unlink(missing_ok=True)
+
+    def _resume(self) -> None:
+        path, sae = self.ckpt_path, self.sae
+        reason = self.stale_reason()  # drop_stale_checkpoint ran when the run was created; this guards a change since
+        if reason is not None:
+            raise ValueError(f"{path}: cannot resume: {reason}; delete it to start over")
+        tensors, record = load_checkpoint(path)
         with torch.no_grad():
             for p in _PARAMS:
                 getattr(sae, p).copy_(tensors[f"sae.{p}"])
@@ -197,6 +239,13 @@ class SAERun:
         self.tracker.tokens_since_fired.copy_(tensors["dead.tokens_since_fired"])
         self.stream_state = {k: v for k, v in tensors.items() if k.startswith("data.")}
         self.start, self.init_norm = int(record["step"]), float(record["init_norm"])
+
+    def release_training_state(self) -> None:
+        """Free the gradients, the optimizer's moments and the encoder's low-precision mirror (after
+        the last step and checkpoint: evaluation reads the weights only)."""
+        self.opt.zero_grad(set_to_none=True)
+        self.opt.state.clear()
+        drop_mirror(self.sae.W_enc)
 
     def finish(self, stream, heldout_store: Store | Iterable[Tensor] | None, train_seconds: float) -> dict:
         """Evaluate (unless failed), write the SAE folder and metrics.json, remove the checkpoint; the metrics."""
@@ -217,6 +266,7 @@ class SAERun:
         )
         if self.failure is not None:
             out_dir.mkdir(parents=True, exist_ok=True)
+            remove_weights(out_dir)  # an earlier run's SAE must not pass for this one
             write_json(metrics, out_dir / "metrics.json")
             if self.ckpt_path.exists():
                 self.ckpt_path.unlink()
@@ -233,10 +283,14 @@ class SAERun:
             metrics.update(train_nmse=seen.nmse, train_eval_tokens=seen.dead_window_tokens)
         if self.lm_eval is not None:
             metrics.update(self.lm_eval(lambda x: reconstruct(sae, x)))
-        save_sae(sae, out_dir, metrics=metrics, **{"site": config.site, **(self.info or {})})
+        self.save(metrics)
         if self.ckpt_path.exists():
             self.ckpt_path.unlink()
         return metrics
+
+    def save(self, metrics: dict) -> None:
+        """Write the SAE folder (LlamaScope layout) with ``metrics`` (a sharded run merges its shards here)."""
+        save_sae(self.sae, self.out_dir, metrics=metrics, **{"site": self.config.site, **(self.info or {})})
 
 
 def train_runs(runs: Sequence[SAERun], stream, heldout_store: Store | Iterable[Tensor] | None, *,
@@ -284,6 +338,6 @@ def train_runs(runs: Sequence[SAERun], stream, heldout_store: Store | Iterable[T
         if on_step is not None:
             on_step(done)
     train_seconds = time.perf_counter() - t0
-    for r in runs:
-        r.opt.zero_grad(set_to_none=True)  # free the last gradients before evaluation (1M latents: GiBs)
+    for r in runs:  # evaluation needs none of the training state (1M latents with Adam: 96 GiB)
+        r.release_training_state()
     return [r.finish(stream, heldout_store, train_seconds) for r in runs]
