@@ -1,0 +1,108 @@
+"""The claims' verdicts on cases built so that exactly one comparison decides them: the 2-sd
+boundary of :func:`compare` from exactly representable numbers, C4's count of rivals beaten, C5's
+noise for points run once from the largest of several different seed spreads, C7 failing on the
+dead-parameter fraction alone. Expected verdicts and counts are worked out by hand in each test."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from attnspace.claims import FAILS, HOLDS, INCONCLUSIVE, c4, c5, c7, compare
+
+
+def test_compare_at_exactly_twice_the_seed_deviation_cannot_tell():
+    # [0.25, 0.5, 0.75]: mean 0.5 and sd (ddof 1) 0.25, both exact in binary; likewise [0.75, 1, 1.25]
+    lo, hi = [0.25, 0.5, 0.75], [0.75, 1.0, 1.25]
+    assert np.std(lo, ddof=1) == 0.25 and np.mean(hi) - np.mean(lo) == 0.5  # exactly 2 sd apart
+    assert compare(lo, hi) == 0 and compare(hi, lo) == 0  # "more than 2 sd" is strict
+    nudged = [v + 2.0**-40 for v in hi]  # just beyond the boundary
+    assert compare(lo, nudged) == -1 and compare(nudged, lo) == 1
+    # the larger of the two sds counts: a tight side does not make a wide one decidable
+    assert compare([0.5, 0.5, 0.5], hi) == 0
+    # a noise scale measured elsewhere: the same boundary
+    assert compare([1.0], [2.0], noise=0.5) == 0
+    assert compare([1.0], [2.0 + 2.0**-40], noise=0.5) == -1
+
+
+def fig5(asi: dict[int, float], random: dict[int, float], base: float, sd: float = 0.01) -> pd.DataFrame:
+    """Fig 5's runs, three seeds each at mean +- sd (seed sd exactly sd): dead fractions of ASI and the
+    random subspace per d_init, and of the base init."""
+    rows = []
+
+    def add(init, d_init, mean):
+        for seed, e in enumerate((-sd, 0.0, sd)):
+            rows.append(dict(model="m", dataset="ds", layer=3, site="attn_out", run=f"{init}{d_init}-{seed}",
+                             variant="x", init=init, d_init=d_init, d_sae=512, k=8, seed=seed, centred=False,
+                             nmse=0.3, dead_fraction=mean + e, status="ok"))
+
+    add("base", None, base)
+    for d in asi:
+        add("asi", d, asi[d])
+        add("random_subspace", d, random[d])
+    return pd.DataFrame(rows)
+
+
+def test_c4_fails_when_asi_is_above_either_rival_alone():
+    # ASI above the random subspace (by 0.2 >> 2 sd) but below the base init at every d_init: above one rival
+    (row,) = c4(fig5({8: 0.5, 16: 0.5, 32: 0.5}, {8: 0.3, 16: 0.3, 32: 0.3}, base=0.9))
+    assert row["verdict"] == FAILS and "below both at 0/3" in row["measured"] and "above one at 3/3" in row["measured"]
+    # ASI above the base init but below the random subspace
+    (row,) = c4(fig5({8: 0.5, 16: 0.5, 32: 0.5}, {8: 0.9, 16: 0.9, 32: 0.9}, base=0.3))
+    assert row["verdict"] == FAILS and "above one at 3/3" in row["measured"]
+    # below one, tied with the other: neither holds nor fails
+    (row,) = c4(fig5({8: 0.5, 16: 0.5, 32: 0.5}, {8: 0.9, 16: 0.9, 32: 0.9}, base=0.5))
+    assert row["verdict"] == INCONCLUSIVE and "below both at 0/3" in row["measured"] and "above one at 0/3" in row["measured"]
+    # the count per d_init: below both at 8, above the random subspace only at 16, tied at 32
+    (row,) = c4(fig5({8: 0.2, 16: 0.5, 32: 0.5}, {8: 0.9, 16: 0.3, 32: 0.9}, base=0.5))
+    assert "below both at 1/3" in row["measured"] and "above one at 1/3" in row["measured"]
+    assert row["verdict"] == INCONCLUSIVE
+
+
+def sweep(points: dict[int, tuple[float, float, float, float]]) -> pd.DataFrame:
+    """Figure 6/7 runs, uncentred: per d_sae, (NMSE of TopK, TopK + AuxK, ASI, and the seed sd); sd 0 means the
+    point was run once, else three seeds at mean -sd, 0, +sd (seed sd exactly sd)."""
+    rows = []
+    for n, (*means, sd) in points.items():
+        offsets = (-sd, 0.0, sd) if sd else (0.0,)
+        for variant, mean in zip(("topk", "topk_auxk", "asi"), means):
+            for seed, e in enumerate(offsets):
+                rows.append(dict(model="m", dataset="ds", layer=3, site="attn_out", run=f"{variant}-{n}-{seed}",
+                                 variant=variant, init="x", d_init=16, d_sae=n, k=8, seed=seed, centred=False,
+                                 nmse=mean + e, dead_fraction=0.5, status="ok"))
+    return pd.DataFrame(rows)
+
+
+def test_c5_points_run_once_are_judged_against_the_largest_seed_sd():
+    # two replicated points with seed sds 0.005 and 0.05 (both hold: ASI 0.5 below); a point run once with
+    # ASI 0.06 above TopK: within 2 x 0.05 (inconclusive), beyond 2 x 0.005 (would fail)
+    table = sweep({256: (1.0, 1.0, 0.5, 0.005), 512: (1.0, 1.0, 0.5, 0.05), 1024: (0.30, 0.40, 0.36, 0.0)})
+    (row,) = c5(table)
+    assert "seed sd 0.050" in row["measured"]
+    assert "below both at 2/3" in row["measured"] and "above one at 0/3" in row["measured"]
+    assert row["verdict"] == HOLDS
+    # beyond the largest spread it fails: ASI 0.11 above TopK
+    (row,) = c5(sweep({256: (1.0, 1.0, 0.5, 0.005), 512: (1.0, 1.0, 0.5, 0.05), 1024: (0.30, 0.40, 0.41, 0.0)}))
+    assert "above one at 1/3" in row["measured"]
+
+
+def lorsa(dead: tuple[float, float], nmse: tuple[float, float], sd: float = 0.01) -> pd.DataFrame:
+    """Table 1's runs, three seeds each: (vanilla, ASI) dead-parameter fractions and NMSEs, seed sd exactly sd."""
+    rows = []
+    for init, d, e in (("vanilla", dead[0], nmse[0]), ("asi", dead[1], nmse[1])):
+        for seed, off in enumerate((-sd, 0.0, sd)):
+            rows.append(dict(model="m", dataset="ds", layer=3, init=init, seed=seed, dead_param_fraction=d + off,
+                             nmse=e + off))
+    return pd.DataFrame(rows)
+
+
+@pytest.mark.parametrize("dead, nmse, verdict", [
+    ((0.6, 0.4), (0.2, 0.1), HOLDS),  # both lower
+    ((0.4, 0.6), (0.2, 0.1), FAILS),  # NMSE lower, dead parameters higher: fails on the dead fraction alone
+    ((0.6, 0.4), (0.1, 0.2), FAILS),  # dead lower, NMSE higher
+    ((0.6, 0.4), (0.2, 0.2), INCONCLUSIVE),  # dead lower, NMSE tied
+    ((0.6, 0.6), (0.2, 0.1), INCONCLUSIVE),  # NMSE lower, dead tied
+])
+def test_c7_each_comparison_alone_decides(dead, nmse, verdict):
+    assert c7(lorsa(dead, nmse))[0]["verdict"] == verdict
