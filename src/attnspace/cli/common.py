@@ -20,10 +20,11 @@ def set_threads(n: int) -> None:
 
 
 def device() -> str:
-    """``cuda`` where a GPU is visible, else ``cpu``."""
-    import torch
+    """``cuda`` where torch can use a GPU, else ``cpu``; refused where the job was given a GPU that torch
+    cannot use (:func:`attnspace.devices.device`)."""
+    from attnspace.devices import device as job_device
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return job_device()
 
 
 def given(**options) -> dict:
