@@ -13,6 +13,7 @@
 import os
 
 from attnspace.config import check_config, check_models_on_disk
+from attnspace.strict_yaml import read_config_files
 
 
 # The embedded default, unless --configfile names another (never merged with it).
@@ -21,6 +22,12 @@ if not config:
     configfile: os.path.join(workflow.basedir, "config.yaml")
 
 
+# Every configuration file read again by attnspace's strict loader (the one `attnspace plan` uses):
+# a key given twice, a YAML 1.1 octal or sexagesimal number or aliases that expand without bound are
+# refused in one line; --config overrides apply last, as Snakemake applies them.
+_strict = read_config_files(workflow.configfiles, workflow.config_settings.config)
+config.clear()
+config.update(_strict)
 
 # JSON-Schema validation (defaults filled in), the checks a schema cannot make, and the
 # declared model shapes against the models' own metadata already on disk, before any

