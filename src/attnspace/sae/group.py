@@ -88,13 +88,15 @@ def stream_settings(config) -> dict:
 
 
 def train_sae_group(members: Sequence[Member], train_store, heldout_store: object | Iterable | None, *,
-                    on_step: Callable[[int], None] | None = None) -> list[dict]:
+                    on_step: Callable[[int], None] | None = None, run_class=None) -> list[dict]:
     """Train, evaluate and save every member on one stream; their metrics, in order (each also
     written to its ``out_dir/metrics.json``, as :func:`attnspace.sae.train.train_sae` writes it).
 
     train_store: a Store (read through one shuffle buffer seeded the members' ``stream_seed``) or
     a ready stream (StoreStream, LiveStream). heldout_store: a Store, batches, or None, as for
-    train_sae. Raises AttnspaceError when the members' stream settings differ or two share a folder.
+    train_sae. run_class: the members' run (default :class:`attnspace.sae.train.SAERun`; on every rank of
+    a feature-sharded job, :class:`attnspace.sae.sharded.ShardedRun`). Raises AttnspaceError when the
+    members' stream settings differ or two share a folder.
     """
     from attnspace.sae.data import StoreStream
     from attnspace.sae.train import SAERun, train_runs
@@ -115,5 +117,5 @@ def train_sae_group(members: Sequence[Member], train_store, heldout_store: objec
     c = members[0].config
     stream = (StoreStream(train_store, c.site, c.batch_size, c.buffer_rows, c.stream_seed)
               if isinstance(train_store, Store) else train_store)
-    runs = [SAERun(m.config, m.out_dir, m.spectrum, lm_eval=m.lm_eval, info=m.info) for m in members]
+    runs = [(run_class or SAERun)(m.config, m.out_dir, m.spectrum, lm_eval=m.lm_eval, info=m.info) for m in members]
     return train_runs(runs, stream, heldout_store, on_step=on_step, desc=f"{len(runs)} SAEs")

@@ -125,7 +125,25 @@ def initialize(
     so the result does not depend on the device. ``decoder_bias`` [d] (the centred form: the
     training mean on the normalised scale) becomes b_dec, and the norm search scores x - b_dec.
     """
-    n, d = sae.d_sae, sae.d_model
+    W, bias, result = initial_weights(sae.d_sae, sae.d_model, sae.k, method, x, generator, d_init=d_init,
+                                      source=source, grid=grid, decoder_bias=decoder_bias)
+    sae.W_dec.copy_(W)
+    sae.W_enc.copy_(W)
+    sae.b_enc.zero_()
+    sae.b_dec.zero_()
+    if bias is not None:
+        sae.b_dec.copy_(bias)
+    return result
+
+
+@torch.no_grad()
+def initial_weights(n: int, d: int, k: int, method: str, x: Tensor, generator: torch.Generator, *,
+                    d_init: int | None = None, source: Spectrum | Tensor | None = None, grid=DEFAULT_NORM_GRID,
+                    decoder_bias: Tensor | None = None) -> tuple[Tensor, Tensor | None, InitResult]:
+    """What :func:`initialize` writes into an SAE of n latents on d inputs with top-k k: (W [n, d] on the
+    CPU, float32, the initial W_dec = W_enc; b_dec on x's device, or None for zero; the norm search).
+    A feature-sharded SAE (:mod:`attnspace.sae.sharded`) keeps its rows of W, so that the number of
+    shards does not change the initial directions."""
     if method == "base":
         U = sphere_directions(n, d, generator)
     elif method in ("asi", "random_subspace"):
@@ -138,12 +156,5 @@ def initialize(
     else:
         raise ValueError(f"init must be one of {INITS}, got {method!r}")
     bias = None if decoder_bias is None else decoder_bias.to(x.device, x.dtype)
-    result = search_norm(U, x if bias is None else x - bias, sae.k, grid)
-    W = (result.norm * U).to(sae.W_dec.device, sae.W_dec.dtype)
-    sae.W_dec.copy_(W)
-    sae.W_enc.copy_(W)
-    sae.b_enc.zero_()
-    sae.b_dec.zero_()
-    if bias is not None:
-        sae.b_dec.copy_(bias)
-    return result
+    result = search_norm(U, x if bias is None else x - bias, k, grid)
+    return result.norm * U, bias, result
