@@ -113,19 +113,6 @@ def test_killed_run_resumes_to_the_same_result_bitwise(stores, tmp_path, optimiz
     assert straight["dead_for_auxk_at_end"] > 0  # AuxK had dead latents to work with
 
 
-def test_resume_refuses_a_checkpoint_from_other_settings(stores, tmp_path):
-    train, heldout = stores
-
-    def kill(step):
-        if step == 5:
-            raise Killed
-
-    with pytest.raises(Killed):
-        train_sae(small_config(), train, heldout, tmp_path / "sae", on_step=kill)
-    with pytest.raises(ValueError, match="other settings.*k"):
-        train_sae(small_config(k=4), train, heldout, tmp_path / "sae")
-
-
 def test_asi_leaves_fewer_dead_latents_than_base_on_a_planted_subspace(stores, tmp_path):
     """Observation, not a tuned result: the same short run (200 steps of 128 tokens, 256 latents,
     k 8, Adam lr 1e-3) from base init, ASI (d_init = the planted 8) and a random 8-dim subspace."""

@@ -76,6 +76,7 @@ def _train_members(shared, members: list) -> list[dict]:
     if shared.model_dir and (shared.live_source or any(m.lm_eval_tokens for _, m in members)):
         model, _ = load_model(shared.model_dir, shared.dtype)  # one copy for the live stream and the LM losses
     spectrum = load_spectrum(shared.spectrum) if shared.spectrum else None
+    inputs = _stream_inputs(shared, train)
     group = []
     for config, m in members:
         lm_eval = None
@@ -84,7 +85,7 @@ def _train_members(shared, members: list) -> list[dict]:
 
             lm_eval = spliced_lm_eval(model, shared.tokens, shared.layer, shared.site, m.lm_eval_tokens)
         info = dict(model=train.model, dataset=train.dataset, layer=train.layer, run=m.run,
-                    source="live" if shared.live_source else "cache")
+                    source="live" if shared.live_source else "cache", inputs=inputs)
         group.append(Member(config, Path(m.out_dir), spectrum, lm_eval, info))
     stream = train
     if shared.live_source:
@@ -107,6 +108,19 @@ def _train_members(shared, members: list) -> list[dict]:
             log.info("%s: nmse %.4f, dead %.3f, l0 %.1f, %.0f tok/s", m.run, metrics["nmse"],
                      metrics["dead_fraction"], metrics["l0"], metrics["tokens_per_second"])
     return results
+
+
+def _stream_inputs(shared, train) -> dict:
+    """What a group's stream is computed from, recorded in each member's checkpoints (a checkpoint
+    of other inputs is discarded): the training store's identity, or, for a live stream, the
+    prepared model's and the token file's digests with the source and its seeds."""
+    from attnspace.models import recorded_identity
+    from attnspace.sae.io import file_identity, store_identity
+
+    if not shared.live_source:
+        return {"train": store_identity(train)}
+    return {"model": recorded_identity(shared.model_dir), "tokens": file_identity(shared.tokens),
+            "source": json.loads(shared.live_source), "seed": shared.live_seed, "batch_docs": shared.live_batch_docs}
 
 
 def cmd_train_sae(a):
@@ -184,6 +198,9 @@ def cmd_dead_features(a):
     from attnspace.llamascope import load_llamascope
     from attnspace.store import open_store
 
+    from attnspace.sae.io import refuse_failed_run
+
+    refuse_failed_run(a.sae_dir)  # a failed run's folder holds no SAE, whatever files are left in it
     store = open_store(Path(a.activations))
     sae = load_llamascope(a.sae_dir, d_model=store.width(a.site))
     record = evaluate_dead_features(sae, store, a.site, n_tokens=a.tokens)

@@ -13,17 +13,24 @@ avg_norm = ``dataset_average_activation_norm["in"]`` (= ``["out"]``: input and t
 
 A training checkpoint is one safetensors file whose header metadata holds a JSON
 record (key ``"attnspace"``); written to a temporary name, fsynced and renamed, so a
-killed job leaves the previous checkpoint or the new one, never half of one.
+killed job leaves the previous checkpoint or the new one, never half of one. The record
+names what the run read (:func:`store_identity` of its training store), so a checkpoint
+outlives neither its settings nor its data (:mod:`attnspace.sae.train`).
+
+A failed run (its loss turned NaN or infinite) keeps only its metrics.json, ``status:
+failed``; :func:`refuse_failed_run` is how every reader of an SAE folder refuses it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from attnspace.errors import AttnspaceError
 from attnspace.files import read_safetensors, write_json, write_safetensors
 from attnspace.sae.model import TopKSAE
 
@@ -80,9 +87,32 @@ def save_sae(sae: TopKSAE, folder: Path, *, metrics: dict | None = None, **info)
     return folder
 
 
-def load_sae(folder: Path, device: torch.device | str = "cpu") -> TopKSAE:
-    """Read a TopK SAE folder written by :func:`save_sae` (or any LlamaScope folder with act_fn "topk")."""
+def refuse_failed_run(folder: Path | str) -> None:
+    """Raise AttnspaceError, naming the failure, when ``folder/metrics.json`` records a failed run."""
+    path = Path(folder) / "metrics.json"
+    try:
+        metrics = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return  # no record of a run here (an SAE from elsewhere): the weights speak for themselves
+    if isinstance(metrics, dict) and metrics.get("status") == "failed":
+        raise AttnspaceError(f"{folder}: its training run failed ({metrics.get('failure') or 'no reason recorded'}); "
+                             "the folder holds no SAE",
+                             fix="change the setting that made it diverge (e.g. sae.lr) and rerun snakemake")
+
+
+def remove_weights(folder: Path | str) -> None:
+    """Delete the SAE files of ``folder`` (weights and hyperparams.json), so that a failed run
+    leaves no earlier run's SAE under its name."""
     folder = Path(folder)
+    (folder / WEIGHTS).unlink(missing_ok=True)
+    (folder / "hyperparams.json").unlink(missing_ok=True)
+
+
+def load_sae(folder: Path, device: torch.device | str = "cpu") -> TopKSAE:
+    """Read a TopK SAE folder written by :func:`save_sae` (or any LlamaScope folder with act_fn "topk");
+    a failed run's folder is refused."""
+    folder = Path(folder)
+    refuse_failed_run(folder)
     hyper = json.loads((folder / "hyperparams.json").read_text())
     if hyper.get("act_fn") != "topk":
         raise ValueError(f"{folder}: act_fn {hyper.get('act_fn')!r}; this loader reads TopK SAEs only")
@@ -101,6 +131,26 @@ def load_sae(folder: Path, device: torch.device | str = "cpu") -> TopKSAE:
     return sae.to(device)
 
 
+IDENTITY_SKIPS = ("created", "zarr_version", "store")
+"""Manifest fields that a rebuild of the same rows changes: left out of a store's identity."""
+
+
+def store_identity(store) -> str:
+    """What a store holds, as 16 hex digits of SHA-256: its manifest (model, dataset, layer, split,
+    rows, sites, every chunk's digest, config hash) without :data:`IDENTITY_SKIPS`."""
+    fields = {k: v for k, v in store.manifest.items() if k not in IDENTITY_SKIPS}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def file_identity(path: Path | str) -> str:
+    """16 hex digits of SHA-256 of a file's bytes (a token file a live stream reads)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
 def save_checkpoint(path: Path, tensors: dict[str, Tensor], record: dict) -> Path:
     """One atomic safetensors file: ``tensors`` plus the JSON ``record`` in its header."""
     return write_safetensors(tensors, path, metadata={"attnspace": json.dumps(record, sort_keys=True)})
@@ -110,3 +160,17 @@ def load_checkpoint(path: Path) -> tuple[dict[str, Tensor], dict]:
     """(tensors, record) of a file written by :func:`save_checkpoint`."""
     tensors, meta = read_safetensors(path)
     return tensors, json.loads(meta["attnspace"])
+
+
+def checkpoint_record(path: Path) -> dict:
+    """The JSON record of a checkpoint, read from its header alone (no tensor is loaded); raises
+    on a file that is not a whole safetensors file with a record (safetensors refuses a header
+    whose tensors do not exactly cover the file: truncated or extended)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata() or {})
+    record = json.loads(meta["attnspace"])
+    if not isinstance(record, dict):
+        raise ValueError("the record is not a JSON object")
+    return record
