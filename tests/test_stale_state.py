@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -247,6 +248,9 @@ def test_a_failed_run_deletes_the_earlier_runs_sae_and_readers_refuse_it(stores,
     assert main(["dead-features", str(out), str(heldout.path), "--site", "attn_out"]) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: ") and "training run failed" in err and "Fix:" in err
+    assert main(["export-sae", str(out), "--to", "saelens", str(out.parent / "exported")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "training run failed" in err and not (out.parent / "exported").exists()
 
 
 def test_a_diverging_learning_rate_is_recorded_failed_with_no_weights(stores, tmp_path):
@@ -267,3 +271,50 @@ def test_a_folder_without_a_run_record_still_loads(stores, tmp_path):
     train_sae(small_config(train_tokens=128 * 2), new, heldout, out)
     (out / "metrics.json").unlink()
     assert load_sae(out).d_sae == 256
+
+
+# --- failed Lorsa runs -------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def lorsa_stores(tmp_path_factory):
+    from test_lorsa import write_store as write_lorsa_store
+
+    root = tmp_path_factory.mktemp("lorsa_stale")
+    rng = np.random.default_rng(0)
+    return (write_lorsa_store(root / "L1.zarr", rng.integers(5, 40, size=16).tolist(), seed=1),
+            write_lorsa_store(root / "heldout" / "L1.zarr", rng.integers(5, 40, size=6).tolist(), seed=2))
+
+
+def test_a_diverged_lorsa_is_recorded_failed_and_table1_says_so(lorsa_stores, tmp_path):
+    """The reported case: lorsa.lr 1e30 over a finished run. No Lorsa is left under the name,
+    load_lorsa names the failure, and Table 1 shows "failed" and the reason instead of nan."""
+    from test_lorsa import tiny_model
+
+    from attnspace.lorsa import LorsaConfig, load_lorsa, table1_frame, table1_markdown, train_lorsa
+    from attnspace.lorsa.io import META_FILE, WEIGHTS_FILE
+
+    train, heldout = lorsa_stores
+    model_config = tiny_model("llama").config
+
+    def run(init, lr, out):
+        config = LorsaConfig(n_ov_heads=8, n_qk_heads=2, d_qk=8, k=2, d_init=6, n_epochs=1, batch_tokens=80, lr=lr,
+                             log_every=0)
+        return train_lorsa(config, train, heldout, None, init, seed=0, model_config=model_config, out_dir=out)
+
+    ok = run("vanilla", 3e-3, tmp_path / "vanilla")
+    assert ok["status"] == "ok" and (tmp_path / "vanilla" / WEIGHTS_FILE).is_file()
+    failed = run("vanilla", 1e30, tmp_path / "vanilla")
+    assert failed["status"] == "failed" and "not finite" in failed["failure"]
+    assert failed["nmse"] is None and failed["dead_heads"] is None
+    assert json.loads((tmp_path / "vanilla" / "metrics.json").read_text())["status"] == "failed"
+    assert not (tmp_path / "vanilla" / WEIGHTS_FILE).exists() and not (tmp_path / "vanilla" / META_FILE).exists()
+    with pytest.raises(AttnspaceError, match="Lorsa training run failed .*not finite"):
+        load_lorsa(tmp_path / "vanilla")
+
+    asi = run("vanilla", 3e-3, tmp_path / "other") | {"init": "asi"}  # a finished run beside the failed one
+    md = table1_markdown(table1_frame([failed, asi]))
+    assert "nan" not in md
+    assert "| Normalized MSE | failed | " in md and f"{asi['nmse']:.3f} |" in md
+    assert "Failed, left out: vanilla seed 0 (loss not finite" in md
+    frame = table1_frame([failed, asi])
+    assert list(frame["status"]) == ["failed", "ok"] and frame["nmse"].isna().tolist() == [True, False]

@@ -230,7 +230,9 @@ def cmd_fetch_llamascope(a):
 def cmd_export_sae(a):
     from attnspace.interop import export_sae
     from attnspace.llamascope import LlamaScopeError
+    from attnspace.sae.io import refuse_failed_run
 
+    refuse_failed_run(a.sae_dir)  # a failed run's folder holds no SAE
     try:
         out = export_sae(a.sae_dir, a.to, a.out_dir)
     except (LlamaScopeError, FileExistsError) as err:

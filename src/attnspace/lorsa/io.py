@@ -1,5 +1,7 @@
 """Lorsa files: a folder with ``lorsa.safetensors`` (contiguous tensors) and ``lorsa.json``
-(config, width, normalisation norms, RoPE scaling, provenance)."""
+(config, width, normalisation norms, RoPE scaling, provenance), and metrics.json. A failed run's
+folder holds its metrics.json alone (``status: failed``); :func:`load_lorsa` refuses it, naming
+the failure."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from attnspace.errors import AttnspaceError
 from attnspace.files import read_safetensors, write_json, write_safetensors
 from attnspace.lorsa.config import LorsaConfig
 from attnspace.lorsa.model import TOPK_VARIANT, Lorsa
@@ -43,9 +46,27 @@ def save_lorsa(lorsa: Lorsa, folder: Path, *, metrics: dict | None = None, **inf
     return folder
 
 
+def remove_lorsa(folder: Path | str) -> None:
+    """Delete the Lorsa files of ``folder`` (weights and lorsa.json): a failed run leaves no earlier run's Lorsa."""
+    for name in (WEIGHTS_FILE, META_FILE):
+        (Path(folder) / name).unlink(missing_ok=True)
+
+
+def refuse_failed_run(folder: Path | str) -> None:
+    """AttnspaceError, naming the failure, when ``folder/metrics.json`` records a failed run."""
+    try:
+        metrics = json.loads((Path(folder) / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return
+    if isinstance(metrics, dict) and metrics.get("status") == "failed":
+        raise AttnspaceError(f"{folder}: its Lorsa training run failed ({metrics.get('failure')}); the folder holds "
+                             "no Lorsa", fix="lower lorsa.lr (or change what made it diverge) and rerun snakemake")
+
+
 def load_lorsa(folder: Path) -> Lorsa:
-    """Read a Lorsa written by :func:`save_lorsa` (CPU)."""
+    """Read a Lorsa written by :func:`save_lorsa` (CPU); a failed run's folder is refused."""
     folder = Path(folder)
+    refuse_failed_run(folder)
     meta = json.loads((folder / META_FILE).read_text())
     if meta.get("format") != FORMAT:
         raise ValueError(f"{folder}: format {meta.get('format')!r}, expected {FORMAT!r}")

@@ -6,10 +6,17 @@ BOS/EOS rows excluded from the loss but kept as context, Adam, batches of whole
 documents rebuilt from the activation cache (rows of a store are in corpus order with
 ``doc``/``pos``/``keep``), optional linear k annealing. The data order depends only on
 the seed.
+
+A run whose loss turns NaN or infinite (checked on the device every step, read back every
+``log_every`` steps and at the last) stops there and is recorded as failed, as SAE runs are:
+metrics.json holds ``status: failed`` and the reason, its measurements are None, and no Lorsa
+is saved; an earlier run's Lorsa files in ``out_dir`` are deleted, so no reader takes them for
+this run's.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
@@ -19,11 +26,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from attnspace.files import write_json
 from attnspace.lorsa.config import LorsaConfig
 from attnspace.lorsa.data import SequenceBatch, SequenceData, _scaled, normalisation_norms
 from attnspace.lorsa.evaluation import evaluate
 from attnspace.lorsa.init import initialize
-from attnspace.lorsa.io import save_lorsa
+from attnspace.lorsa.io import remove_lorsa, save_lorsa
 from attnspace.lorsa.model import TOPK_VARIANT, Lorsa, causal_document_mask, dead_heads, dead_param_fraction
 from attnspace.lorsa.rope import rope_from_config
 from attnspace.spectrum import Spectrum
@@ -74,21 +82,26 @@ def train_lorsa(
     plans = [train.groups(train.order(seed, ep), config.batch_tokens) for ep in range(config.n_epochs)]
     n_steps = sum(len(p) for p in plans)
     step, train_tokens = 0, 0
-    for plan in plans:
-        for docs in plan:
-            batch = train.batch(docs).to(device)
-            x, y = _scaled(lorsa, batch)
-            out = lorsa(x, batch.pos, causal_document_mask(batch.seg), k=config.k_at(step, n_steps))
-            loss = F.mse_loss(out.output[batch.keep], y[batch.keep])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            train_tokens += int(batch.keep.sum())
-            if on_step is not None:
-                on_step(step, batch, float(loss.detach()))
-            if config.log_every and step % config.log_every == 0:
-                log.info("step %d/%d  loss %.4f  k %d", step, n_steps, float(loss.detach()), config.k_at(step, n_steps))
-            step += 1
+    finite = torch.ones((), dtype=torch.bool, device=device)  # every loss so far finite (on the device)
+    for docs in itertools.chain.from_iterable(plans):
+        batch = train.batch(docs).to(device)
+        x, y = _scaled(lorsa, batch)
+        out = lorsa(x, batch.pos, causal_document_mask(batch.seg), k=config.k_at(step, n_steps))
+        loss = F.mse_loss(out.output[batch.keep], y[batch.keep])
+        finite &= torch.isfinite(loss.detach())
+        if (step % (config.log_every or 100) == 0 or step == n_steps - 1) and not bool(finite):
+            failure = f"loss not finite (NaN or inf) by step {step + 1} of {n_steps}"
+            log.error("lorsa %s: %s; the run is recorded as failed", init, failure)
+            return _failed(train_store, config, init, seed, n_steps, failure, out_dir)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        train_tokens += int(batch.keep.sum())
+        if on_step is not None:
+            on_step(step, batch, float(loss.detach()))
+        if config.log_every and step % config.log_every == 0:
+            log.info("step %d/%d  loss %.4f  k %d", step, n_steps, float(loss.detach()), config.k_at(step, n_steps))
+        step += 1
     train_s = time.perf_counter() - t0
 
     batches = (b.to(device) for b in heldout.epoch_batches(config.batch_tokens, seed=None))
@@ -103,9 +116,26 @@ def train_lorsa(
         dead_qk_heads=int(dead.reshape(config.n_qk_heads, -1).all(axis=1).sum()),
         d_init=config.d_init if init == "asi" else None, seed=int(seed), n_steps=n_steps,
         train_tokens=train_tokens, train_seconds=round(train_s, 2),
-        wall_seconds=round(time.perf_counter() - t0, 2), topk_variant=TOPK_VARIANT,
+        wall_seconds=round(time.perf_counter() - t0, 2), topk_variant=TOPK_VARIANT, status="ok", failure=None,
     )
     if out_dir is not None:
         save_lorsa(lorsa, out_dir, metrics=metrics, model=train_store.model, dataset=train_store.dataset,
                    layer=train_store.layer, init=init, seed=int(seed))
+    return metrics
+
+
+def _failed(train_store: Store, config: LorsaConfig, init: str, seed: int, n_steps: int, failure: str,
+            out_dir: Path | None) -> dict:
+    """The metrics of a failed run, written to ``out_dir/metrics.json`` after the folder's Lorsa
+    files (an earlier run's) are deleted; every measurement None."""
+    metrics = dict(
+        model=train_store.model, dataset=train_store.dataset, layer=train_store.layer, init=init,
+        n_ov_heads=config.n_ov_heads, n_qk_heads=config.n_qk_heads, k=config.k, dead_heads=None,
+        dead_param_fraction=None, nmse=None, n_eval_tokens=None, dead_qk_heads=None,
+        d_init=config.d_init if init == "asi" else None, seed=int(seed), n_steps=n_steps, train_tokens=None,
+        train_seconds=None, wall_seconds=None, topk_variant=TOPK_VARIANT, status="failed", failure=failure,
+    )
+    if out_dir is not None:
+        remove_lorsa(out_dir)
+        write_json(metrics, Path(out_dir) / "metrics.json")
     return metrics
