@@ -89,3 +89,33 @@ def test_train_sae_command_trains_from_the_live_model(cached, tiny_llama, tmp_pa
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["status"] == "ok" and metrics["tokens_trained"] == 1024 > store.n_rows
     assert json.loads((out / "hyperparams.json").read_text())["source"] == "live"
+
+
+def test_a_live_stream_restored_from_its_state_serves_the_same_batches(cached, tiny_llama):
+    """live_stream's restart runs the model again from the chunk after the ones taken: a stream
+    restored from another's state continues it bitwise (what a resumed live SAE run reads)."""
+    from attnspace.sae.live import live_stream
+
+    *_, store = cached
+    root = store.path.parent
+    model = cached[0]
+
+    def make():
+        return live_stream(model, tokens_path=str(root / "tokens.npz"), model_dir=str(tiny_llama), source=SOURCE,
+                           source_seed=3, layer=LAYER, site=SITE, batch_docs=2, d=48, batch_size=16,
+                           buffer_rows=48, seed=7)
+
+    first, second = make(), make()
+    try:
+        assert first.resumable
+        first.sample(20)
+        for _ in range(5):
+            first.next_batch()
+        state = first.state_tensors()
+        second.sample(20)
+        second.load_state(state)
+        for _ in range(6):
+            assert torch.equal(first.next_batch(), second.next_batch())
+    finally:
+        first.close()
+        second.close()

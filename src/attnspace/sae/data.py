@@ -216,9 +216,15 @@ class LiveStream:
 
     producer: callable returning float [rows, d] (any number of rows; e.g. the kept
     rows of one captured forward pass) or None when exhausted. Same shuffle buffer as
-    :class:`StoreStream`. Its ids are running row counts: a killed run cannot re-read
-    them, so live runs restart rather than resume exactly (the model and corpus would
-    have to be replayed).
+    :class:`StoreStream`; its ids are running row counts.
+
+    Resumption needs ``restart``: ``restart(c)`` returns a producer that starts with the
+    producer's (c+1)-th chunk (:func:`attnspace.sae.live.live_stream` skips the documents of
+    the first c chunks). The state then holds the buffer's rows themselves (they cannot be
+    re-read), the rows produced but not yet buffered, the count of chunks taken, and the
+    RNG; :meth:`load_state` restarts the producer after those chunks, so a resumed run sees
+    the batches an uninterrupted one would (given a deterministic producer). Without
+    ``restart`` a killed live run starts over.
 
     Hooked to a model, for example::
 
@@ -234,17 +240,48 @@ class LiveStream:
     """
 
     def __init__(self, producer: Callable[[], Tensor | None], d: int, batch_size: int, buffer_rows: int,
-                 seed: int, depth: int = 2) -> None:
+                 seed: int, depth: int = 2, restart: Callable[[int], Callable[[], Tensor | None]] | None = None) -> None:
         if buffer_rows < 2 * batch_size:
             raise ValueError(f"buffer_rows ({buffer_rows}) must be at least 2 x batch_size ({batch_size})")
         self.d, self.batch_size = int(d), int(batch_size)
         self.generator = torch.Generator().manual_seed(int(seed))
         self.buffer = ShuffleBuffer(buffer_rows, self.generator)
         self.prefetch = PrefetchIterator(producer, depth)
+        self._depth, self._restart = depth, restart
         self._pending: list[Tensor] = []  # produced rows not yet in the buffer
         self._n_pending = 0
         self._next_id = 0
+        self._chunks = 0  # chunks taken from the producer
         self._exhausted = False
+
+    @property
+    def resumable(self) -> bool:
+        """Whether :meth:`state_tensors` can be restored (the producer can restart after a chunk)."""
+        return self._restart is not None
+
+    def state_tensors(self) -> dict[str, Tensor]:
+        """Everything needed to continue the exact same sequence of batches (with ``restart``)."""
+        pending = torch.cat(self._pending) if self._pending else torch.empty(0, self.d)
+        return {
+            "data.rows": self.buffer.data[self.buffer.pos :].clone(),
+            "data.ids": self.buffer.ids[self.buffer.pos :].clone(),
+            "data.pending": pending.clone(),
+            "data.cursor": torch.tensor([self._chunks, self._next_id, int(self._exhausted)], dtype=torch.int64),
+            "data.rng": self.generator.get_state(),
+        }
+
+    def load_state(self, tensors: dict[str, Tensor]) -> None:
+        if self._restart is None:
+            raise ValueError("this live stream cannot resume: it was made without restart")
+        chunks, next_id, exhausted = (int(v) for v in tensors["data.cursor"])
+        self.prefetch.close()
+        self.prefetch = PrefetchIterator(self._restart(chunks), self._depth)
+        self._chunks, self._next_id, self._exhausted = chunks, next_id, bool(exhausted)
+        pending = tensors["data.pending"].to(torch.float32)
+        self._pending, self._n_pending = ([pending] if pending.shape[0] else []), pending.shape[0]
+        self.generator.set_state(tensors["data.rng"])
+        rows = tensors["data.rows"].to(torch.float32)
+        self.buffer.data, self.buffer.ids, self.buffer.pos = rows, tensors["data.ids"].to(torch.int64), 0
 
     def _read(self, n: int) -> tuple[Tensor, Tensor]:
         while self._n_pending < n and not self._exhausted:
@@ -255,6 +292,7 @@ class LiveStream:
                 break
             self._pending.append(chunk.reshape(-1, self.d))
             self._n_pending += self._pending[-1].shape[0]
+            self._chunks += 1
         if self._n_pending == 0:
             return torch.empty(0, self.d), torch.empty(0, dtype=torch.int64)
         rows = torch.cat(self._pending)

@@ -9,10 +9,13 @@ keeps the next chunks ready while the SAE trains on the current batch.
 
 The rows are those the cache would hold for the same documents (tested against the
 cache), so a live run and a cached run see the same activations, only more of them.
+A live run checkpoints like a cached one and resumes to the same batches: the stream restarts
+the model after the documents of the chunks it had already taken (:class:`LiveStream`).
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -64,7 +67,12 @@ def live_stream(model, *, tokens_path: str, model_dir: str, source: dict, source
 
     splits, meta = load_tokens(tokens_path)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    docs = training_documents(source, source_seed, tokenizer, max_doc_tokens=int(meta["max_doc_tokens"]),
-                              heldout_tokens=splits["heldout"].n_tokens)
-    produce = live_producer(model, docs, layer, site, set(meta["special_ids"]), batch_docs=batch_docs)
-    return LiveStream(produce, d, batch_size, buffer_rows, seed)
+
+    def producer_after(chunks: int):
+        """The producer from chunk ``chunks`` on: the documents of the first chunks are read, not run."""
+        docs = training_documents(source, source_seed, tokenizer, max_doc_tokens=int(meta["max_doc_tokens"]),
+                                  heldout_tokens=splits["heldout"].n_tokens)
+        return live_producer(model, itertools.islice(docs, chunks * batch_docs, None), layer, site,
+                             set(meta["special_ids"]), batch_docs=batch_docs)
+
+    return LiveStream(producer_after(0), d, batch_size, buffer_rows, seed, restart=producer_after)

@@ -42,6 +42,8 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -50,6 +52,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from attnspace.errors import AttnspaceError
 from attnspace.files import write_json
 from attnspace.sae.config import SAETrainConfig
 from attnspace.sae.data import StoreStream, heldout_batches, mean_norm
@@ -305,7 +308,7 @@ def train_runs(runs: Sequence[SAERun], stream, heldout_store: Store | Iterable[T
     the batches it would see alone. A failed run takes no more steps; the others go on.
     Every run is evaluated and saved once all have trained.
     """
-    resumable = hasattr(stream, "state_tensors")  # a live stream cannot be replayed: it restarts instead
+    resumable = getattr(stream, "resumable", hasattr(stream, "state_tensors"))  # a live stream needs its restart
     n_steps = runs[0].config.n_steps
     sample = stream.sample(max(r.config.asi_sample_tokens for r in runs))  # [N, d] raw
     for r in runs:
@@ -321,23 +324,72 @@ def train_runs(runs: Sequence[SAERun], stream, heldout_store: Store | Iterable[T
         heldout_store = list(heldout_store)  # an iterator of batches, read by every run
 
     t0 = time.perf_counter()
-    for step in tqdm(range(start, n_steps), desc=desc, unit="step", initial=start, total=n_steps, mininterval=10):
-        raw = stream.next_batch()  # [B, d]
-        x = {d: raw.to(d, non_blocking=True) for d in dict.fromkeys(r.device for r in runs)}
-        done = step + 1
-        for r in runs:
-            if r.failure is None and step >= r.start:
-                r.step(x[r.device], done)
-        if all(r.failure is not None for r in runs):
-            break
-        if resumable:
-            due = [r for r in runs if step >= r.start and r.wants_checkpoint(done)]
-            state = stream.state_tensors() if due else None
-            for r in due:
-                r.checkpoint(state, done)
-        if on_step is not None:
-            on_step(done)
+    with StopSignals() as stop:
+        for step in tqdm(range(start, n_steps), desc=desc, unit="step", initial=start, total=n_steps, mininterval=10):
+            raw = stream.next_batch()  # [B, d]
+            x = {d: raw.to(d, non_blocking=True) for d in dict.fromkeys(r.device for r in runs)}
+            done = step + 1
+            for r in runs:
+                if r.failure is None and step >= r.start:
+                    r.step(x[r.device], done)
+            if all(r.failure is not None for r in runs):
+                break
+            if resumable:
+                due = [r for r in runs if step >= r.start and r.wants_checkpoint(done)]
+                state = stream.state_tensors() if due else None
+                for r in due:
+                    r.checkpoint(state, done)
+            if on_step is not None:
+                on_step(done)
+            if stop.signal is not None:
+                _stop(runs, stream, resumable, done, stop.signal)
     train_seconds = time.perf_counter() - t0
     for r in runs:  # evaluation needs none of the training state (1M latents with Adam: 96 GiB)
         r.release_training_state()
     return [r.finish(stream, heldout_store, train_seconds) for r in runs]
+
+
+class TrainingStopped(AttnspaceError):
+    """Training ended early by a signal (SLURM's time limit); the checkpoint to resume from is written."""
+
+
+class StopSignals:
+    """SIGTERM and SIGUSR1 (what SLURM sends at the end of a job's time limit, or earlier with
+    ``--signal``) noted while training, to be acted on between steps: :func:`train_runs` then
+    checkpoints every run and stops, so a resubmitted job resumes instead of starting over.
+    Installed only in the main thread; outside it, signals keep their handlers."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._old: dict[int, object] = {}
+
+    def _note(self, signum, frame) -> None:
+        self.signal = signum
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            self._old = {s: signal.signal(s, self._note) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+
+
+def _stop(runs: Sequence[SAERun], stream, resumable: bool, done: int, signum: int) -> None:
+    """Checkpoint every run still training after step ``done`` and stop (:class:`TrainingStopped`)."""
+    name = signal.Signals(signum).name
+    if not resumable:
+        raise TrainingStopped(f"SAE training stopped by {name} after step {done}; this stream cannot be "
+                              "checkpointed, so a rerun starts over", fix="rerun the job")
+    state = stream.state_tensors()
+    live = [r for r in runs if r.failure is None and done > r.start]
+    for r in live:
+        r.checkpoint(state, done)
+    log.warning("stopped by %s after step %d of %d; checkpoints written for %d runs", name, done,
+                runs[0].config.n_steps, len(live))
+    raise TrainingStopped(f"SAE training stopped by {name} after step {done} of {runs[0].config.n_steps}; "
+                          f"the checkpoints to resume from are written ({len(live)} runs)",
+                          fix="rerun the job (Snakemake's retries do): it resumes at that step")
