@@ -50,7 +50,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from attnspace.sae import optim
+from attnspace.sae import fast, optim
 from attnspace.sae.fast import lowp_mirror
 from attnspace.sae.model import TopKSAE
 from attnspace.sae.optim import make_optimizer
@@ -190,12 +190,72 @@ def make_sae(W: torch.Tensor, k: int, optimizer: str, fast: bool, bf16: bool) ->
 
 
 def sae_step(sae: TopKSAE, opt, x: torch.Tensor, dead=None, k_aux: int = 0):
+    """One training step in :meth:`attnspace.sae.train.SAERun.step`'s order: the gradients are freed
+    right after the optimizer step, so none is alive during the next forward."""
     out = sae(x, dead=dead, k_aux=k_aux)
     loss = out.nmse + out.auxk_loss / 32 if dead is not None else out.nmse
-    opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
+    opt.zero_grad(set_to_none=True)
     return loss
+
+
+def mirror_steps(device, n: int, d: int, batch: int, k: int, optimizer: str, steps: int = 40) -> dict:
+    """``steps`` training steps on the CUDA fast path: at every forward the bf16 mirror must equal
+    bf16(W_enc) of the current weights (a stale mirror was the failure of the version-counter cache
+    under fused Adam), and the forward's TopK selection is compared with the fp32 selection of the
+    same weights (agreement; about 0.5-0.75 with a stale mirror, near 1 with a current one)."""
+    sae = make_sae(init_weights(n, d, device, seed=3), k, optimizer, fast=True, bf16=True)
+    opt = make_optimizer(optimizer, [sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec], 4e-4, (0.9, 0.999), 1e-8)
+    g = torch.Generator(device=device).manual_seed(4)
+    basis = torch.randn(d // 8, d, device=device, generator=g)  # low-rank data, so training moves the weights
+    mismatches, agree, losses = 0, [], []
+    real = fast.lowp_weight
+
+    def checked(W, dtype):
+        nonlocal mismatches
+        out = real(W, dtype)
+        mismatches += int(not torch.equal(out, W.detach().to(dtype)))
+        return out
+
+    fast.lowp_weight = checked
+    try:
+        for _ in range(steps):
+            x = torch.randn(batch, d // 8, device=device, generator=g) @ basis / math.sqrt(d)
+            with torch.no_grad():
+                want = (x @ sae.W_enc.T + sae.b_enc).topk(k, dim=1).indices
+            out = sae(x)
+            agree.append(overlap(out.indices, want, n))
+            losses.append(float(out.nmse.detach()))
+            out.nmse.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    finally:
+        fast.lowp_weight = real
+    return dict(what="mirror_steps", optimizer=optimizer, n=n, steps=steps, mirror_mismatches=mismatches,
+                agree_mean=sum(agree) / len(agree), agree_min=min(agree), loss_first=losses[0], loss_last=losses[-1],
+                ok=mismatches == 0 and min(agree) > 0.9)
+
+
+def step_beside_a_model(device, n: int, d: int, batch: int, k: int, held_gib: float) -> dict:
+    """One SparseAdam training step at n latents with ``held_gib`` GiB held by a dummy tensor (the live
+    model's share of the GPU): whether it fits, and the peak."""
+    release(device)
+    held = torch.empty(int(held_gib * GIB), dtype=torch.uint8, device=device)
+    row = dict(what="sparseadam_beside_model", n=n, held_gb=held_gib)
+    try:
+        sae = make_sae(init_weights(n, d, device), k, "sparse_adam", fast=True, bf16=True)
+        opt = make_optimizer("sparse_adam", [sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec], 6e-5, (0.9, 0.999), 1e-8)
+        x = torch.randn(batch, d, device=device)
+        for _ in range(2):  # the second step has the optimizer's moments allocated
+            sae_step(sae, opt, x)
+        sync(device)
+        row.update(oom=False, peak_gb=peak_gb(device))
+    except torch.OutOfMemoryError:
+        row.update(oom=True, peak_gb=peak_gb(device))
+    del held
+    release(device)
+    return row
 
 
 # ---------------------------------------------------------------- measuring
@@ -301,6 +361,9 @@ def measure(what: str, n: int, build, device, iters: int, warm: int, batch: int)
         row.update(ms=t * 1e3, tok_s=batch / t, peak_gb=peak_gb(device), oom=False)
     except torch.OutOfMemoryError:
         row.update(ms=None, tok_s=None, peak_gb=peak_gb(device), oom=True)
+    except Exception as err:  # noqa: BLE001 - recorded; the other cases still run
+        row.update(ms=None, tok_s=None, peak_gb=peak_gb(device), oom=False,
+                   error=f"{type(err).__name__}: {' '.join(str(err).split())[:500]}")
     step = None
     release(device)
     return row
@@ -324,6 +387,8 @@ def main(argv=None) -> None:
     p.add_argument("--skip", default="", help="comma-separated `what`s not to run (e.g. naive_dense)")
     p.add_argument("--wheels", type=Path, default=ROOT / ".wheels")
     p.add_argument("--out", type=Path, default=None, help="default: bench/results/sae_gpu_<device>.jsonl")
+    p.add_argument("--model-gib", type=float, default=15.0, help="GiB held beside the largest SparseAdam step "
+                   "(the live 8B model's share)")
     a = p.parse_args(argv)
 
     device = torch.device(a.device)
@@ -336,10 +401,24 @@ def main(argv=None) -> None:
     rows: list[dict] = []
     common = dict(device=device_slug(device), d=a.d, k=a.k, batch=a.batch)
 
-    def emit(row: dict) -> None:
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text("")
+
+    def emit(row: dict) -> None:  # appended as measured: an exception later loses nothing
         row = {**row, **{k_: v for k_, v in common.items() if k_ not in row}}
         rows.append(row)
         print(json.dumps(row), flush=True)
+        with out_path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def guarded(what: str, n: int | None, fn) -> dict | None:
+        """fn()'s row, or a row naming the exception: one failing case does not end the run."""
+        try:
+            return fn()
+        except Exception as err:  # noqa: BLE001 - recorded, and the next case runs
+            emit(dict(what=what, n=n, error=f"{type(err).__name__}: {' '.join(str(err).split())[:500]}"))
+            release(device)
+            return None
 
     sp = load_sparsify(a.wheels) if "sparsify" not in skip else None
     triton = importlib.util.find_spec("triton") is not None
@@ -351,8 +430,23 @@ def main(argv=None) -> None:
 
     if "check" not in skip:
         for precision in ([False, True] if bf16 else [False]):
-            emit(check(device, min(a.check_n, max(sizes)), a.d, a.batch, a.k, precision))
+            row = guarded("check", a.check_n, lambda p=precision: check(device, min(a.check_n, max(sizes)), a.d, a.batch,
+                                                                         a.k, p))
+            if row is not None:
+                emit(row)
         release(device)
+    if "mirror_steps" not in skip and bf16:
+        for name in ("adam", "sparse_adam", "masked_adam"):
+            row = guarded("mirror_steps", a.check_n, lambda name=name: mirror_steps(device, a.check_n, a.d, a.batch,
+                                                                                     a.k, name))
+            if row is not None:
+                emit(row)
+            release(device)
+    if "sparseadam_beside_model" not in skip and bf16:
+        row = guarded("sparseadam_beside_model", max(sizes),
+                      lambda: step_beside_a_model(device, max(sizes), a.d, a.batch, a.k, a.model_gib))
+        if row is not None:
+            emit(row)
 
     g = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(a.batch, a.d, device=device, generator=g)
@@ -425,8 +519,6 @@ def main(argv=None) -> None:
             finish(row, model)
 
     emit(dict(what="total", seconds=time.perf_counter() - t_start))
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     print(f"wrote {out_path}", file=sys.stderr)
 
 

@@ -98,3 +98,29 @@ def test_bench_runs_with_torch_alone(tmp_path):
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert any(json.loads(line)["what"] == "attnspace_sparseadam" for line in out.read_text().splitlines())
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sparse_adam", "masked_adam"])
+def test_the_mirror_check_passes_on_the_bf16_path(optimizer):
+    """The bench's 40-step mirror check (run on CUDA by bench/gpu_check.sh), here with the bf16 GEMM on the CPU."""
+    import torch
+
+    row = bench_module().mirror_steps(torch.device("cpu"), 512, 32, 64, 4, optimizer, steps=12)
+    assert row["mirror_mismatches"] == 0 and row["ok"], row
+    assert row["loss_last"] < row["loss_first"]
+
+
+def test_one_failing_case_loses_no_result(tmp_path, capsys, monkeypatch):
+    """Results are appended as measured; a case that raises is recorded and the others still run."""
+    mod = bench_module()
+
+    def broken(*args, **kw):
+        raise RuntimeError("a case that fails")
+
+    monkeypatch.setattr(mod, "check", broken)
+    out = tmp_path / "sae_gpu_cpu.jsonl"
+    mod.main(tiny_args(out, tmp_path / "no_wheels", "256") + ["--skip", "sparsify,naive_dense"])
+    rows = read_rows(out, capsys.readouterr().out)
+    failed = [r for r in rows if r["what"] == "check"]
+    assert len(failed) == 1 and failed[0]["error"] == "RuntimeError: a case that fails"
+    assert {r["what"] for r in rows} >= {"encoder_gemm", "attnspace_adam", "attnspace_sparseadam", "total"}
