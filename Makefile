@@ -5,6 +5,8 @@
 # make test-cluster : the same through profiles/slurm on a local one-node SLURM cluster (root;
 #                     scripts/slurm-cluster.sh install|up|down); see docs/cluster.md
 # make report / gallery / times : the Snakemake report, the README gallery, per-stage times
+# make mutate : mutation testing of the modules behind published numbers (not in CI; docs/testing.md);
+#               MUTATE="claims spectrum" for some groups, MUTATE_ARGS="--timeout 600" for a time limit each
 
 PYTHON ?= python3
 VENV   := .venv
@@ -16,7 +18,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 
 CLUSTER_STAMP := $(VENV)/.installed-cluster
 
-.PHONY: run test test-interop test-all test-hub test-cluster bench lint dry-run report gallery times clean
+.PHONY: run test test-interop test-all test-hub test-cluster bench lint dry-run report gallery times mutate clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -64,6 +66,11 @@ test-hub: $(STAMP)
 test-cluster: $(CLUSTER_STAMP)
 	scripts/slurm-cluster.sh up
 	$(BIN)/python -m pytest -q -rA -m cluster --basetemp=/tmp/attnspace-test-cluster tests/test_cluster.py; rc=$$?; scripts/slurm-cluster.sh down; exit $$rc
+
+MUTATE ?=
+MUTATE_ARGS ?=
+mutate: $(STAMP)
+	$(BIN)/python scripts/mutate.py $(MUTATE_ARGS) $(MUTATE)
 
 bench: $(STAMP)
 	$(BIN)/python bench/cache_throughput.py

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from attnspace.claims import FAILS, HOLDS, INCONCLUSIVE, c4, c5, c7, compare
+from attnspace.claims import FAILS, HOLDS, INCONCLUSIVE, NOT_RUN, c1, c4, c5, c7, compare
 
 
 def test_compare_at_exactly_twice_the_seed_deviation_cannot_tell():
@@ -106,3 +106,38 @@ def lorsa(dead: tuple[float, float], nmse: tuple[float, float], sd: float = 0.01
 ])
 def test_c7_each_comparison_alone_decides(dead, nmse, verdict):
     assert c7(lorsa(dead, nmse))[0]["verdict"] == verdict
+
+
+def test_claims_table_routes_each_figures_data_to_its_claim():
+    from test_claims import FIG5, idim_rows, runs, sweep_points, wo_curve
+
+    from attnspace import claims
+
+    # C1 holds at 0.99 and fails at 0.5 (the other threshold's fractions are 1 - f): the threshold reaches C1
+    idim = pd.DataFrame(idim_rows("a", [(0.4, 0.8, 0.9)] * 3))
+    wo = wo_curve("m", 200, 30.0, 5.0)
+    dead = pd.DataFrame(dict(model="m", dataset="ds", layer=np.repeat([0, 1, 2], 3), site=["attn_out", "mlp_out",
+                             "resid_post"] * 3, dead_fraction=np.linspace(0.9, 0.1, 9), intrinsic_dim_fraction=np.linspace(0.1, 0.9, 9)))
+    fig6 = sweep_points({256: (0.30, 0.31, 0.25, 0.24)}, seeds=(0, 1, 2), spread=0.005)
+    fig7 = sweep_points({512: (0.28, 0.27, 0.22, 0.22)}, seeds=(0, 1, 2), spread=0.005)
+    table1 = lorsa((0.6, 0.4), (0.2, 0.1))
+    data = dict(fig1=idim, fig3=wo, fig4=dead, fig5=runs(FIG5, seeds=(0, 1, 2), spread=0.01), fig6=fig6, fig7=fig7,
+                table1=table1)
+    for threshold in (0.99, 0.5):
+        expected = (c1(idim, threshold) + claims.c2(wo) + claims.c3(dead) + c4(data["fig5"])
+                    + c5(pd.concat([fig6, fig7], ignore_index=True)) + claims.c6(fig7) + c7(table1))
+        pd.testing.assert_frame_equal(claims.claims_table(data, threshold), pd.DataFrame(expected))
+    assert "at 2/2 points" in c5(pd.concat([fig6, fig7]))[0]["measured"]  # both sweeps are C5's points
+    assert c1(idim, 0.99)[0]["verdict"] != c1(idim, 0.5)[0]["verdict"]
+
+
+def test_rows_not_run_carry_the_claim_its_paper_number_and_test():
+    from attnspace import claims
+
+    table = claims.claims_table({}).set_index("claim")
+    for i in range(1, 8):
+        row = table.loc[f"C{i}"]
+        assert row["statement"] == getattr(claims, f"C{i}") and row["paper"] == getattr(claims, f"C{i}_PAPER")
+        assert row["tested_on"] == "-" and row["measured"].startswith("not run: ") and row["verdict"] == NOT_RUN
+    assert table.loc["C1", "test"] == claims.c1_test(claims.THRESHOLD)
+    assert table.loc["C5", "test"] == claims.C5_TEST and table.loc["C7", "test"] == claims.C7_TEST
