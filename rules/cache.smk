@@ -60,11 +60,11 @@ rule cache_activations:
     conda:
         "../envs/attnspace.yaml"
     shell:
-        "attnspace cache --model-dir {params.model_dir} --dtype {params.dtype} --tokens {input.tokens} "
+        "attnspace cache --model-dir {params.model_dir:q} --dtype {params.dtype} --tokens {input.tokens:q} "
         "--model {wildcards.model} --dataset {wildcards.dataset} --layers {params.layers} "
         "--sites {params.sites} --site-layers {params.site_layers:q} --chunk-rows {params.chunk_rows} --shard-rows {params.shard_rows} "
-        "--config-hash {params.config_hash} --threads {threads} --out-dir {params.out_dir} --record {output.record} "
-        "{params.moments} > {log} 2>&1"
+        "--config-hash {params.config_hash} --threads {threads} --out-dir {params.out_dir:q} --record {output.record:q} "
+        "{params.moments} > {log:q} 2>&1"
 
 
 # The SAE store (where tokens.sae_train_tokens is set and SAEs train on the cache): the SAE sites at
@@ -99,7 +99,7 @@ rule cache_sae:
     conda:
         "../envs/attnspace.yaml"
     shell:
-        "attnspace cache --model-dir {params.model_dir} --dtype {params.dtype} --tokens {input.tokens} "
+        "attnspace cache --model-dir {params.model_dir:q} --dtype {params.dtype} --tokens {input.tokens:q} "
         "--model {wildcards.model} --dataset {wildcards.dataset} --layers {params.layer} "
         "--sites {params.sites} --splits sae --chunk-rows {params.chunk_rows} --shard-rows {params.shard_rows} "
-        "--config-hash {params.config_hash} --threads {threads} --out-dir {params.out_dir} --record {output} > {log} 2>&1"
+        "--config-hash {params.config_hash} --threads {threads} --out-dir {params.out_dir:q} --record {output:q} > {log:q} 2>&1"

@@ -22,7 +22,7 @@ rule fetch_llamascope:
         "../envs/attnspace.yaml"
     shell:
         "attnspace fetch-llamascope --repo {params.repo:q} --folder {params.folder:q} "
-        "--out-dir {params.out_dir} > {log} 2>&1"
+        "--out-dir {params.out_dir:q} > {log:q} 2>&1"
 
 
 rule dead_features:
@@ -48,8 +48,8 @@ rule dead_features:
     conda:
         "../envs/attnspace.yaml"
     shell:
-        "attnspace dead-features {params.sae_dir} {params.store} --site {wildcards.site} {params.tokens} "
-        "--out {output} > {log} 2>&1"
+        "attnspace dead-features {params.sae_dir:q} {params.store:q} --site {wildcards.site} {params.tokens} "
+        "--out {output:q} > {log:q} 2>&1"
 
 
 rule dead_features_table:
@@ -72,8 +72,8 @@ rule dead_features_table:
     conda:
         "../envs/attnspace.yaml"
     shell:
-        "attnspace dead-features-table --records {input.records} --spectra {input.spectra} "
-        "--threshold {params.threshold} --out {output} > {log} 2>&1"
+        "attnspace dead-features-table --records {input.records:q} --spectra {input.spectra:q} "
+        "--threshold {params.threshold} --out {output:q} > {log:q} 2>&1"
 
 
 rule fig4:
@@ -101,4 +101,4 @@ rule fig4:
     conda:
         "../envs/attnspace.yaml"
     shell:
-        "attnspace figure fig4 --caption {input.text} --table {input.table} --out {output.pdf} > {log} 2>&1"
+        "attnspace figure fig4 --caption {input.text:q} --table {input.table:q} --out {output.pdf:q} > {log:q} 2>&1"

@@ -31,8 +31,8 @@ rule fig1:
     conda:
         "../envs/attnspace.yaml"
     shell:
-        "attnspace figure fig1 --caption {input.text} --table {input.table} --threshold {params.threshold} "
-        "--out {output.pdf} > {log} 2>&1"
+        "attnspace figure fig1 --caption {input.text:q} --table {input.table:q} --threshold {params.threshold} "
+        "--out {output.pdf:q} > {log:q} 2>&1"
 
 
 rule fig2a:
@@ -62,7 +62,7 @@ rule fig2a:
     conda:
         "../envs/attnspace.yaml"
     shell:
-        "attnspace figure fig2a --caption {input.text} --spectra {input.spectra} {params.focus} --out {output.pdf} > {log} 2>&1"
+        "attnspace figure fig2a --caption {input.text:q} --spectra {input.spectra:q} {params.focus} --out {output.pdf:q} > {log:q} 2>&1"
 
 
 rule fig8:
@@ -92,8 +92,8 @@ rule fig8:
     conda:
         "../envs/attnspace.yaml"
     shell:
-        "attnspace figure fig8 --caption {input.text} --spectra {input.spectra} "
-        "--focus-layers {params.focus_layers:q} --out {output.pdf} > {log} 2>&1"
+        "attnspace figure fig8 --caption {input.text:q} --spectra {input.spectra:q} "
+        "--focus-layers {params.focus_layers:q} --out {output.pdf:q} > {log:q} 2>&1"
 
 
 rule fig9:
@@ -123,5 +123,5 @@ rule fig9:
     conda:
         "../envs/attnspace.yaml"
     shell:
-        "attnspace figure fig9 --caption {input.text} --table {input.table} --thresholds {params.thresholds} "
-        "--out {output.pdf} > {log} 2>&1"
+        "attnspace figure fig9 --caption {input.text:q} --table {input.table:q} --thresholds {params.thresholds} "
+        "--out {output.pdf:q} > {log:q} 2>&1"

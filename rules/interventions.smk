@@ -30,10 +30,10 @@ rule loss_recovered:
     conda:
         "../envs/attnspace.yaml"
     shell:
-        "attnspace loss-recovered --model-dir {params.model_dir} --dtype {params.dtype} --tokens {input.tokens} "
+        "attnspace loss-recovered --model-dir {params.model_dir:q} --dtype {params.dtype} --tokens {input.tokens:q} "
         "--model {wildcards.model} --dataset {wildcards.dataset} --layer {wildcards.layer} "
-        "--spectra {input.spectra} --heldout-tokens {params.n_tokens} --k-grid {params.grid:q} "
-        "--batch {params.batch} --threads {threads} --out {output} > {log} 2>&1"
+        "--spectra {input.spectra:q} --heldout-tokens {params.n_tokens} --k-grid {params.grid:q} "
+        "--batch {params.batch} --threads {threads} --out {output:q} > {log:q} 2>&1"
 
 
 rule loss_recovered_table:
@@ -56,8 +56,8 @@ rule loss_recovered_table:
     conda:
         "../envs/attnspace.yaml"
     shell:
-        "attnspace loss-recovered-table --curves {input.curves} --target {params.target} "
-        "--out {output.table} --summary {output.summary} > {log} 2>&1"
+        "attnspace loss-recovered-table --curves {input.curves:q} --target {params.target} "
+        "--out {output.table:q} --summary {output.summary:q} > {log:q} 2>&1"
 
 
 rule fig2b:
@@ -86,4 +86,4 @@ rule fig2b:
     conda:
         "../envs/attnspace.yaml"
     shell:
-        "attnspace figure fig2b --caption {input.text} --table {input.table} --summary {input.summary} --out {output.pdf} > {log} 2>&1"
+        "attnspace figure fig2b --caption {input.text:q} --table {input.table:q} --summary {input.summary:q} --out {output.pdf:q} > {log:q} 2>&1"

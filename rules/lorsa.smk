@@ -29,9 +29,9 @@ rule train_lorsa:
     conda:
         "../envs/attnspace.yaml"
     shell:
-        "attnspace train-lorsa --store {params.store} --heldout {params.heldout} --spectrum {input.spectrum} "
-        "--model-dir {params.model_dir} --init {wildcards.init} {params.settings} --threads {threads} "
-        "--out-dir {params.out_dir} > {log} 2>&1"
+        "attnspace train-lorsa --store {params.store:q} --heldout {params.heldout:q} --spectrum {input.spectrum:q} "
+        "--model-dir {params.model_dir:q} --init {wildcards.init} {params.settings} --threads {threads} "
+        "--out-dir {params.out_dir:q} > {log:q} 2>&1"
 
 
 rule table1:
@@ -56,4 +56,4 @@ rule table1:
     conda:
         "../envs/attnspace.yaml"
     shell:
-        "attnspace lorsa-table --metrics {input.runs} --csv {output.csv} --md {output.md} > {log} 2>&1"
+        "attnspace lorsa-table --metrics {input.runs:q} --csv {output.csv:q} --md {output.md:q} > {log:q} 2>&1"

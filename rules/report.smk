@@ -26,7 +26,7 @@ rule claims:
     conda:
         "../envs/attnspace.yaml"
     shell:
-        "attnspace claims {params.data} --threshold {params.threshold} --out-csv {output.csv} --out-md {output.md} > {log} 2>&1"
+        "attnspace claims {params.data} --threshold {params.threshold} --out-csv {output.csv:q} --out-md {output.md:q} > {log:q} 2>&1"
 
 
 rule gallery:
@@ -51,5 +51,5 @@ rule gallery:
     conda:
         "../envs/attnspace.yaml"
     shell:
-        "attnspace gallery --figures {input.figures} --captions {input.captions} --claims {input.claims} "
-        "--out-dir docs/gallery --width {params.width} --readme {params.readme} > {log} 2>&1"
+        "attnspace gallery --figures {input.figures:q} --captions {input.captions:q} --claims {input.claims:q} "
+        "--out-dir docs/gallery --width {params.width} --readme {params.readme:q} > {log:q} 2>&1"

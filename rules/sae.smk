@@ -35,10 +35,10 @@ for group in sae_groups():
         conda:
             "../envs/attnspace.yaml"
         shell:
-            "attnspace train-sae-group --store {params.store} --heldout {params.heldout} --spectrum {input.spectrum} "
+            "attnspace train-sae-group --store {params.store:q} --heldout {params.heldout:q} --spectrum {input.spectrum:q} "
             "--site {params.site} {params.stream} "
-            "--model-dir {params.model_dir} --dtype {params.dtype} --tokens {input.tokens} --layer {params.layer} "
-            "--threads {threads} {params.members} > {log} 2>&1"
+            "--model-dir {params.model_dir:q} --dtype {params.dtype} --tokens {input.tokens:q} --layer {params.layer} "
+            "--threads {threads} {params.members} > {log:q} 2>&1"
 
 
 rule sae_runs_table:
@@ -58,7 +58,7 @@ rule sae_runs_table:
     conda:
         "../envs/attnspace.yaml"
     shell:
-        "attnspace sae-runs-table --metrics {input.runs} --out {output} > {log} 2>&1"
+        "attnspace sae-runs-table --metrics {input.runs:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule fig5:
@@ -88,7 +88,7 @@ rule fig5:
     conda:
         "../envs/attnspace.yaml"
     shell:
-        "attnspace figure fig5 --caption {input.text} --metrics {input.runs} {params.focus} --out {output.pdf} > {log} 2>&1"
+        "attnspace figure fig5 --caption {input.text:q} --metrics {input.runs:q} {params.focus} --out {output.pdf:q} > {log:q} 2>&1"
 
 
 rule fig6:
@@ -118,7 +118,7 @@ rule fig6:
     conda:
         "../envs/attnspace.yaml"
     shell:
-        "attnspace figure fig6 --caption {input.text} --metrics {input.runs} {params.sweep} --out {output.pdf} > {log} 2>&1"
+        "attnspace figure fig6 --caption {input.text:q} --metrics {input.runs:q} {params.sweep} --out {output.pdf:q} > {log:q} 2>&1"
 
 
 rule fig7:
@@ -148,4 +148,4 @@ rule fig7:
     conda:
         "../envs/attnspace.yaml"
     shell:
-        "attnspace figure fig7 --caption {input.text} --metrics {input.runs} {params.sweep} --out {output.pdf} > {log} 2>&1"
+        "attnspace figure fig7 --caption {input.text:q} --metrics {input.runs:q} {params.sweep} --out {output.pdf:q} > {log:q} 2>&1"

@@ -28,7 +28,7 @@ rule spectrum:
         "../envs/attnspace.yaml"
     shell:
         "attnspace spectrum {params.source} --sites {params.sites} {params.n_vectors} {params.bootstrap} "
-        "--threads {threads} --out {output} > {log} 2>&1"
+        "--threads {threads} --out {output:q} > {log:q} 2>&1"
 
 
 rule intrinsic_dim_table:
@@ -51,8 +51,8 @@ rule intrinsic_dim_table:
     conda:
         "../envs/attnspace.yaml"
     shell:
-        "attnspace idim-table --spectra {input.spectra} --thresholds {params.thresholds} --level {params.level} "
-        "--out {output} > {log} 2>&1"
+        "attnspace idim-table --spectra {input.spectra:q} --thresholds {params.thresholds} --level {params.level} "
+        "--out {output:q} > {log:q} 2>&1"
 
 
 rule spectra_table:
@@ -73,4 +73,4 @@ rule spectra_table:
     conda:
         "../envs/attnspace.yaml"
     shell:
-        "attnspace spectra-table --spectra {input.spectra} --focus-layers {params.focus_layers:q} --out {output} > {log} 2>&1"
+        "attnspace spectra-table --spectra {input.spectra:q} --focus-layers {params.focus_layers:q} --out {output:q} > {log:q} 2>&1"

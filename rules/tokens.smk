@@ -25,9 +25,9 @@ rule tokenize:
     conda:
         "../envs/attnspace.yaml"
     shell:
-        "attnspace tokenize --model-dir {params.model_dir} --source {params.source:q} "
+        "attnspace tokenize --model-dir {params.model_dir:q} --source {params.source:q} "
         "--max-doc-tokens {params.max_doc_tokens} --train-tokens {params.train} "
-        "--heldout-tokens {params.heldout} --seed {params.seed} --out {output} > {log} 2>&1"
+        "--heldout-tokens {params.heldout} --seed {params.seed} --out {output:q} > {log:q} 2>&1"
 
 
 # The SAE store's tokens (only where there is one: the focus model and dataset): the same
@@ -58,7 +58,7 @@ rule tokenize_sae:
     conda:
         "../envs/attnspace.yaml"
     shell:
-        "attnspace tokenize --model-dir {params.model_dir} --source {params.source:q} "
+        "attnspace tokenize --model-dir {params.model_dir:q} --source {params.source:q} "
         "--max-doc-tokens {params.max_doc_tokens} --train-tokens {params.train} "
         "--heldout-tokens {params.heldout} --sae-train-tokens {params.sae_train} --seed {params.seed} "
-        "--out {output} > {log} 2>&1"
+        "--out {output:q} > {log:q} 2>&1"

@@ -28,10 +28,10 @@ rule wo_decomposition:
     conda:
         "../envs/attnspace.yaml"
     shell:
-        "attnspace wo-decomposition --model-dir {params.model_dir} --dtype {params.dtype} "
+        "attnspace wo-decomposition --model-dir {params.model_dir:q} --dtype {params.dtype} "
         "{params.source} --model {wildcards.model} --dataset {wildcards.dataset} "
-        "--threshold {params.threshold} --threads {threads} --decomposition {output.decomposition} "
-        "--spectrum {output.spectrum} --summary {output.summary} > {log} 2>&1"
+        "--threshold {params.threshold} --threads {threads} --decomposition {output.decomposition:q} "
+        "--spectrum {output.spectrum:q} --summary {output.summary:q} > {log:q} 2>&1"
 
 
 rule wo_tables:
@@ -54,9 +54,9 @@ rule wo_tables:
     conda:
         "../envs/attnspace.yaml"
     shell:
-        "attnspace concat-tables --inputs {input.decomposition} --out {output.decomposition} "
-        "--inputs {input.spectrum} --out {output.spectrum} "
-        "--inputs {input.summary} --out {output.summary} > {log} 2>&1"
+        "attnspace concat-tables --inputs {input.decomposition:q} --out {output.decomposition:q} "
+        "--inputs {input.spectrum:q} --out {output.spectrum:q} "
+        "--inputs {input.summary:q} --out {output.summary:q} > {log:q} 2>&1"
 
 
 rule fig3:
@@ -87,5 +87,5 @@ rule fig3:
     conda:
         "../envs/attnspace.yaml"
     shell:
-        "attnspace figure fig3 --caption {input.text} --table {input.tables} --dataset {params.dataset} "
-        "--focus-layers {params.focus_layers:q} --out {output.pdf} > {log} 2>&1"
+        "attnspace figure fig3 --caption {input.text:q} --table {input.tables:q} --dataset {params.dataset} "
+        "--focus-layers {params.focus_layers:q} --out {output.pdf:q} > {log:q} 2>&1"

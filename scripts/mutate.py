@@ -14,6 +14,7 @@ and why each survivor is equivalent or which test kills it now.
     python scripts/mutate.py                       # every group, in the order below
     python scripts/mutate.py claims spectrum       # some groups
     python scripts/mutate.py --timeout 1200 --jobs 2 sae_step
+    python scripts/mutate.py claims --only 'attnspace.claims.x_c5*'   # the mutants of some functions
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ cli()
 """mutmut's command line, without its string-literal mutants unless asked for."""
 
 
-def run(group: str, timeout: float, jobs: int, fresh: bool, strings: bool) -> dict:
+def run(group: str, timeout: float, jobs: int, fresh: bool, strings: bool, only: list[str]) -> dict:
     """Run one group (resuming a previous run unless ``fresh``); its counts and survivors."""
     work = WORK / group
     if fresh or not (work / "mutants").is_dir():
@@ -95,7 +96,7 @@ def run(group: str, timeout: float, jobs: int, fresh: bool, strings: bool) -> di
     start = time.monotonic()
     with open(work / "mutmut.log", "ab") as log:
         # A session of its own: at the time limit the whole tree (fork server, workers) is stopped.
-        proc = subprocess.Popen(mutmut + ["run", "--max-children", str(jobs)], cwd=work, env=env, stdout=log,
+        proc = subprocess.Popen(mutmut + ["run", "--max-children", str(jobs), *only], cwd=work, env=env, stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True)
         try:
             proc.wait(timeout=timeout)
@@ -132,6 +133,8 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="mutants tested at once")
     ap.add_argument("--fresh", action="store_true", help="discard a previous run's results")
     ap.add_argument("--strings", action="store_true", help="mutate string literals too (messages, labels)")
+    ap.add_argument("--only", action="append", default=[], metavar="PATTERN",
+                    help="mutants whose name matches (fnmatch), e.g. 'attnspace.claims.x_compare*'; repeatable")
     args = ap.parse_args(argv)
     unknown = [g for g in args.groups if g not in GROUPS]
     if unknown:
@@ -141,7 +144,7 @@ def main(argv=None) -> int:
     print("\n".join(header), flush=True)
     lines = []
     for group in args.groups or GROUPS:
-        r = run(group, args.timeout, args.jobs, args.fresh, args.strings)
+        r = run(group, args.timeout, args.jobs, args.fresh, args.strings, args.only)
         lines.append(row(r))
         print(lines[-1], flush=True)
         for name in r["survivors"]:

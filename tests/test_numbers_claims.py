@@ -128,6 +128,12 @@ def test_claims_table_routes_each_figures_data_to_its_claim():
                     + c5(pd.concat([fig6, fig7], ignore_index=True)) + claims.c6(fig7) + c7(table1))
         pd.testing.assert_frame_equal(claims.claims_table(data, threshold), pd.DataFrame(expected))
     assert "at 2/2 points" in c5(pd.concat([fig6, fig7]))[0]["measured"]  # both sweeps are C5's points
+    table = claims.claims_table(data)
+    assert sorted(set(table["claim"])) == [f"C{i}" for i in range(1, 8)] and (table["verdict"] != NOT_RUN).all()
+    for r in table.itertuples(index=False):  # each row names its claim, the paper's number and the test it applied
+        assert r.statement == getattr(claims, r.claim) and r.paper == getattr(claims, f"{r.claim}_PAPER"), r
+        assert r.test == (claims.c1_test(claims.THRESHOLD) if r.claim == "C1" else getattr(claims, f"{r.claim}_TEST"))
+        assert isinstance(r.measured, str) and len(r.measured) > 20 and isinstance(r.tested_on, str) and r.tested_on
     assert c1(idim, 0.99)[0]["verdict"] != c1(idim, 0.5)[0]["verdict"]
 
 
@@ -135,9 +141,36 @@ def test_rows_not_run_carry_the_claim_its_paper_number_and_test():
     from attnspace import claims
 
     table = claims.claims_table({}).set_index("claim")
+    source = dict(C1="fig1", C2="fig3", C3="fig4", C4="fig5", C5="fig6", C6="fig7", C7="Table 1")
     for i in range(1, 8):
         row = table.loc[f"C{i}"]
         assert row["statement"] == getattr(claims, f"C{i}") and row["paper"] == getattr(claims, f"C{i}_PAPER")
         assert row["tested_on"] == "-" and row["measured"].startswith("not run: ") and row["verdict"] == NOT_RUN
+        assert source[f"C{i}"] in row["measured"]  # why: the data it would read
     assert table.loc["C1", "test"] == claims.c1_test(claims.THRESHOLD)
     assert table.loc["C5", "test"] == claims.C5_TEST and table.loc["C7", "test"] == claims.C7_TEST
+
+
+def test_c2_tail_ends_follow_the_tails_length_and_rows_keep_the_input_order():
+    from test_claims import wo_curve
+
+    from attnspace.claims import c2, tail_drops
+
+    # n = 100: the tail is directions 91-100, ends of 5 averaged: 96-100 vs 91-95, 5 directions apart;
+    # n = 30: the tail is 28-30, ends of one direction: 28 vs 30, 2 apart (slopes: 10 and 3 decades over n)
+    wo = pd.concat([wo_curve("z", 100, 10.0, 1.0), wo_curve("a", 30, 3.0, 6.0)])
+    drops = tail_drops(wo)
+    assert list(drops["model"]) == ["z", "a"] and list(drops["n_tail"]) == [10, 3]
+    np.testing.assert_allclose(drops["drop_wo"], [10.0 * 5 / 100, 3.0 * 2 / 30])
+    np.testing.assert_allclose(drops["drop_z"], [1.0 * 5 / 100, 6.0 * 2 / 30])
+    assert [(r["tested_on"], r["verdict"]) for r in c2(wo)] == [("z/ds L3", HOLDS), ("a/ds L3", FAILS)]
+
+
+def test_markdown_names_each_claim_and_its_test_once():
+    from attnspace.claims import C4, C4_PAPER, C4_TEST, claims_markdown, claims_table
+
+    table = claims_table({})
+    two = pd.concat([table, table[table["claim"] == "C4"].assign(tested_on="second")]).sort_values("claim", kind="stable")
+    md = claims_markdown(two)
+    assert md.count(f"**C4** {C4}") == 1 and md.count(C4_PAPER) == 1 and md.count(f"* C4: {C4_TEST}.") == 1
+    assert md.count("| **not run** |") == 8 and "| second |" in md

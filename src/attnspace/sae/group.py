@@ -41,14 +41,43 @@ class Member(NamedTuple):
     """Extra hyperparams for the saved SAE (model, dataset, layer, run, ...)."""
 
 
-def training_bytes(d_model: int, d_sae: int, batch_size: int) -> int:
-    """Estimated device memory of training one SAE, in bytes: float32 (4 bytes) weights, their
-    gradients and Adam's two moments, 4 x 4 x (2 d_sae d_model + d_sae + d_model) (encoder,
-    decoder, both biases), plus the [batch_size, d_sae] float32 pre-activations,
-    4 x batch_size x d_sae. It leaves out the stream, the model of a live source and the
-    temporaries of one step, which the budget must leave room for."""
-    params = 2 * d_sae * d_model + d_sae + d_model
-    return 4 * 4 * params + 4 * batch_size * d_sae
+def training_bytes(d_model: int, d_sae: int, batch_size: int, *, optimizer: str = "adam", auxk: bool = False,
+                   k: int = 50, k_aux: int = 512) -> int:
+    """Device memory of training one SAE, in bytes: the peak of its steps in the CUDA configuration.
+
+    A model of what the code allocates, checked against the measurement of the code itself
+    (:func:`attnspace.memory.sae_job_peak`, fake tensors at the paper's shapes; within 10% in
+    ``tests/test_memory.py``, every paper size in ``bench/results/memory_paper.csv``). With
+    P = 4 n d (one float32 [n, d] matrix) and G = 4 U d (the rows of the U = min(n, B K')
+    latents a batch can touch, K' = k + k_aux with AuxK, else k):
+
+    * resident between steps: weights 2P, Adam's two moments 4P, the encoder's bf16 mirror P/2;
+    * the backward's weight gradients, which peak at the encoder's: Adam's are dense
+      (P each, built from a [U, d] block: 2P + G), SparseAdam's row-sparse (each [U, d] block
+      and the copy autograd keeps: 3G); MaskedAdam's update adds its [U, d] temporaries
+      (10.25G in all, :data:`_TRANSIENT_G`);
+    * the step's [B, d] float32 tensors (input, reconstruction, residual, their gradients: 20 B d
+      bytes) and :data:`_BYTES_PER_ENTRY` bytes per selected entry of the B K' (indices, values, the
+      plan's sorted ids). The [B, n] pre-activations are freed before the backward, so they are not
+      in the peak.
+
+    It leaves out the stream and a live source's model, which the budget must leave room for
+    (``sae.group.memory_gb``). Evaluation (weights and one block of pre-activations) stays below it.
+    """
+    if optimizer not in _TRANSIENT_G:
+        raise AttnspaceError(f"no memory model for optimizer {optimizer!r}", fix=f"use one of {sorted(_TRANSIENT_G)}")
+    entries = batch_size * (k + (k_aux if auxk else 0))
+    P = 4 * d_sae * d_model
+    G = 4 * min(d_sae, entries) * d_model
+    dense = 2 * P if optimizer == "adam" else 0
+    return int(6.5 * P + dense + _TRANSIENT_G[optimizer] * G + 20 * batch_size * d_model + _BYTES_PER_ENTRY * entries)
+
+
+_TRANSIENT_G = {"adam": 1, "sparse_adam": 3, "masked_adam": 10.25}
+"""[U, d] float32 blocks alive at the peak of the backward and optimizer step, by optimizer."""
+
+_BYTES_PER_ENTRY = 56
+"""Bytes per selected entry (b, j) of a step: int64 indices, float values, the plan's sorted ids."""
 
 
 def pack(items: Sequence[tuple[str, int]], budget_bytes: float, max_members: int) -> list[list[str]]:
@@ -64,8 +93,17 @@ def pack_devices(items: Sequence[tuple[str, int]], budget_bytes: float, max_memb
 
     Largest first (ties by name): an item joins the current group on its first device that has
     fewer than ``max_members`` members and whose bytes stay within ``budget_bytes``; else it starts
-    the next group, on device 0. An item larger than the budget is a group of its own. (A device
-    steps its members one after another, so ``max_members`` bounds a job's time per device.)"""
+    the next group, on device 0. (A device steps its members one after another, so ``max_members``
+    bounds a job's time per device.) An item larger than the budget fits no device: it is refused
+    (AttnspaceError naming it and the numbers), before any job starts, not sent to run out of memory."""
+    too_big = [(name, size) for name, size in items if size > budget_bytes]
+    if too_big:
+        name, size = max(too_big, key=lambda item: item[1])
+        raise AttnspaceError(
+            f"SAE run {name} needs {size / 2**30:.1f} GiB of device memory (attnspace.sae.group.training_bytes), "
+            f"more than a device's budget of {budget_bytes / 2**30:.1f} GiB (sae.group.memory_gb)"
+            + (f"; {len(too_big) - 1} more runs too" if len(too_big) > 1 else ""),
+            fix="shard it over several GPUs, or train it with sparse_adam, or leave that size out of the sweep")
     groups: list[list[tuple[str, int]]] = []
     used: list[float] = []
     count: list[int] = []
