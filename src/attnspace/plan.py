@@ -30,8 +30,9 @@ Snakefile's ``onstart``).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
-import re
 import shlex
 import subprocess
 import sys
@@ -104,7 +105,7 @@ def plan_jobs(commands: list[list[str]], config: dict, root: Path = Path(".")) -
     speed = measured_throughput(root)
     rows = []
     for argv in commands:
-        a = parser.parse_args(argv)
+        a = parse_command(parser, argv)
         if a.command == "cache":
             rows.append(_cache_row(a, config, root))
         elif a.command == "loss-recovered":
@@ -116,7 +117,7 @@ def plan_jobs(commands: list[list[str]], config: dict, root: Path = Path(".")) -
         elif a.command == "train-sae":
             rows.append(_sae_row(a, parse_run_name(a.run), config, speed))
         elif a.command == "train-sae-group":  # one row per member, parsed as its own train-sae command
-            members = [parser.parse_args(m) for m in member_commands(argv)]
+            members = [parse_command(parser, m) for m in member_commands(argv)]
             for i, m in enumerate(members):
                 rows.append(_sae_row(m, parse_run_name(m.run), config, speed, group_size=len(members), first=i == 0))
         elif a.command == "train-lorsa":
@@ -190,11 +191,25 @@ def _sae_row(a, run: dict, config: dict, speed: dict, group_size: int = 1, first
 
 
 def command_argv(line: str) -> list[str] | None:
-    """The argv (without the program) of a job's ``attnspace`` shell command; None for any other line."""
+    """The argv (without the program) of a job's ``attnspace`` shell command, up to its redirection
+    (paths quoted as the rules quote them); None for any other line."""
     line = line.strip().removeprefix("Shell command: ")
     if not line.startswith("attnspace "):
         return None
-    return shlex.split(re.split(r"\s+>\s+\S+\s+2>&1\s*$", line)[0])[1:]
+    words = shlex.split(line)
+    return words[1:words.index(">")] if ">" in words else words[1:]
+
+
+def parse_command(parser, argv: list[str]):
+    """``parser.parse_args(argv)``; a job command it refuses raises ValueError (argparse would exit)."""
+    usage = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(usage):
+            return parser.parse_args(argv)
+    except SystemExit:
+        why = usage.getvalue().strip().splitlines()[-1:] or ["no message"]
+        raise ValueError(f"a planned job's command does not parse ({why[0]}): "
+                         f"attnspace {shlex.join(argv)[:300]}") from None
 
 
 def planned_commands(snakefile: Path, configfile: Path | None, workdir: Path, targets=()) -> list[list[str]]:
@@ -204,7 +219,13 @@ def planned_commands(snakefile: Path, configfile: Path | None, workdir: Path, ta
         cmd += ["--configfile", str(configfile)]
     r = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True)
     if r.returncode != 0:
-        raise RuntimeError(f"the dry run failed:\n{(r.stdout + r.stderr)[-3000:]}")
+        from attnspace.errors import AttnspaceError
+
+        # Snakemake's error is its last unindented lines (the banner and the traceback are indented)
+        lines = [line for line in (r.stdout + r.stderr).splitlines() if line.strip() and not line[0].isspace()
+                 and not line.startswith(("Using workflow", "Assuming", "SNAKEMAKE", "===", "Building DAG"))]
+        raise AttnspaceError(f"the dry run stopped: {' '.join(lines[-2:])[:1500]}",
+                             fix=f"correct what it names; the whole message: {shlex.join(cmd[2:])} (in {workdir}).")
     return [argv for line in (r.stdout + r.stderr).splitlines() if (argv := command_argv(line))]
 
 
@@ -230,7 +251,10 @@ def summary(plan: pd.DataFrame) -> pd.DataFrame:
                     unmeasured=int(hours.isna().sum()) if g["stage"].iloc[0] == "train_sae" else 0)
 
     if plan.empty:
-        raise ValueError("the dry run planned no attnspace job: nothing to plan (is everything already built?)")
+        from attnspace.errors import AttnspaceError
+
+        raise AttnspaceError("the dry run planned no job that the plan counts (caching, training, interventions): "
+                             "nothing to plan.", fix="everything is already built, or name targets that are not.")
     rows = [{"stage": stage, **agg(g)} for stage, g in plan.groupby("stage", sort=False)]
     rows.append({"stage": "total", **agg(plan.assign(stage="total"))})
     return pd.DataFrame(rows)

@@ -25,6 +25,8 @@ def cmd_figure(a):
         from attnspace.spectrum import spectra_frame
 
         table = spectra_frame(a.spectra, json.loads(a.focus_layers or "{}"))
+    elif a.spectra is not None and a.name == "fig8":  # one (model, dataset) pair: no other pair to draw
+        table = pd.DataFrame({c: [] for c in (*figures.SPECTRA_COLUMNS, "focus")}).astype({"focus": bool})
     elif a.table:
         table = pd.concat([pd.read_csv(path) for path in a.table], ignore_index=True)
     else:
@@ -103,13 +105,14 @@ def cmd_gallery(a):
 
 
 def cmd_plan(a):
-    from attnspace.config import check_config, load_config
+    from attnspace.config import check_models_on_disk, load_config
     from attnspace.files import write_csv
     from attnspace.plan import plan_jobs, planned_commands, summary, summary_markdown
 
     snakefile = Path(a.snakefile).resolve()
     configfile = Path(a.configfile).resolve() if a.configfile else None
-    config = check_config(load_config(configfile or snakefile.parent / "config.yaml"))
+    config = load_config(configfile or snakefile.parent / "config.yaml")
+    check_models_on_disk(config, Path(a.directory))
     jobs = plan_jobs(planned_commands(snakefile, configfile, Path(a.directory), a.targets), config,
                      root=Path(a.directory))
     if a.csv:
@@ -134,7 +137,8 @@ def add_commands(sub) -> None:
     s.add_argument("name", choices=["fig1", "fig2a", "fig2b", "fig3", "fig4", "fig5", "fig6", "fig7", "fig8", "fig9"])
     s.add_argument("--table", nargs="+", help="the table(s) behind the figure (csv; several are concatenated)")
     s.add_argument("--metrics", nargs="+", help="fig5, fig6, fig7: the runs' metrics.json files (instead of --table)")
-    s.add_argument("--spectra", nargs="+", help="fig2a, fig8: the spectra drawn (.npz; instead of --table)")
+    s.add_argument("--spectra", nargs="*", help="fig2a, fig8: the spectra drawn (.npz; instead of --table); "
+                                                "fig8 with none (one model and dataset) draws a note")
     s.add_argument("--threshold", type=float, default=schema_default("spectrum.threshold"),
                    help="fig1: the variance threshold")
     s.add_argument("--thresholds", type=float, nargs="+", default=schema_default("figures.fig9.thresholds"),
