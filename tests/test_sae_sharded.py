@@ -6,8 +6,9 @@ enough that AuxK works from step 4 on) on 1, 2 and 4 ranks must give the one pro
 metrics within :data:`RTOL`: the sharded step sums the decoder's terms in another order (per rank, then
 the all-reduce), so the two agree to float32 rounding, which 50 Adam steps carry to about 1e-6 here;
 the selections must agree exactly (same latents fired, same dead counts). Two runs on 2 ranks are
-bitwise equal; a run whose rank 1 is killed fails in one line naming that rank and its log, and the
-rerun resumes from the last sharded checkpoint to the uninterrupted run's result, bitwise.
+bitwise equal; a job stopped by SIGTERM (SLURM's time limit) checkpoints one step on every rank, a job
+whose rank 1 is killed fails in one line naming that rank and its log, and each rerun resumes from the
+last sharded checkpoint to the uninterrupted run's result, bitwise. The CLI's ``--ranks`` runs the same.
 """
 
 from __future__ import annotations
@@ -16,16 +17,16 @@ import json
 import os
 import signal
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_sae_train import D_ACTIVE, planted_stores
+from test_sae_train import D_ACTIVE, planted, planted_stores
 
 from attnspace.errors import AttnspaceError
 from attnspace.sae import SAETrainConfig, train_sae
 from attnspace.sae.group import Member
 from attnspace.sae.sharded import bytes_per_step, checkpoint_files, launch, train_sharded
+from attnspace.sae.train import TrainingStopped
 from attnspace.store import open_store
 
 OPTIMIZERS = ("adam", "sparse_adam", "masked_adam")
@@ -34,28 +35,40 @@ RTOL = 1e-4
 """Relative tolerance on weights (max |a - b| / max |b| per tensor) and on metrics; measured: see the note."""
 
 METRICS = ("nmse", "explained_variance", "l0", "dead_fraction", "n_dead", "dead_for_auxk_at_end", "train_nmse",
-           "init_norm", "dataset_average_activation_norm")
+           "init_norm", "dataset_average_activation_norm", "delta_lm_loss", "loss_recovered")
 
 
 def config(optimizer: str, **kw) -> SAETrainConfig:
     base = dict(d_sae=128, k=8, lr=3e-3, batch_size=64, train_tokens=64 * STEPS, buffer_rows=256, eval_tokens=1024,
                 asi_sample_tokens=1024, init_batch_tokens=256, checkpoint_every=10, log_every=0, init="asi",
-                d_init=D_ACTIVE, auxk=True, k_aux=16, dead_threshold_tokens=256, optimizer=optimizer)
+                d_init=D_ACTIVE, auxk=True, k_aux=16, dead_threshold_tokens=256, optimizer=optimizer,
+                centred=optimizer == "masked_adam")  # the centred form: b_dec's encoder share crosses the ranks
     return SAETrainConfig(**{**base, **kw})
 
 
-def _rank_job(root: str, out: str, optimizers: tuple[str, ...], kill_rank: int | None = None,
-              kill_at: int = 0) -> None:
-    """Every rank: train one sharded SAE per optimizer on the planted stores in ``root``."""
+def probe_lm_eval(recon) -> dict:
+    """A stand-in for the LM-loss splice: reconstruct fixed raw activations through ``recon``."""
+    x = torch.from_numpy(planted(16, 3))
+    x_hat = recon(x)
+    return {"delta_lm_loss": float(x_hat.norm()), "loss_recovered": float((x - x_hat).norm())}
+
+
+def _rank_job(root: str, out: str, optimizers: tuple[str, ...], stop_at: int = 0, kill_at: int = 0) -> None:
+    """Every rank: train one sharded SAE per optimizer on the planted stores in ``root``. In the first
+    optimizer's run, rank 1 sends SIGTERM to the launcher after step ``stop_at`` (SLURM's time limit)
+    and is killed (SIGKILL) after step ``kill_at`` (0: neither)."""
     torch.set_num_threads(1)
     train, heldout = open_store(os.path.join(root, "train.zarr")), open_store(os.path.join(root, "heldout.zarr"))
 
     def on_step(done: int) -> None:
-        if torch.distributed.get_rank() == kill_rank and done == kill_at:
+        if torch.distributed.get_rank() == 1 and done == stop_at:
+            os.kill(os.getppid(), signal.SIGTERM)
+        if torch.distributed.get_rank() == 1 and done == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    for opt in optimizers:
-        train_sharded([Member(config(opt), os.path.join(out, opt))], train, heldout, on_step=on_step)
+    for i, opt in enumerate(optimizers):
+        train_sharded([Member(config(opt), os.path.join(out, opt), lm_eval=probe_lm_eval)], train, heldout,
+                      on_step=on_step if i == 0 else None)
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +82,8 @@ def stores(tmp_path_factory):
 def one_process(stores, tmp_path_factory):
     out = tmp_path_factory.mktemp("one_process")
     train, heldout = open_store(stores / "train.zarr"), open_store(stores / "heldout.zarr")
-    return {opt: (train_sae(config(opt), train, heldout, out / opt), out / opt) for opt in OPTIMIZERS}
+    return {opt: (train_sae(config(opt), train, heldout, out / opt, lm_eval=probe_lm_eval), out / opt)
+            for opt in OPTIMIZERS}
 
 
 def _weights(folder):
@@ -119,18 +133,24 @@ def test_one_and_four_ranks_equal_one_process(stores, one_process, tmp_path, ran
     _assert_like_one_process(tmp_path, one_process, ranks)
 
 
-def test_a_killed_rank_fails_in_one_line_and_the_rerun_resumes_bitwise(stores, two_ranks, tmp_path):
-    """Rerun of the two-rank job: Adam's rank 1 is killed at step 25 (after the checkpoint of step 20);
-    the job ends naming it; the rerun resumes Adam from step 20 and trains the other two afresh.
-    All three equal the uninterrupted two-rank run bitwise."""
+def test_a_stopped_or_killed_job_resumes_to_the_same_result_bitwise(stores, two_ranks, tmp_path):
+    """Reruns of the two-rank job. 1: SIGTERM to the launcher after Adam's step 15: the ranks agree on
+    a step, checkpoint it and stop. 2: resumes Adam; its rank 1 is killed after step 35 (the last
+    checkpoint is step 30): the job ends in one line naming that rank and its log. 3: resumes Adam
+    from step 30 and trains the other two afresh. All three equal the uninterrupted run bitwise."""
+    job, logs = (str(stores), str(tmp_path), OPTIMIZERS), tmp_path / "logs"
+    with pytest.raises(TrainingStopped, match="stopped by a signal on all 2 ranks"):
+        launch(2, _rank_job, (*job, 15), log_dir=logs)
+    stopped = {step for _, _, step, _ in checkpoint_files(tmp_path / "adam")}
+    assert len(stopped) == 1 and 15 <= stopped.pop() < 30
     with pytest.raises(AttnspaceError) as err:
-        launch(2, _rank_job, (str(stores), str(tmp_path), OPTIMIZERS, 1, 25), log_dir=tmp_path / "logs")
+        launch(2, _rank_job, (*job, 0, 35), log_dir=logs)
     line = err.value.line()
-    assert "rank 1 of 2 failed (killed by signal 9)" in line and str(tmp_path / "logs" / "rank1.log") in line
+    assert line.startswith("rank 1 of 2 failed (killed by signal 9); its log: " + str(logs / "rank1.log"))
     assert "\n" not in line
-    assert sorted(step for _, _, step, _ in checkpoint_files(tmp_path / "adam")) == [20, 20]
-    launch(2, _rank_job, (str(stores), str(tmp_path), OPTIMIZERS), log_dir=tmp_path / "logs")
-    assert "resuming" in (tmp_path / "logs" / "rank1.log").read_text()
+    assert sorted(step for _, _, step, _ in checkpoint_files(tmp_path / "adam")) == [30, 30]
+    launch(2, _rank_job, job, log_dir=logs)
+    assert "resuming" in (logs / "rank1.log").read_text()
     for opt in OPTIMIZERS:
         got, ref = _weights(tmp_path / opt), _weights(two_ranks / opt)
         for k in ref:
@@ -138,6 +158,45 @@ def test_a_killed_rank_fails_in_one_line_and_the_rerun_resumes_bitwise(stores, t
         drop = {"train_seconds_this_run", "tokens_per_second"}
         assert ({k: v for k, v in _metrics(tmp_path / opt).items() if k not in drop}
                 == {k: v for k, v in _metrics(two_ranks / opt).items() if k not in drop})
+
+
+def test_the_cli_trains_on_ranks_like_one_process(stores, tmp_path):
+    from attnspace.cli import main
+
+    def run(ranks: int) -> dict:
+        out = tmp_path / f"r{ranks}"
+        argv = ["train-sae-group", "--store", str(stores / "train.zarr"), "--heldout", str(stores / "heldout.zarr"),
+                "--site", "attn_out", "--batch-size", "64", "--train-tokens", "640", "--buffer-rows", "256",
+                "--eval-tokens", "512", "--checkpoint-every", "0", "--log-every", "0", "--ranks", str(ranks),
+                "--member", f"--run asi-d{D_ACTIVE}-sparse_adam-n128-k8-auxk --out-dir {out} --lr 0.003 --k-aux 16 "
+                "--dead-threshold-tokens 256 --seed 0"]
+        assert main(argv) == 0
+        return _metrics(out)
+
+    one, two = run(1), run(2)
+    assert (tmp_path / "r2" / "ranks" / "rank1.log").exists()
+    for key in ("nmse", "l0", "dead_fraction", "init_norm"):
+        assert two[key] == pytest.approx(one[key], rel=RTOL), key
+    got, ref = _weights(tmp_path / "r2"), _weights(tmp_path / "r1")
+    assert max(_rel(got[k], ref[k]) for k in ref) < RTOL
+
+
+def test_the_merged_sae_reads_like_one_process_in_dead_features_and_export_sae(stores, two_ranks, one_process,
+                                                                              tmp_path):
+    from attnspace.dead_features import evaluate_dead_features
+    from attnspace.interop import export_sae
+    from attnspace.llamascope import load_llamascope
+
+    heldout = open_store(stores / "heldout.zarr")
+    sharded, single = two_ranks / "sparse_adam", one_process["sparse_adam"][1]
+    got, ref = (evaluate_dead_features(load_llamascope(f, d_model=64), heldout, "attn_out") for f in (sharded, single))
+    assert got.keys() == ref.keys() and got["dead"] == ref["dead"] and got["l0"] == ref["l0"]
+    assert got["nmse"] == pytest.approx(ref["nmse"], rel=RTOL)
+    for name, folder in (("sharded", sharded), ("single", single)):
+        export_sae(folder, "saelens", tmp_path / name)
+    assert sorted(p.name for p in (tmp_path / "sharded").iterdir()) == sorted(p.name for p in (tmp_path / "single").iterdir())
+    assert (json.loads((tmp_path / "sharded" / "cfg.json").read_text())
+            == json.loads((tmp_path / "single" / "cfg.json").read_text()))
 
 
 def test_bytes_per_step_counts_the_ring_collectives():

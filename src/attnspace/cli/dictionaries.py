@@ -60,11 +60,16 @@ def member_commands(argv: list[str]) -> list[list[str]]:
 
 def _train_members(shared, members: list) -> list[dict]:
     """Train (config, member arguments) pairs on one stream per the shared arguments; their metrics."""
+    import torch
+
     from attnspace.models import load_model
     from attnspace.sae.group import Member, train_sae_group
+    from attnspace.sae.sharded import train_sharded
     from attnspace.spectrum import load_spectrum
     from attnspace.store import open_store
 
+    if getattr(shared, "ranks", 1) > 1 and not _in_rank():
+        return _launch_ranks(shared, members)
     set_threads(shared.threads)
     if shared.live_source and not (shared.model_dir and shared.tokens and shared.layer is not None):
         raise SystemExit("--live-source needs --model-dir, --tokens and --layer (the model to run and its documents)")
@@ -72,8 +77,9 @@ def _train_members(shared, members: list) -> list[dict]:
     # says what the stream is, so the train split need not be stored (spectrum.mode: streamed).
     heldout = open_store(Path(shared.heldout))
     train = heldout if shared.live_source else open_store(Path(shared.store))
+    reader = not _in_rank() or torch.distributed.get_rank() == 0  # runs a live stream (a sharded job's rank 0)
     model = None
-    if shared.model_dir and (shared.live_source or any(m.lm_eval_tokens for _, m in members)):
+    if shared.model_dir and ((shared.live_source and reader) or any(m.lm_eval_tokens for _, m in members)):
         model, _ = load_model(shared.model_dir, shared.dtype)  # one copy for the live stream and the LM losses
     spectrum = load_spectrum(shared.spectrum) if shared.spectrum else None
     inputs = _stream_inputs(shared, train)
@@ -87,8 +93,8 @@ def _train_members(shared, members: list) -> list[dict]:
         info = dict(model=train.model, dataset=train.dataset, layer=train.layer, run=m.run,
                     source="live" if shared.live_source else "cache", inputs=inputs)
         group.append(Member(config, Path(m.out_dir), spectrum, lm_eval, info))
-    stream = train
-    if shared.live_source:
+    stream = None if shared.live_source else train  # a sharded job's other ranks get rank 0's batches
+    if shared.live_source and reader:
         from attnspace.sae.live import live_stream
 
         first = group[0].config
@@ -97,9 +103,9 @@ def _train_members(shared, members: list) -> list[dict]:
                              site=shared.site, batch_docs=shared.live_batch_docs, d=train.width(shared.site),
                              batch_size=first.batch_size, buffer_rows=first.buffer_rows, seed=first.stream_seed)
     try:
-        results = train_sae_group(group, stream, heldout)
+        results = (train_sharded if _in_rank() else train_sae_group)(group, stream, heldout)
     finally:
-        if shared.live_source:
+        if stream is not None and shared.live_source:
             stream.close()
     for (_, m), metrics in zip(members, results):
         if metrics["status"] != "ok":
@@ -121,6 +127,30 @@ def _stream_inputs(shared, train) -> dict:
         return {"train": store_identity(train)}
     return {"model": recorded_identity(shared.model_dir), "tokens": file_identity(shared.tokens),
             "source": json.loads(shared.live_source), "seed": shared.live_seed, "batch_docs": shared.live_batch_docs}
+
+
+def _in_rank() -> bool:
+    """Whether this process is one rank of a feature-sharded job (attnspace.sae.sharded.launch)."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def _launch_ranks(shared, members: list) -> list[dict]:
+    """Train the members feature-sharded over ``--ranks`` processes of this node (one per GPU); their metrics."""
+    import torch
+
+    from attnspace.errors import AttnspaceError
+    from attnspace.sae.sharded import launch
+
+    ranks = shared.ranks
+    if device() == "cuda" and torch.cuda.device_count() < ranks:
+        raise AttnspaceError(f"--ranks {ranks} needs {ranks} GPUs, this job sees {torch.cuda.device_count()}",
+                             fix="request as many GPUs as ranks (the rule's gpu resource), or lower --ranks")
+    log_dir = Path(shared.rank_logs or Path(members[0][1].out_dir) / "ranks")
+    log.info("training %d SAE(s) on %d ranks; each rank's log in %s", len(members), ranks, log_dir)
+    launch(ranks, _train_members, (shared, members), log_dir=log_dir)
+    return [json.loads((Path(m.out_dir) / "metrics.json").read_text()) for _, m in members]
 
 
 def cmd_train_sae(a):
@@ -172,6 +202,9 @@ def _add_sae_options(s, *, shared: bool | None) -> None:
         s.add_argument("--live-seed", type=int, default=0, help="the tokens stage's seed (document order)")
         s.add_argument("--live-batch-docs", type=int, default=8, help="documents per live forward pass")
         s.add_argument("--threads", type=int, default=1)
+        s.add_argument("--ranks", type=int, default=1, help="feature-sharded training over this many processes of "
+                       "the node, one per GPU (attnspace.sae.sharded); 1: one process")
+        s.add_argument("--rank-logs", help="folder of the ranks' logs (default: <first --out-dir>/ranks)")
     if shared is not True:
         s.add_argument("--run", required=True, help="init-d<d_init>-optimizer-n<d_sae>-k<k>[-auxk][-c][-r<replicate>]")
         s.add_argument("--lr", type=float)
