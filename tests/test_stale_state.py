@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_moments import tiny  # noqa: F401 (fixture: the tiny model and its tokens)
 from test_sae_data import write_store
 from test_sae_train import Killed, PoisonedStream, planted, small_config
 
@@ -318,3 +319,114 @@ def test_a_diverged_lorsa_is_recorded_failed_and_table1_says_so(lorsa_stores, tm
     assert "Failed, left out: vanilla seed 0 (loss not finite" in md
     frame = table1_frame([failed, asi])
     assert list(frame["status"]) == ["failed", "ok"] and frame["nmse"].isna().tolist() == [True, False]
+
+
+# --- streamed moments (.partial) ---------------------------------------------------------------
+
+def moments_run(tiny, out, splits=None, checkpoint_docs=3, **kw):
+    """The caching job with streamed moments only (no store), as test_moments runs it."""
+    from test_moments import LAYERS, SPECTRUM_SITES
+
+    from attnspace.cache import cache_activations
+
+    model, tok, own = tiny
+    return cache_activations(model, splits or own, out / "activations", model_name="tiny", dataset="synthetic",
+                             layers=LAYERS, sites=[], logical_dtype="float32",
+                             special_ids={tok.bos_token_id, tok.eos_token_id}, chunk_rows=64, shard_rows=128,
+                             config_hash="abc", moments_dir=out / "moments", moment_sites=SPECTRUM_SITES, groups=5,
+                             checkpoint_docs=checkpoint_docs, **kw)
+
+
+def killed_moments(tiny, out, monkeypatch, **kw) -> None:
+    """Killed at the 8th document, checkpoints every 3: .partial holds the state after 6."""
+    from test_cache import kill_capture_at
+
+    kill_capture_at(monkeypatch, 8)
+    with pytest.raises(KeyboardInterrupt):
+        moments_run(tiny, out, **kw)
+    monkeypatch.undo()
+    assert json.loads((out / "moments" / ".partial" / "state.json").read_text())["next_doc"] == 6
+
+
+def same_moments(a, b) -> None:
+    from test_moments import LAYERS, SPECTRUM_SITES
+
+    from attnspace.moments import RECORD, load_moments
+
+    for layer in LAYERS:
+        for site in SPECTRUM_SITES:
+            x, _ = load_moments(a / "moments" / RECORD, layer, site)
+            y, _ = load_moments(b / "moments" / RECORD, layer, site)
+            assert np.array_equal(x, y), (layer, site)
+
+
+def moments_discarded(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "discarding the moments checkpoint" in r.getMessage()]
+
+
+@pytest.fixture(scope="module")
+def tiny_moments(tiny, tmp_path_factory):
+    """An uninterrupted run of the streamed moments on the tiny model's tokens."""
+    out = tmp_path_factory.mktemp("moments_whole")
+    moments_run(tiny, out)
+    return out
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "flipped bit", "other totals"])
+def test_a_damaged_moments_checkpoint_is_discarded_in_one_rerun(tiny, tiny_moments, tmp_path, monkeypatch, caplog,
+                                                                damage):
+    """The reported case: a damaged .partial/sums.npz made every rerun fail with BadZipFile. A
+    flipped bit fails the zip's CRC; a whole, readable file of other totals fails the state's digests."""
+    killed_moments(tiny, tmp_path, monkeypatch)
+    sums = tmp_path / "moments" / ".partial" / "sums.npz"
+    data = bytearray(sums.read_bytes())
+    if damage == "truncated":
+        data = data[: len(data) // 2]
+    elif damage == "garbage":
+        data = bytearray(b"PK\x03\x04 not a zip")
+    elif damage == "flipped bit":
+        data[len(data) // 2] ^= 0x01  # one bit of one float64 in the middle of an array
+    if damage == "other totals":
+        with np.load(sums) as z:
+            totals = {name: z[name] + 1.0 for name in z.files}
+        np.savez(sums, **totals)
+    else:
+        sums.write_bytes(bytes(data))
+    with caplog.at_level(logging.INFO, logger="attnspace.moments"):
+        moments_run(tiny, tmp_path)
+    [line] = moments_discarded(caplog)
+    assert "cannot be read" in line and "starting from the first document" in line
+    assert ("does not match its digest" in line) == (damage == "other totals")
+    same_moments(tmp_path, tiny_moments)
+    assert not (tmp_path / "moments" / ".partial").exists()
+
+
+def test_a_moments_checkpoint_of_other_tokens_is_discarded(tiny, tmp_path, monkeypatch, caplog):
+    """The same number of documents and tokens cut from another corpus order (another tokens.seed):
+    only the token ids differ, and they are part of the checkpoint's key."""
+    from test_corpora import synthetic_docs
+
+    from attnspace.corpora import tokenize_documents
+
+    model, tok, splits = tiny
+    killed_moments(tiny, tmp_path, monkeypatch)
+    docs = synthetic_docs(0)
+    other = tokenize_documents(iter(docs[1:] + docs[:1]), tok, max_doc_tokens=40, budgets={"train": 300, "heldout": 90})
+    assert not np.array_equal(other["train"].ids, splits["train"].ids)
+    with caplog.at_level(logging.INFO, logger="attnspace.moments"):
+        moments_run(tiny, tmp_path, splits=other)
+    [line] = moments_discarded(caplog)
+    assert "other inputs or settings" in line and "inputs" in line
+    moments_run(tiny, tmp_path / "straight", splits=other)
+    same_moments(tmp_path, tmp_path / "straight")
+
+
+def test_a_moments_checkpoint_of_another_model_is_discarded(tiny, tiny_moments, tmp_path, monkeypatch, caplog):
+    """The prepared model's identity (attnspace.models.recorded_identity, passed by the CLI) is part
+    of the key: the same tokens through a changed model start over."""
+    killed_moments(tiny, tmp_path, monkeypatch, model_identity="aaaa")
+    with caplog.at_level(logging.INFO, logger="attnspace.moments"):
+        moments_run(tiny, tmp_path, model_identity="bbbb")
+    [line] = moments_discarded(caplog)
+    assert "inputs" in line
+    same_moments(tmp_path, tiny_moments)

@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from attnspace.corpora import SPLITS, TokenSplit, keep_mask
-from attnspace.moments import CHECKPOINT_DOCS, MomentsAccumulator, document_group_of_docs
+from attnspace.moments import CHECKPOINT_DOCS, MomentsAccumulator, document_group_of_docs, tokens_digest
 from attnspace.sites import capture, site_width
 from attnspace.store import StoreWriter
 
@@ -106,7 +106,7 @@ def cache_activations(model, splits: dict[str, TokenSplit], out_dir: Path | str,
                       moment_sites: list[str] = (), groups: int = 1,
                       checkpoint_docs: int = CHECKPOINT_DOCS,
                       store_sites: dict[str, dict[str, list[int]]] | None = None,
-                      wo_moments_dir: Path | str | None = None) -> list[dict]:
+                      wo_moments_dir: Path | str | None = None, model_identity: str | None = None) -> list[dict]:
     """Cache ``sites`` at ``layers`` (a site of ``site_layers`` only at its own layers) for each
     split of ``split_names``, or exactly ``store_sites`` (:func:`split_layer_sites`); returns the
     manifests written.
@@ -115,6 +115,8 @@ def cache_activations(model, splits: dict[str, TokenSplit], out_dir: Path | str,
     layer in at most ``groups`` document groups under ``moments_dir`` (:mod:`attnspace.moments`),
     checkpointed every ``checkpoint_docs`` documents. With ``wo_moments_dir``, it also keeps
     Figure 3's moments there (:func:`wo_moment_sites` in one group, and the reconstruction check).
+    Their checkpoints name the token ids and ``model_identity`` (the prepared folder's,
+    :func:`attnspace.models.recorded_identity`): a checkpoint of other tokens or another model is discarded.
     """
     by_split = split_layer_sites(layers, sites, site_layers, split_names, store_sites)
     widths = {s: site_width(model, s) for by_layer in by_split.values() for c in by_layer.values() for s in c}
@@ -127,7 +129,8 @@ def cache_activations(model, splits: dict[str, TokenSplit], out_dir: Path | str,
             keep = keep_mask(tokens.ids, special_ids)
             common = dict(model=model_name, dataset=dataset, layers=layers, n_tokens=tokens.n_tokens,
                           n_kept=int(keep.sum()), device=next(model.parameters()).device, config_hash=config_hash,
-                          checkpoint_docs=checkpoint_docs)
+                          checkpoint_docs=checkpoint_docs,
+                          inputs={"tokens": tokens_digest(tokens), "model": model_identity})
             if moment_sites:
                 moments.append(MomentsAccumulator(
                     moments_dir, widths={s: site_width(model, s) for s in moment_sites},

@@ -22,15 +22,20 @@ Z and the weights give O, :func:`attnspace.wo_decomposition.reconstruction_maxim
 
 Resuming: every ``checkpoint_docs`` documents the accumulator flushes its finished groups,
 saves the running totals of the current group and then, last, a state record holding the
-index of the next document (in ``.partial/``). A job restarted on the same tokens, sites,
-layers and settings continues from that document; documents before it add nothing again, so
-the result is bitwise that of an uninterrupted run.
+index of the next document and a digest of each running total (in ``.partial/``). A job
+restarted on the same inputs continues from that document; documents before it add nothing
+again, so the result is bitwise that of an uninterrupted run. The state's key names the
+inputs: the token ids (:func:`tokens_digest`), the model (``inputs``: the prepared folder's
+identity), the sites, layers, widths, document groups and the config hash. A checkpoint whose
+key differs, or whose files are missing, unreadable or do not match their digests, is
+discarded with one line saying why, and the accumulator starts from the first document.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -51,6 +56,8 @@ RECORD = "moments.json"
 CHECKPOINT_DOCS = 1000
 """Documents between checkpoints by default: at most this many are run again after a kill."""
 
+log = logging.getLogger("attnspace.moments")
+
 
 class MomentsError(AttnspaceError, RuntimeError):
     """A moments file is missing, incomplete or damaged."""
@@ -64,6 +71,13 @@ def moments_file(out_dir: Path | str, layer: int, site: str) -> Path:
 def group_digest(block: np.ndarray) -> str:
     """Digest of one group's [d+1, d+1] float64 moments: 16 hex digits of SHA-256 of its bytes."""
     return hashlib.sha256(memoryview(np.ascontiguousarray(block, dtype=np.float64)).cast("B")).hexdigest()[:16]
+
+
+def tokens_digest(tokens: TokenSplit) -> str:
+    """16 hex digits of SHA-256 of a split's token ids and document boundaries: what the moments are of."""
+    h = hashlib.sha256(np.ascontiguousarray(tokens.ids, dtype=np.int32).tobytes())
+    h.update(np.ascontiguousarray(tokens.doc_starts, dtype=np.int64).tobytes())
+    return h.hexdigest()[:16]
 
 
 def document_group_of_docs(tokens: TokenSplit, special_ids: set[int], n_groups: int) -> np.ndarray:
@@ -95,7 +109,8 @@ class MomentsAccumulator:
     def __init__(self, out_dir: Path | str, *, model: str, dataset: str, layers: list[int],
                  widths: dict[str, int], doc_group: np.ndarray, n_tokens: int, n_kept: int,
                  device: torch.device | str = "cpu", config_hash: str = "",
-                 checkpoint_docs: int = CHECKPOINT_DOCS, maxima: dict | None = None) -> None:
+                 checkpoint_docs: int = CHECKPOINT_DOCS, maxima: dict | None = None,
+                 inputs: dict | None = None) -> None:
         self.out_dir = Path(out_dir)
         self.record_file = self.out_dir / RECORD
         self.partial = self.out_dir / ".partial"
@@ -116,11 +131,16 @@ class MomentsAccumulator:
                         doc_group=hashlib.sha256(self.doc_group.tobytes()).hexdigest()[:16])
         if self.max_functions:  # absent otherwise: records and checkpoints without maxima stay as they were
             self.key["maxima"] = sorted(self.max_functions)
+        if inputs:  # what the moments are computed from (token ids, model): checkpoints only, not the record
+            self.key["inputs"] = dict(inputs)
         # Unpublish first: from here on no stale record can pass for this run's.
         self.record_file.unlink(missing_ok=True)
         self._sums = {(layer, site): torch.zeros((w + 1, w + 1), dtype=torch.float64, device=self.device)
                       for layer in self.layers for site, w in self.widths.items()}
-        state = self._resumable_state()
+        state, why = self._resumable_state()
+        if why is not None:
+            log.warning("%s: discarding the moments checkpoint in .partial: %s; starting from the first document",
+                        self.out_dir, why)
         if state is None:
             shutil.rmtree(self.partial, ignore_errors=True)
             self.partial.mkdir(parents=True)
@@ -131,9 +151,8 @@ class MomentsAccumulator:
             self.next_doc = int(state["next_doc"])
             self.digests = state["digests"]
             self.maxima = {name: float(state["maxima"][name]) for name in self.max_functions}
-            with np.load(self.partial / "sums.npz", allow_pickle=False) as z:
-                for (layer, site), acc in self._sums.items():
-                    acc.copy_(torch.from_numpy(z[self._name(layer, site)]))
+            for (layer, site), acc in self._sums.items():
+                acc.copy_(torch.from_numpy(state["sums"][self._name(layer, site)]))
         # One .npy per (layer, site) with its header written up front; a finished group is written
         # straight to its place in the file (no mapping: at d = 4096 a file is G x 134 MB).
         self._out, self._offset = {}, {}
@@ -153,18 +172,37 @@ class MomentsAccumulator:
     def _name(layer: int, site: str) -> str:
         return f"L{layer}-{site}"
 
-    def _resumable_state(self) -> dict | None:
-        """The checkpoint's state, if one was left by a run of exactly this key; else None."""
+    def _resumable_state(self) -> tuple[dict | None, str | None]:
+        """(the checkpoint's state with its running totals under "sums", None) when one was left by a
+        run of exactly this key and its files are whole; else (None, why not), why None when there
+        is no checkpoint at all."""
+        if not (self.partial / "state.json").exists():
+            return None, None
         try:
             state = json.loads((self.partial / "state.json").read_text())
-        except (OSError, ValueError):
-            return None
-        if state.get("key") != json.loads(json.dumps(self.key)):
-            return None
-        files = [self.partial / "sums.npz"] + [self.partial / f"{self._name(la, s)}.npy" for la, s in self._sums]
-        if not all(f.is_file() for f in files) or not 0 < int(state.get("next_doc", 0)) < self.n_docs:
-            return None
-        return state
+            if state.get("key") != json.loads(json.dumps(self.key)):
+                then, now = state.get("key") or {}, json.loads(json.dumps(self.key))
+                changed = sorted(k for k in then.keys() | now.keys() if then.get(k) != now.get(k))
+                return None, f"it was computed from other inputs or settings ({', '.join(changed)})"
+            if not 0 < int(state["next_doc"]) < self.n_docs:
+                return None, f"its next document {state['next_doc']} is outside 1..{self.n_docs - 1}"
+            state["sums"] = self._checked_sums(state["sums_digests"])
+            for (layer, site), w in ((ls, self.widths[ls[1]]) for ls in self._sums):
+                m = np.load(self.partial / f"{self._name(layer, site)}.npy", mmap_mode="r")
+                if m.shape != (self.n_groups, w + 1, w + 1) or m.dtype != np.float64:
+                    return None, f"{self._name(layer, site)}.npy has shape {m.shape} {m.dtype}"
+        except Exception as e:  # a missing, truncated or overwritten file, whatever numpy or json raises
+            return None, f"it cannot be read ({type(e).__name__}: {' '.join(str(e).split())[:200]})"
+        return state, None
+
+    def _checked_sums(self, digests: dict[str, str]) -> dict[str, np.ndarray]:
+        """The running totals in .partial/sums.npz, each checked against the digest the state holds."""
+        with np.load(self.partial / "sums.npz", allow_pickle=False) as z:
+            sums = {self._name(layer, site): z[self._name(layer, site)] for layer, site in self._sums}
+        for name, block in sums.items():
+            if group_digest(block) != digests[name]:
+                raise ValueError(f"sums.npz: {name} does not match its digest")
+        return sums
 
     def add(self, doc_i: int, acts: dict, keep: np.ndarray) -> None:
         """Add document ``doc_i`` (documents in order; those already counted are ignored)."""
@@ -201,9 +239,10 @@ class MomentsAccumulator:
         for f in self._out.values():
             f.flush()
             os.fsync(f.fileno())
-        write_npz(self.partial / "sums.npz",
-                  **{self._name(layer, site): acc.cpu().numpy() for (layer, site), acc in self._sums.items()})
-        state = {"key": self.key, "next_doc": self.next_doc, "digests": self.digests}
+        sums = {self._name(layer, site): acc.cpu().numpy() for (layer, site), acc in self._sums.items()}
+        write_npz(self.partial / "sums.npz", **sums)
+        state = {"key": self.key, "next_doc": self.next_doc, "digests": self.digests,
+                 "sums_digests": {name: group_digest(block) for name, block in sums.items()}}
         if self.max_functions:
             state["maxima"] = self.maxima
         write_json(state, self.partial / "state.json")
@@ -223,7 +262,7 @@ class MomentsAccumulator:
                 file=final.relative_to(self.out_dir).as_posix(), width=self.widths[site],
                 digests=self.digests[self._name(layer, site)])
         self._out = {}
-        record = {k: v for k, v in self.key.items() if k not in ("doc_group", "maxima")} | {"files": files}
+        record = {k: v for k, v in self.key.items() if k not in ("doc_group", "maxima", "inputs")} | {"files": files}
         if self.max_functions:
             record["maxima"] = self.maxima
         write_json(record, self.record_file)

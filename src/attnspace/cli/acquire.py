@@ -54,7 +54,7 @@ def cmd_cache(a):
     from attnspace.cache import cache_activations
     from attnspace.corpora import load_tokens
     from attnspace.files import write_json
-    from attnspace.models import load_model
+    from attnspace.models import load_model, recorded_identity
 
     if a.moment_sites and not a.moments_dir:
         raise SystemExit("--moment-sites needs --moments-dir")
@@ -67,7 +67,8 @@ def cmd_cache(a):
         shard_rows=a.shard_rows, config_hash=a.config_hash, site_layers=json.loads(a.site_layers),
         split_names=tuple(a.splits), moments_dir=a.moments_dir, moment_sites=a.moment_sites or [], groups=a.groups,
         store_sites=json.loads(a.store_sites) if a.store_sites is not None else None,
-        wo_moments_dir=a.wo_moments_dir, **({"checkpoint_docs": a.checkpoint_docs} if a.checkpoint_docs else {}))
+        wo_moments_dir=a.wo_moments_dir, model_identity=recorded_identity(a.model_dir),
+        **({"checkpoint_docs": a.checkpoint_docs} if a.checkpoint_docs else {}))
     write_json({"model": a.model, "dataset": a.dataset, "config_hash": a.config_hash, "stores": manifests},
                a.record)
     log.info("wrote %d stores under %s", len(manifests), a.out_dir)
