@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 from attnspace.config import cached_layers, config_hash, focus_layers, sae_store_sites, stored_sites
-from attnspace.sae.group import pack_devices, training_bytes
+from attnspace.sae.group import pack_devices, shard_ranks, training_bytes
 from attnspace.sae.runs import RUN_PATH, parse_run_name, run_name, variant_run
 
 # Jobs that use a GPU when there is one ask for the `gpu` resource only where a GPU exists, so
@@ -411,8 +411,10 @@ def sae_groups():
     runs: a run two figures share is in a group of such runs, named for both) and read the same
     (model, dataset, layer, site); they are packed by attnspace.sae.group.pack, largest first, into
     groups of at most sae.group.max_members on sae.group.devices devices, each device's estimated
-    memory (training_bytes) within sae.group.memory_gb. Each: rule name, model, dataset, layer, site,
-    outputs (metrics.json) and each output's device index."""
+    memory (training_bytes) within sae.group.memory_gb. A run larger than that trains alone,
+    feature-sharded over the fewest GPUs of a node (at most sae.group.max_ranks) whose per-rank memory
+    fits it (attnspace.sae.group.shard_ranks). Each: rule name, model, dataset, layer, site, outputs
+    (metrics.json), each output's device index, and ranks (1: one process)."""
     budget, most, devices = SAE["group"]["memory_gb"] * 1e9, SAE["group"]["max_members"], SAE["group"]["devices"]
     streams = {}
     for path, figures in sae_run_figures().items():
@@ -421,12 +423,24 @@ def sae_groups():
         streams.setdefault(key, []).append((path, sae_run_bytes(path)))
     groups, counts = [], {}
     for (figures, model, dataset, layer, site), runs in streams.items():
-        for members in pack_devices(runs, budget, most, devices):
+        sharded = {path: sae_run_ranks(path, budget) for path, size in runs if size > budget}
+        packed = pack_devices([run for run in runs if sharded.get(run[0], 1) == 1], budget, most, devices)
+        for members in [[(path, 0)] for path, ranks in sharded.items() if ranks > 1] + packed:
             n = counts[figures] = counts.get(figures, -1) + 1
             groups.append(dict(rule=f"train_sae_{figures}_{n}", model=model, dataset=dataset, layer=layer,
                                site=site, outputs=[path for path, _ in members],
-                               devices=[device for _, device in members]))
+                               devices=[device for _, device in members],
+                               ranks=sharded.get(members[0][0], 1) if len(members) == 1 else 1))
     return groups
+
+
+def sae_run_ranks(path, budget):
+    """GPUs a run too large for one device trains on (attnspace.sae.group.shard_ranks; 1: none fits)."""
+    m = RUN_PATH.search(path)
+    run = parse_run_name(m["run"])
+    return shard_ranks(config["models"][m["model"]]["d_model"], run["d_sae"], SAE["batch_size"], budget,
+                       SAE["group"]["max_ranks"], optimizer=run["optimizer"], auxk=run["auxk"], k=run["k"],
+                       k_aux=SAE["auxk"]["k_aux"])
 
 
 def sae_group_priority(group):
@@ -461,8 +475,8 @@ def sae_group_resources(group):
     for key, value in workflow.resource_settings.overwrite_resources.get("train_sae", {}).items():
         if plain_setting(value) is not None:
             resources[key] = plain_setting(value)
-    if resources.get("gpu"):  # a group spread over several GPUs (sae.group.devices) asks for all of them
-        resources["gpu"] = max(int(resources["gpu"]), max(group["devices"]) + 1)
+    if resources.get("gpu"):  # a group spread over several GPUs (sae.group.devices, or ranks) asks for all of them
+        resources["gpu"] = max(int(resources["gpu"]), max(group["devices"]) + 1, group["ranks"])
     return resources
 
 

@@ -24,6 +24,8 @@ for group in sae_groups():
             layer=group["layer"],
             stream=sae_stream_args(group),
             members=sae_member_args(group),
+            ranks=group["ranks"],
+            rank_logs=f"results/logs/train_sae/{group['rule']}.ranks",
         log:
             f"results/logs/train_sae/{group['rule']}.log",
         benchmark:
@@ -38,7 +40,7 @@ for group in sae_groups():
             "attnspace train-sae-group --store {params.store:q} --heldout {params.heldout:q} --spectrum {input.spectrum:q} "
             "--site {params.site} {params.stream} "
             "--model-dir {params.model_dir:q} --dtype {params.dtype} --tokens {input.tokens:q} --layer {params.layer} "
-            "--threads {threads} {params.members} > {log:q} 2>&1"
+            "--threads {threads} --ranks {params.ranks} --rank-logs {params.rank_logs:q} {params.members} > {log:q} 2>&1"
 
 
 rule sae_runs_table:

@@ -204,3 +204,17 @@ def test_bytes_per_step_counts_the_ring_collectives():
     # of [4, 3] float32 sends 2 (R - 1)/R of its 48 bytes.
     assert bytes_per_step(4, 3, 2, 2) == 4 * 2 * 12 + 48
     assert bytes_per_step(4, 3, 2, 1) == 0
+
+
+def test_shard_ranks_takes_the_fewest_gpus_whose_share_fits():
+    from attnspace.sae.group import rank_bytes, shard_ranks, training_bytes
+
+    d, n, batch = 4096, 1 << 20, 4096
+    whole = training_bytes(d, n, batch)
+    assert shard_ranks(d, n, batch, whole, 8) == 1  # fits one device: one process
+    for budget in (0.9 * whole, 0.4 * whole, 0.2 * whole):
+        R = shard_ranks(d, n, batch, budget, 8)
+        assert R > 1 and rank_bytes(d, n, batch, R) <= budget < rank_bytes(d, n, batch, R // 2)
+    # a shard is the SAE of n / R latents plus the whole-batch buffers: [B, d] float32, five of them
+    assert rank_bytes(d, n, batch, 4) == training_bytes(d, n // 4, batch) + 5 * 4 * batch * d
+    assert shard_ranks(d, n, batch, 0.2 * whole, 2) == 1  # more GPUs than a node allows: left to the plan

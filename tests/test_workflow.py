@@ -340,6 +340,11 @@ def test_paper_fig7_plans_every_size_from_live_activations(tmp_path):
     for run, command in planned.items():
         assert "--live-source" in command and "--train-tokens 2500000000 " in command
         assert ("--lr 6e-05 " if "sparse_adam" in run else "--lr 4e-05 ") in command
+        # Up to 524,288 latents on one H200; 1M with Adam feature-sharded over the fewest GPUs that hold it
+        if "-n1048576-" in run and "-adam-" in run:
+            assert "--ranks 2 " in command, command
+        elif "-n1048576-" not in run:
+            assert "--ranks 1 " in command, command
 
 
 def dry_run_lines(tmp_path, cfg: dict, target: str) -> list[str]:

@@ -184,6 +184,8 @@ def _sae_row(a, run: dict, config: dict, speed: dict, group_size: int = 1, first
     tok_s = speed.get((run["optimizer"], run["d_sae"]))
     job = "/".join(Path(a.out_dir).parts[-5:])
     notes = [] if tok_s else ["GPU-hours unmeasured (no bench/results/sae_gpu_*.jsonl at this size)"]
+    if getattr(a, "ranks", 1) > 1:
+        notes.append(f"feature-sharded over {a.ranks} GPUs (attnspace.sae.sharded)")
     if group_size > 1:
         notes.append(f"one of {group_size} SAEs on one stream" + ("; its model forward counted here" if live else ""))
     return PlanRow("train_sae", job, disk, forward_tokens=live + lm, optimizer_steps=tokens // batch,

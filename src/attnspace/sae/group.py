@@ -80,6 +80,28 @@ _BYTES_PER_ENTRY = 56
 """Bytes per selected entry (b, j) of a step: int64 indices, float values, the plan's sorted ids."""
 
 
+def rank_bytes(d_model: int, d_sae: int, batch_size: int, ranks: int, **run) -> int:
+    """Device memory of one rank of an SAE feature-sharded over ``ranks`` ranks (:mod:`attnspace.sae.sharded`):
+    :func:`training_bytes` of its shard of d_sae / ranks latents (``run``: its optimizer, auxk, k, k_aux),
+    plus what every rank holds whole: the partial and the summed reconstructions (TopK and AuxK) and
+    the broadcast batch, 5 x 4 x batch_size x d_model bytes."""
+    if ranks == 1:
+        return training_bytes(d_model, d_sae, batch_size, **run)
+    return training_bytes(d_model, d_sae // ranks, batch_size, **run) + 20 * batch_size * d_model
+
+
+def shard_ranks(d_model: int, d_sae: int, batch_size: int, budget_bytes: float, max_ranks: int, **run) -> int:
+    """The ranks (GPUs of one node) an SAE trains on: 1 when :func:`training_bytes` fits ``budget_bytes``,
+    else the fewest R, a power of two dividing d_sae and at most ``max_ranks``, whose :func:`rank_bytes`
+    fits; 1 when none does (the job is then too large for its devices, which the plan reports)."""
+    ranks = 1
+    while rank_bytes(d_model, d_sae, batch_size, ranks, **run) > budget_bytes:
+        ranks *= 2
+        if ranks > max_ranks or d_sae % ranks:
+            return 1
+    return ranks
+
+
 def pack(items: Sequence[tuple[str, int]], budget_bytes: float, max_members: int) -> list[list[str]]:
     """Groups of the names in ``items`` ((name, bytes) pairs) on one device each: :func:`pack_devices`
     with one device."""
