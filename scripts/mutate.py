@@ -86,13 +86,25 @@ cli()
 """mutmut's command line, without its string-literal mutants unless asked for."""
 
 
-def run(group: str, timeout: float, jobs: int, fresh: bool, strings: bool, only: list[str]) -> dict:
-    """Run one group (resuming a previous run unless ``fresh``); its counts and survivors."""
+def survivors(work: Path, mutmut: list[str], env: dict) -> list[str]:
+    """Names of the mutants of ``work`` that survived their tests."""
+    listing = subprocess.run(mutmut + ["results"], cwd=work, env=env, capture_output=True, text=True, check=False)
+    return [line.split(":")[0].strip() for line in listing.stdout.splitlines() if line.strip().endswith("survived")]
+
+
+def run(group: str, timeout: float, jobs: int, fresh: bool, strings: bool, only: list[str], retest: bool) -> dict:
+    """Run one group, resuming a previous run unless ``fresh`` (with the tests as they are now; ``retest``: its
+    survivors again); its counts and survivors."""
     work = WORK / group
-    if fresh or not (work / "mutants").is_dir():
-        work = prepare(group)
     env = dict(os.environ, PYTHONPATH=str(work / "mutants" / "src"), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     mutmut = [sys.executable, "-c", RUN_MUTMUT.format(strings=strings)]
+    if fresh or not (work / "mutants").is_dir():
+        prepare(group)
+    else:
+        shutil.rmtree(work / "tests")
+        shutil.copytree(ROOT / "tests", work / "tests", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        if retest:
+            only = only + survivors(work, mutmut, env)
     start = time.monotonic()
     with open(work / "mutmut.log", "ab") as log:
         # A session of its own: at the time limit the whole tree (fork server, workers) is stopped.
@@ -109,9 +121,8 @@ def run(group: str, timeout: float, jobs: int, fresh: bool, strings: bool, only:
     subprocess.run(mutmut + ["export-cicd-stats"], cwd=work, env=env, check=False, capture_output=True)
     stats_path = work / "mutants" / "mutmut-cicd-stats.json"
     stats = json.loads(stats_path.read_text()) if stats_path.is_file() else {}
-    listing = subprocess.run(mutmut + ["results"], cwd=work, env=env, capture_output=True, text=True, check=False)
-    survivors = [line.split(":")[0].strip() for line in listing.stdout.splitlines() if line.strip().endswith("survived")]
-    return dict(group=group, finished=finished, seconds=round(seconds), stats=stats, survivors=survivors)
+    return dict(group=group, finished=finished, seconds=round(seconds), stats=stats,
+                survivors=survivors(work, mutmut, env))
 
 
 def row(r: dict) -> str:
@@ -132,6 +143,7 @@ def main(argv=None) -> int:
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per group (default 1800)")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="mutants tested at once")
     ap.add_argument("--fresh", action="store_true", help="discard a previous run's results")
+    ap.add_argument("--retest", action="store_true", help="test a previous run's survivors again (tests changed)")
     ap.add_argument("--strings", action="store_true", help="mutate string literals too (messages, labels)")
     ap.add_argument("--only", action="append", default=[], metavar="PATTERN",
                     help="mutants whose name matches (fnmatch), e.g. 'attnspace.claims.x_compare*'; repeatable")
@@ -144,7 +156,7 @@ def main(argv=None) -> int:
     print("\n".join(header), flush=True)
     lines = []
     for group in args.groups or GROUPS:
-        r = run(group, args.timeout, args.jobs, args.fresh, args.strings, args.only)
+        r = run(group, args.timeout, args.jobs, args.fresh, args.strings, args.only, args.retest)
         lines.append(row(r))
         print(lines[-1], flush=True)
         for name in r["survivors"]:

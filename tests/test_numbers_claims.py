@@ -174,3 +174,50 @@ def test_markdown_names_each_claim_and_its_test_once():
     md = claims_markdown(two)
     assert md.count(f"**C4** {C4}") == 1 and md.count(C4_PAPER) == 1 and md.count(f"* C4: {C4_TEST}.") == 1
     assert md.count("| **not run** |") == 8 and "| second |" in md
+
+
+def fig7(variants: dict[str, float], centred: bool, sd: float = 0.01, d_sae: int = 512) -> pd.DataFrame:
+    """Figure 7's runs at one size and form: dead fraction per variant, three seeds at mean -sd, 0, +sd."""
+    return pd.DataFrame([dict(model="m", dataset="ds", layer=3, site="attn_out", run=f"{v}-{centred}-{s}", variant=v,
+                              init="x", d_init=16, d_sae=d_sae, k=8, seed=s, centred=centred, nmse=0.3,
+                              dead_fraction=mean + e, status="ok")
+                         for v, mean in variants.items() for s, e in enumerate((-sd, 0.0, sd))])
+
+
+def test_c6_one_rival_is_enough_and_forms_come_uncentred_first():
+    from attnspace.claims import c6
+
+    # one rival only: decided against it; centred rows first in the data, rows come uncentred first
+    table = pd.concat([fig7({"asi_sparseadam": 0.1, "topk": 0.8}, centred=True),
+                       fig7({"topk": 0.2, "asi_sparseadam": 0.6, "asi": 0.7}, centred=False)])
+    rows = c6(table)
+    assert [(r["tested_on"].rsplit(", ", 1)[1], r["verdict"]) for r in rows] == [("uncentred", FAILS), ("centred", HOLDS)]
+    assert "topk 0.20 ± 0.01, asi_sparseadam 0.60 ± 0.01, asi 0.70 ± 0.01" in rows[0]["measured"]  # as in the data
+    # a form without ASI + SparseAdam is skipped, the other still decided
+    (row,) = c6(pd.concat([fig7({"topk": 0.2, "asi": 0.7}, centred=False),
+                           fig7({"asi_sparseadam": 0.1, "topk": 0.8}, centred=True)]))
+    assert row["tested_on"].endswith(", centred") and row["verdict"] == HOLDS
+    # neither form has it: not run
+    assert c6(fig7({"topk": 0.2, "asi": 0.7}, centred=False))[0]["verdict"] == NOT_RUN
+    # only the largest size counts
+    smaller = fig7({"asi_sparseadam": 0.9, "topk": 0.1}, centred=False, d_sae=256)
+    (row,) = c6(pd.concat([smaller, fig7({"asi_sparseadam": 0.1, "topk": 0.8}, centred=False)]))
+    assert row["verdict"] == HOLDS and "512 latents" in row["measured"]
+
+
+def test_c7_measured_numbers_and_rows_in_the_input_order():
+    table = pd.concat([lorsa((0.6, 0.4), (0.2, 0.1)).assign(model="z"), lorsa((0.5, 0.5), (0.3, 0.3)).assign(model="a")])
+    rows = c7(table)
+    assert [r["tested_on"] for r in rows] == ["z/ds L3", "a/ds L3"]
+    assert rows[0]["measured"] == "3 seeds: dead parameters 60.00 ± 1.00% -> 40.00 ± 1.00%, NMSE 0.20 ± 0.01 -> 0.10 ± 0.01"
+
+
+def test_c5_counts_a_run_in_both_sweeps_once_and_needs_all_three_variants():
+    fig6 = sweep({256: (1.0, 1.0, 0.5, 0.005), 512: (1.0, 1.0, 0.5, 0.05)})
+    fig7 = fig6[fig6["d_sae"] == 512].assign(fit_exponent=0.1)  # the 512 runs again, with Figure 7's extra column
+    (once,) = c5(fig6)
+    (twice,) = c5(pd.concat([fig6, fig7], ignore_index=True))
+    assert twice["measured"] == once["measured"] and "seed sd 0.050" in once["measured"]
+    (row,) = c5(fig6[fig6["variant"] != "topk_auxk"])
+    assert row["verdict"] == NOT_RUN and "lack one of ASI, TopK, TopK + AuxK" in row["measured"]
+    assert row["claim"] == "C5" and row["test"].startswith("per (d_sae, k) grid point")
