@@ -385,10 +385,12 @@ def all_sae_runs():
 
 
 def sae_run_bytes(path):
-    """Estimated training memory of one SAE run (attnspace.sae.group.training_bytes)."""
+    """Device memory of training one SAE run: attnspace.sae.group.training_bytes of its size, optimizer
+    and AuxK (a model within 10% of the measured peak, bench/results/memory_paper.csv)."""
     m = RUN_PATH.search(path)
-    return training_bytes(config["models"][m["model"]]["d_model"], parse_run_name(m["run"])["d_sae"],
-                          SAE["batch_size"])
+    run = parse_run_name(m["run"])
+    return training_bytes(config["models"][m["model"]]["d_model"], run["d_sae"], SAE["batch_size"],
+                          optimizer=run["optimizer"], auxk=run["auxk"], k=run["k"], k_aux=SAE["auxk"]["k_aux"])
 
 
 def sae_run_figures():

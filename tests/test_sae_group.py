@@ -179,12 +179,18 @@ def test_members_must_share_the_stream(stores, tmp_path):
 
 
 def test_training_bytes_by_hand():
-    # d_model 4, d_sae 8, batch 2: parameters 2*8*4 + 8 + 4 = 76 floats; weights, gradients, two
-    # moments: 76 * 4 * 4 = 1216 bytes; pre-activations 2 x 8 floats = 64 bytes
-    assert training_bytes(4, 8, 2) == 1216 + 64
-    # the paper's 32,768 latents on d 4096, batch 4096: 268,472,320 parameters -> 4,295,557,120 bytes,
-    # plus 4096 x 32768 x 4 = 536,870,912 bytes of pre-activations
-    assert training_bytes(4096, 32768, 4096) == 4_295_557_120 + 536_870_912
+    # d_model 4, d_sae 8, batch 2, k 2, Adam: P = 4 x 8 x 4 = 128 bytes a matrix; weights, moments and
+    # mirror 6.5 P = 832, dense gradients 2 P = 256, one [U, d] block with U = min(8, 2 x 2) = 4: 64;
+    # [B, d] tensors 20 x 2 x 4 = 160; 56 bytes for each of the 4 entries = 224
+    assert training_bytes(4, 8, 2, k=2) == 832 + 256 + 64 + 160 + 224
+    # SparseAdam: no dense gradients, three [U, d] blocks
+    assert training_bytes(4, 8, 2, optimizer="sparse_adam", k=2) == 832 + 3 * 64 + 160 + 224
+    # the paper's 1,048,576 latents on d 4096, batch 4096, Adam with AuxK (k 50 + k_aux 512): P = 16 GiB,
+    # every latent touched (U = n), 9.5 P + 20 B d + 56 B (k + k_aux): 163.7 GB, as measured (152.4 GiB)
+    P = 4 * 2**20 * 4096
+    assert training_bytes(4096, 2**20, 4096, auxk=True) == int(9.5 * P + 20 * 4096 * 4096 + 56 * 4096 * 562)
+    with pytest.raises(AttnspaceError, match="no memory model"):
+        training_bytes(4, 8, 2, optimizer="sgd")
 
 
 def test_pack_by_hand():
@@ -192,7 +198,8 @@ def test_pack_by_hand():
     # largest first: d 9 alone (budget 10: 9 + 5 > 10), then b 5 + a 3 + c 2 = 10, then e
     assert pack(items, 10, 8) == [["d"], ["b", "a", "c"], ["e"]]
     assert pack(items, 10, 2) == [["d"], ["b", "a"], ["c", "e"]]
-    assert pack([("big", 50), ("x", 1)], 10, 8) == [["big"], ["x"]]  # larger than the budget: alone
+    with pytest.raises(AttnspaceError, match=r"SAE run bigger needs .* budget .*; 1 more runs too"):
+        pack([("big", 50), ("x", 1), ("bigger", 60)], 10, 8)  # larger than the budget: refused, not alone
     assert pack([], 10, 8) == []
 
 

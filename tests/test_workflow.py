@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from attnspace.sae.group import training_bytes
+from attnspace.sae.runs import parse_run_name
 from conftest import REPO
 
 FIGURES = ("fig1", "fig2a", "fig2b", "fig3", "fig4", "fig5", "fig6", "fig7", "fig8", "fig9")
@@ -114,8 +116,8 @@ def all_run_folders(cfg: dict, d_model: int) -> set[str]:
 
 def expected_sae_groups(cfg: dict, d_model: int) -> list[tuple[tuple[str, ...], list[str]]]:
     """The SAE groups the memory model gives, computed here by hand: runs drawn by the same figures
-    at the same layer and site, sorted by memory (float32 weights, gradients and two Adam moments:
-    16 bytes per parameter, plus 4 x batch x d_sae bytes of pre-activations), largest first, each
+    at the same layer and site, sorted by memory (attnspace.sae.group.training_bytes of the run's size,
+    optimizer and AuxK: the measured peak, tests/test_memory.py), largest first, each
     added to the last group while it fits sae.group.memory_gb and max_members. (figures, folders) each."""
     from attnspace.defaults import schema_default
 
@@ -128,8 +130,9 @@ def expected_sae_groups(cfg: dict, d_model: int) -> list[tuple[tuple[str, ...], 
     streams: dict[tuple, list[tuple[int, str]]] = {}
     for folder in all_run_folders(cfg, d_model):
         figures = tuple(name for name in ("fig5", "fig6", "fig7", "fig4") if folder in by_figure.get(name, ()))
-        n = int(folder.rsplit("-n", 1)[1].split("-")[0])
-        memory = 16 * (2 * n * d_model + n + d_model) + 4 * batch * n
+        run = parse_run_name(folder.rsplit("/", 1)[1])
+        memory = training_bytes(d_model, run["d_sae"], batch, optimizer=run["optimizer"], auxk=run["auxk"], k=run["k"],
+                                k_aux=sae.get("auxk", {}).get("k_aux", schema_default("sae.auxk.k_aux")))
         streams.setdefault((figures, folder.rsplit("/", 1)[0]), []).append((memory, folder))
     groups = []
     for (figures, _), runs in streams.items():
@@ -223,9 +226,9 @@ def test_whole_config_plans_every_job_once(configfile, tmp_path):
 
 
 def test_a_node_of_gpus_spreads_each_group_over_its_devices(tmp_path):
-    """sae.group.devices 8 on the paper configuration: each member names its GPU, every GPU's estimated
-    memory (16 bytes a parameter + 4 x batch x d_sae, computed here) stays within memory_gb unless one
-    SAE alone exceeds it, and the node's groups are fewer than one device's."""
+    """sae.group.devices 8 on the paper configuration: each member names its GPU, every GPU's memory
+    (training_bytes of each member) stays within memory_gb unless one SAE alone exceeds it, and the
+    node's groups are fewer than one device's."""
     import shlex
 
     cfg = yaml.safe_load((REPO / "config/paper.yaml").read_text())
@@ -244,9 +247,10 @@ def test_a_node_of_gpus_spreads_each_group_over_its_devices(tmp_path):
         for i, a in enumerate(argv):
             if a == "--member":
                 own = shlex.split(argv[i + 1])
-                n = int(own[own.index("--run") + 1].rsplit("-n", 1)[1].split("-")[0])
-                per_gpu.setdefault(int(own[own.index("--gpu") + 1]), []).append(
-                    16 * (2 * n * 4096 + n + 4096) + 4 * batch * n)
+                run = parse_run_name(own[own.index("--run") + 1])
+                per_gpu.setdefault(int(own[own.index("--gpu") + 1]), []).append(training_bytes(
+                    4096, run["d_sae"], batch, optimizer=run["optimizer"], auxk=run["auxk"], k=run["k"],
+                    k_aux=cfg["sae"]["auxk"]["k_aux"]))
         assert set(per_gpu) <= set(range(8))
         for sizes in per_gpu.values():
             assert sum(sizes) <= budget or len(sizes) == 1
