@@ -60,6 +60,27 @@ def gguf_input(wildcards):
     return []
 
 
+def folder_files(path):
+    """Every file under a local folder (hidden ones left out), sorted: as rule inputs, a file changed,
+    added or removed there reruns the rule and everything downstream of it."""
+    root = Path(path).expanduser()
+    return sorted(str(p) for p in root.rglob("*")
+                  if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts))
+
+
+def local_model_files(wildcards):
+    """A ``kind: local`` model's folder, file by file (prepare_model's inputs); nothing for the other kinds."""
+    source = model_cfg(wildcards)["source"]
+    return folder_files(source["path"]) if source["kind"] == "local" else []
+
+
+def local_corpus_files(wildcards):
+    """A dataset read from a local folder of data files (``kind: hub`` with a folder as path), file by
+    file (the tokenize rules' inputs); nothing for hub ids and embedded corpora."""
+    source = dataset_cfg(wildcards)["source"]
+    return folder_files(source["path"]) if source["kind"] == "hub" and Path(source["path"]).is_dir() else []
+
+
 def cache_hash(wildcards):
     """Changes whenever what the cache holds would change (the SAE store's length is not part of it)."""
     tokens = {k: v for k, v in config["tokens"].items() if k != "sae_train_tokens"}

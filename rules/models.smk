@@ -33,6 +33,7 @@ rule fetch_gguf:
 rule prepare_model:
     input:
         gguf=gguf_input,
+        local=local_model_files,
     output:
         manifest="resources/models/{model}/prepared.json",
     params:

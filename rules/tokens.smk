@@ -4,6 +4,7 @@
 rule tokenize:
     input:
         model=prepared_model,
+        corpus=local_corpus_files,
     output:
         "results/tokens/{model}/{dataset}.npz",
     params:
@@ -36,6 +37,7 @@ rule tokenize:
 rule tokenize_sae:
     input:
         model=prepared_model,
+        corpus=local_corpus_files,
     output:
         "results/tokens/{model}/{dataset}.sae.npz",
     params:

@@ -159,3 +159,56 @@ def test_non_finite_weights_are_refused_when_the_model_is_prepared(tiny_llama, t
     with pytest.raises(ModelError, match=r"model.layers.1.self_attn.o_proj.weight holds 1 NaN or infinite"):
         prepare(folder, tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
+
+
+# --- local folders as rule inputs --------------------------------------------------------------
+
+def planned(root: Path, *targets: str) -> list[tuple[str, str]]:
+    """(rule, reason) of each job a dry run of ``targets`` plans, sorted."""
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    r = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--configfile", "config.yaml",
+                        "-n", *targets], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    jobs, rule = [], None
+    for line in r.stdout.splitlines():
+        if line.startswith("rule "):
+            rule = line.split()[1].rstrip(":")
+        elif line.strip().startswith("reason:"):
+            jobs.append((rule, line.split("reason:", 1)[1].strip()))
+    return sorted(jobs)
+
+
+def test_a_changed_local_model_folder_or_corpus_reruns_what_depends_on_it(tiny_llama, tmp_path):
+    """A finished prepare and tokenize (outputs newer than every input), then one file of a local
+    corpus changes: only that corpus's tokens are planned, naming the file; then one file of the
+    local model folder changes: the model is prepared again, naming the file."""
+    model = copy_of(tiny_llama, tmp_path, "model")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "part-0.jsonl").write_text("".join(json.dumps({"text": f"document {i} " * 40}) + "\n" for i in range(60)))
+    cfg = tiny_config(model)
+    cfg["datasets"] = {"pydocs": cfg["datasets"]["pydocs"], "mine": {"source": {"kind": "hub", "path": "corpus"}}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    prepared = tmp_path / "resources" / "models" / "tiny" / "prepared.json"
+    prepared.parent.mkdir(parents=True)
+    prepared.write_text(json.dumps({"source": cfg["models"]["tiny"]["source"], "n_layers": 4, "d_model": 48}))
+    tokens = [tmp_path / "results" / "tokens" / "tiny" / f"{name}.npz" for name in ("pydocs", "mine")]
+    tokens[0].parent.mkdir(parents=True)
+    for path in tokens:
+        path.write_bytes(b"")
+    now = prepared.stat().st_mtime
+    for path in [*model.iterdir(), *corpus.iterdir()]:
+        os.utime(path, (now - 1000, now - 1000))
+    os.utime(prepared, (now - 500, now - 500))
+    targets = [str(p.relative_to(tmp_path)) for p in tokens]
+
+    (corpus / "part-0.jsonl").write_text((corpus / "part-0.jsonl").read_text().replace("document 7 ", "changed 7 "))
+    assert planned(tmp_path, *targets) == [("tokenize", "Updated input files: corpus/part-0.jsonl")]
+
+    for path in tokens:
+        path.touch()
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "rms_norm_eps": 1e-5}))
+    jobs = planned(tmp_path, *targets)
+    assert [rule for rule, _ in jobs] == ["prepare_model", "tokenize", "tokenize"]
+    assert jobs[0][1] == f"Updated input files: {model / 'config.json'}"
