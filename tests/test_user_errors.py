@@ -125,3 +125,146 @@ def test_shell_commands_quote_every_path():
     found = [f"{path.name}: {line.strip()}" for path in sorted((REPO / "rules").glob("*.smk"))
              for line in path.read_text().splitlines() if unquoted.search(line) and 'f"' not in line]
     assert not found, found
+
+
+# ----------------------------------------------------------------------------- corpora
+
+def corpus(folder: Path, data: bytes) -> dict:
+    """A local corpus folder (datasets reads it like a hub dataset) holding one JSONL file."""
+    folder.mkdir()
+    (folder / "data.jsonl").write_bytes(data)
+    return {"kind": "hub", "path": str(folder)}
+
+
+E_ACUTE = "é".encode("latin-1")
+LATIN1 = b'{"text": "a plain line of text"}\n{"text": "caf' + E_ACUTE + b' au lait"}\n'
+
+
+@pytest.mark.parametrize("data, words", [
+    (b"", ["holds no data", "JSONL"]),
+    (LATIN1, [f"data.jsonl (byte {LATIN1.index(E_ACUTE)}): not UTF-8", "convert the file to UTF-8"]),
+    (b'{"content": "a plain line of text"}\n', ["a row has no field 'text' (columns ['content'])", "text_field"]),
+    (b'{"text": "a plain line of text"}\n{"text": null}\n', ["a row has null in 'text'", "text_field"]),
+    (b'{"text": 12}\n', ["a row has a int, not text, in 'text'"]),
+])
+def test_broken_local_corpus_is_one_line_naming_the_file(tmp_path, data, words):
+    from attnspace.corpora import CorpusError, documents
+
+    source = corpus(tmp_path / "corpus", data)
+    with pytest.raises(CorpusError) as e:
+        list(documents(source, seed=0))
+    line = e.value.line()
+    assert str(tmp_path / "corpus") in line and "Fix:" in line, line
+    for word in words:
+        assert word in line, line
+
+
+def test_a_good_local_corpus_reads_every_document(tmp_path):
+    from attnspace.corpora import documents
+
+    texts = [f"document number {i} é" for i in range(5)]
+    source = corpus(tmp_path / "corpus", "".join(f'{{"text": "{t}"}}\n' for t in texts).encode())
+    assert sorted(documents(source, seed=0)) == sorted(texts)
+
+
+def test_tokenize_command_reports_a_broken_corpus_on_one_line(tiny_llama, tmp_path, capsys):
+    import json
+
+    source = corpus(tmp_path / "corpus", b'{"body": "x"}\n')
+    one_line_error(capsys, ["tokenize", "--model-dir", str(tiny_llama), "--source", json.dumps(source),
+                            "--max-doc-tokens", "64", "--train-tokens", "256", "--heldout-tokens", "64",
+                            "--out", str(tmp_path / "t.npz")], "no field 'text'")
+    assert not (tmp_path / "t.npz").exists()
+
+
+# ----------------------------------------------------------------------------- SAE folders of other libraries
+
+def test_saelens_and_llamascopium_fields_are_type_checked(tmp_path):
+    import torch
+
+    from test_interop import D, N, llamascopium_folder, saelens_folder
+
+    cases = {
+        "string_bool": (saelens_folder, {"apply_b_dec_to_input": "false"}, None,
+                        "apply_b_dec_to_input is 'false' (str), not true or false"),
+        "string_rescale": (saelens_folder, {"architecture": "topk", "k": 4, "rescale_acts_by_decoder_norm": "no"},
+                           None, "rescale_acts_by_decoder_norm is 'no'"),
+        "metadata_list": (saelens_folder, {"metadata": ["blocks.0.hook_attn_out"]}, None,
+                          "metadata is a list, not a mapping"),
+        "dtype": (saelens_folder, {"dtype": "int8"}, None, "dtype is 'int8'"),
+        "int_weights": (saelens_folder, {}, {"W_enc": torch.ones(D, N, dtype=torch.int32)},
+                        "encoder.weight has dtype int32"),
+        "ls_string_bool": (llamascopium_folder, {"sparsity_include_decoder_norm": "true"}, None,
+                           "sparsity_include_decoder_norm is 'true' (str)"),
+        "ls_bool_top_k": (llamascopium_folder, {"top_k": True}, None, "top_k is missing or not a positive integer (got True)"),
+    }
+    for name, (make, cfg, tensors, words) in cases.items():
+        folder = make(tmp_path / name, cfg, tensors)
+        with pytest.raises(SystemExit) as e:  # export-sae's refusals end the command with their line
+            main(["export-sae", str(folder), "--to", "llamascopium", str(tmp_path / "x")])
+        line = str(e.value.code)
+        assert str(folder) in line and words in line and "Fix:" in line and "\n" not in line, line
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_real_false_is_read_as_false(tmp_path):
+    """apply_b_dec_to_input false against true on the same weights: x - b_dec enters the encoder or not."""
+    import torch
+
+    from attnspace.interop import read_sae_files
+    from test_interop import D, saelens_folder
+
+    b_dec = torch.arange(D, dtype=torch.float32)
+    read = {flag: read_sae_files(saelens_folder(tmp_path / str(flag), {"apply_b_dec_to_input": flag},
+                                                {"b_dec": b_dec}))
+            for flag in (False, True)}
+    assert read[False].hyper["apply_decoder_bias_to_pre_encoder"] is False
+    assert read[True].hyper["apply_decoder_bias_to_pre_encoder"] is True
+
+
+# ----------------------------------------------------------------------------- flags
+
+@pytest.fixture(scope="module")
+def sae_and_store(tmp_path_factory):
+    """A LlamaScope-format SAE (d 8, 24 features) and a held-out store of 64 rows at attn_out."""
+    import numpy as np
+
+    from attnspace.store import StoreWriter
+    from test_llamascope import write_folder
+
+    root = tmp_path_factory.mktemp("dead")
+    rng = np.random.default_rng(0)
+    sae = write_folder(root / "sae", rng.standard_normal((24, 8)), np.zeros(24), rng.standard_normal((8, 24)),
+                       np.zeros(8), jump_relu_threshold=0.1, hook_point_in="blocks.0.hook_attn_out",
+                       hook_point_out="blocks.0.hook_attn_out")
+    rows = 64
+    with StoreWriter(root / "L0.zarr", model="m", dataset="d", layer=0, split="heldout", n_rows=rows,
+                     sites={"attn_out": 8}, logical_dtype="float32", chunk_rows=32, shard_rows=64) as w:
+        w.append({"attn_out": rng.standard_normal((rows, 8)).astype(np.float32)}, np.zeros(rows, np.int32),
+                 np.zeros(rows, np.int32), np.arange(rows, dtype=np.int32), np.ones(rows, bool))
+    return sae, root / "L0.zarr"
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--site", "attn_out", "--tokens", "1"], ["--tokens 1", "at least 2"]),
+    (["--site", "attn_out", "--tokens", "0"], ["--tokens 0", "leave it out"]),
+    (["--site", "bogus"], ["--site bogus", "holds the sites ['attn_out']"]),
+])
+def test_dead_features_flags_are_refused_naming_the_flag(sae_and_store, tmp_path, capsys, flags, words):
+    sae, store = sae_and_store
+    one_line_error(capsys, ["dead-features", str(sae), str(store), *flags, "--out", str(tmp_path / "r.json")], *words)
+    assert not (tmp_path / "r.json").exists()
+    assert main(["dead-features", str(sae), str(store), "--site", "attn_out", "--tokens", "2",
+                 "--out", str(tmp_path / "r.json")]) == 0
+    assert '"n_tokens": 2' in (tmp_path / "r.json").read_text()
+
+
+def test_plan_of_a_broken_or_impossible_configuration_is_one_line(tiny_llama, tmp_path, capsys):
+    (tmp_path / "broken.yaml").write_text("models: {tiny: [1, 2}\n")
+    one_line_error(capsys, ["plan", "--configfile", str(tmp_path / "broken.yaml")], "broken.yaml, line 1",
+                   "not valid YAML")
+    cfg = single(tiny_llama, "model_and_dataset")
+    cfg["tokens"]["max_doc_tokens"] = 4096
+    (tmp_path / "long.yaml").write_text(yaml.safe_dump(cfg))
+    one_line_error(capsys, ["plan", "--configfile", str(tmp_path / "long.yaml"), "--directory", str(tmp_path)],
+                   "tokens.max_doc_tokens = 4096 exceeds the context of tiny")

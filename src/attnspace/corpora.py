@@ -31,6 +31,7 @@ from typing import Iterator
 
 import numpy as np
 
+from attnspace.errors import AttnspaceError
 from attnspace.files import write_npz
 
 SPLITS = ("train", "heldout")
@@ -103,18 +104,62 @@ def token_supply(source: dict, max_doc_tokens: int) -> int | None:
     return sum(min(size + 1, max_doc_tokens) for size in sizes)
 
 
+class CorpusError(AttnspaceError, ValueError):
+    """A corpus the run cannot read or that cannot fill its budget; names the file or dataset and the fix."""
+
+
+def _first_non_utf8(folder: Path) -> str:
+    """'<file> (byte N)' of the first data file under ``folder`` that is not UTF-8, or the folder."""
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        offset = 0
+        with open(path, "rb") as f:
+            for line in f:
+                try:
+                    line.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    return f"{path} (byte {offset + e.start})"
+                offset += len(line)
+    return str(folder)
+
+
+def _local_folder(source: dict) -> Path | None:
+    path = Path(source["path"])
+    return path if path.is_dir() else None
+
+
 def hub_documents(source: dict, seed: int, buffer_size: int = 10_000) -> Iterator[str]:
-    """Documents streamed from a hub dataset, shuffled in a buffer with ``seed``."""
+    """Documents streamed from a hub dataset or a local folder of data files, shuffled in a buffer
+    with ``seed``. A local folder with no data, bytes that are not UTF-8, or a row whose text field
+    is missing, null or not text is refused naming the file or row and the fix."""
     try:
         import datasets
     except ImportError as e:
-        raise RuntimeError("hub datasets need the `datasets` package. Fix: pip install 'attnspace[hub]'.") from e
-    ds = datasets.load_dataset(source["path"], source.get("name"), split=source.get("split", "train"),
-                               revision=source.get("revision"), streaming=True)
-    ds = ds.shuffle(seed=seed, buffer_size=buffer_size)
+        raise AttnspaceError("hub datasets need the `datasets` package.", fix="pip install 'attnspace[hub]'.") from e
+    folder, where = _local_folder(source), source["path"]
+    if folder is not None and not any(p.is_file() and p.stat().st_size for p in folder.rglob("*")):
+        raise CorpusError(f"{folder}: the corpus folder holds no data (no file, or only empty files).",
+                          fix="put the corpus's data files (JSONL with one text per row) there.")
     field = source.get("text_field", "text")
-    for row in ds:
-        yield row[field]
+    try:
+        ds = datasets.load_dataset(source["path"], source.get("name"), split=source.get("split", "train"),
+                                   revision=source.get("revision"), streaming=True)
+        for i, row in enumerate(ds.shuffle(seed=seed, buffer_size=buffer_size)):
+            text = row.get(field)
+            if not isinstance(text, str):
+                state = ("has no field" if field not in row else "has null in" if text is None
+                         else f"has a {type(text).__name__}, not text, in")
+                raise CorpusError(f"{where}: a row {state} {field!r} (columns {sorted(row)}).",
+                                  fix=f"set source.text_field to the column holding the text, or remove rows "
+                                      f"without text.")
+            yield text
+    except UnicodeDecodeError as e:
+        found = _first_non_utf8(folder) if folder is not None else where
+        raise CorpusError(f"{found}: not UTF-8 text ({e.reason}).", fix="convert the file to UTF-8.") from None
+    except (RuntimeError, ValueError) as e:
+        if folder is None or isinstance(e, CorpusError):
+            raise
+        raise CorpusError(f"{folder}: datasets cannot read the corpus folder ({' '.join(str(e).split())[:300]}).",
+                          fix="give it JSONL, CSV, Parquet or text files, one document per row.") from None
 
 
 # ----------------------------------------------------------------------------- tokens
@@ -206,7 +251,7 @@ def tokenize_documents(documents: Iterator[str], tokenizer, *, max_doc_tokens: i
         while count < budget:
             ids = next(docs, None)
             if ids is None:
-                raise ValueError(f"the corpus ran out after {dealt + count} tokens but {total} are configured "
+                raise CorpusError(f"the corpus ran out after {dealt + count} tokens but {total} are configured "
                                  f"({budgets}). Fix: lower tokens.train_tokens / tokens.heldout_tokens / "
                                  "tokens.sae_train_tokens, or use a larger corpus.")
             out.append(ids)
@@ -251,7 +296,8 @@ def training_documents(source: dict, seed: int, tokenizer, *, max_doc_tokens: in
     while count < heldout_tokens:
         ids = next(docs, None)
         if ids is None:
-            raise ValueError(f"the corpus ran out inside the held-out split ({count} of {heldout_tokens} tokens)")
+            raise CorpusError(f"the corpus ran out inside the held-out split ({count} of {heldout_tokens} tokens).",
+                              fix="lower tokens.heldout_tokens, or use a larger corpus.")
         count += len(ids)
     yield from docs
 

@@ -53,13 +53,15 @@ import torch
 from torch import Tensor
 
 from attnspace.files import read_safetensors, write_json, write_safetensors
-from attnspace.llamascope import LlamaScopeError
+from attnspace.llamascope import LlamaScopeError, flag
 
 FORMATS = ("llamascope", "saelens", "llamascopium")
 EXPORT_FORMATS = ("saelens", "llamascopium")
 CONFIG_FILES = {"llamascope": "hyperparams.json", "saelens": "cfg.json", "llamascopium": "config.json"}
 LLAMASCOPIUM_WEIGHTS = ("sae_weights.safetensors", "checkpoints/final.safetensors")
 SAELENS_ARCHITECTURES = ("standard", "topk", "jumprelu")
+SAELENS_DTYPES = ("float32", "float16", "bfloat16", "float64")
+"""The dtypes a SAELens cfg.json may name (with or without torch.)."""
 SAELENS_CFG_VERSION = "6.0.0"
 """The SAELens cfg.json format written (metadata block, architecture names)."""
 LLAMASCOPIUM_ACT_FNS = ("relu", "topk", "jumprelu")
@@ -164,20 +166,31 @@ def _read_saelens(folder: Path) -> SAEFiles:
                 f"{cfg_path}: {key} is {cfg[key]!r}; only 'none' is read, since the folder does not hold the "
                 "scaling a local SAELens folder would need. Fix: fold it into the weights in SAELens "
                 "(e.g. sae.fold_activation_norm_scaling_factor(f)) and save again.")
+    dtype = cfg.get("dtype", "float32")
+    if not (isinstance(dtype, str) and dtype.removeprefix("torch.") in SAELENS_DTYPES):
+        raise LlamaScopeError(f"{cfg_path}: dtype is {dtype!r}; SAELens SAEs run in one of {SAELENS_DTYPES}.",
+                              "write the dtype the weights were saved in, e.g. \"float32\".")
     d, n = _int(cfg, "d_in", cfg_path), _int(cfg, "d_sae", cfg_path)
     tensors = _weights(weights_path, folder)
     W_enc = _need(tensors, "W_enc", (d, n), weights_path, "d_in, d_sae")
     b_enc = _need(tensors, "b_enc", (n,), weights_path, "d_sae")
     W_dec = _need(tensors, "W_dec", (n, d), weights_path, "d_sae, d_in")
     b_dec = _need(tensors, "b_dec", (d,), weights_path, "d_in")
-    hook = (cfg.get("metadata") or {}).get("hook_name") or cfg.get("hook_name")
+    metadata = cfg.get("metadata") or {}
+    if not isinstance(metadata, dict):
+        raise LlamaScopeError(f"{cfg_path}: metadata is a {type(metadata).__name__}, not a mapping of keys.",
+                              "write metadata as a JSON object ({\"hook_name\": ...}), as SAELens saves it.")
+    hook = metadata.get("hook_name") or cfg.get("hook_name")
+    if hook is not None and not isinstance(hook, str):
+        raise LlamaScopeError(f"{cfg_path}: hook_name is {hook!r}, not a string.", "write the hook's name, e.g. "
+                              "blocks.15.hook_attn_out.")
     hyper = dict(d_model=d, d_sae=n, hook_point_in=hook, hook_point_out=hook, norm_activation="none",
-                 apply_decoder_bias_to_pre_encoder=bool(cfg.get("apply_b_dec_to_input", True)),
+                 apply_decoder_bias_to_pre_encoder=flag(cfg, "apply_b_dec_to_input", True, cfg_path),
                  use_decoder_bias=True, source_format="saelens", saelens_architecture=arch)
     out = {"encoder.weight": W_enc.T, "encoder.bias": b_enc, "decoder.weight": W_dec.T, "decoder.bias": b_dec}
     if arch == "topk":
         hyper.update(act_fn="topk", top_k=_int(cfg, "k", cfg_path),
-                     sparsity_include_decoder_norm=bool(cfg.get("rescale_acts_by_decoder_norm", False)))
+                     sparsity_include_decoder_norm=flag(cfg, "rescale_acts_by_decoder_norm", False, cfg_path))
     else:  # relu(pre) * (pre > threshold); 'standard' is threshold 0
         if arch == "jumprelu":
             if "threshold" not in tensors and "log_threshold" in tensors:
@@ -199,7 +212,7 @@ def _read_llamascopium(folder: Path) -> SAEFiles:
     if cfg.get("sae_type") != "sae":
         raise LlamaScopeError(f"{cfg_path}: sae_type {cfg.get('sae_type')!r} is not read; only plain SAEs "
                               "(sae_type 'sae') are, not crosscoders, transcoders across layers or Lorsa.")
-    if cfg.get("use_glu_encoder"):
+    if flag(cfg, "use_glu_encoder", False, cfg_path):
         raise LlamaScopeError(f"{cfg_path}: use_glu_encoder is true; only the linear encoder is read.")
     act_fn = str(cfg.get("act_fn", "relu")).lower()
     if act_fn not in LLAMASCOPIUM_ACT_FNS:
@@ -222,11 +235,11 @@ def _read_llamascopium(folder: Path) -> SAEFiles:
     W_E = _need(tensors, "W_E", (d, n), weights_path, "d_model, d_sae")
     b_E = _need(tensors, "b_E", (n,), weights_path, "d_sae")
     W_D = _need(tensors, "W_D", (n, d), weights_path, "d_sae, d_model")
-    use_bias = bool(cfg.get("use_decoder_bias", True))
+    use_bias = flag(cfg, "use_decoder_bias", True, cfg_path)
     b_D = _need(tensors, "b_D", (d,), weights_path, "d_model") if use_bias else torch.zeros(d, dtype=W_D.dtype)
     mode = cfg.get("norm_activation", "dataset-wise")
     hyper = dict(d_model=d, d_sae=n, hook_point_in=hook_in, hook_point_out=hook_out,
-                 sparsity_include_decoder_norm=bool(cfg.get("sparsity_include_decoder_norm", True)),
+                 sparsity_include_decoder_norm=flag(cfg, "sparsity_include_decoder_norm", True, cfg_path),
                  apply_decoder_bias_to_pre_encoder=False, use_decoder_bias=use_bias, source_format="llamascopium")
     if mode == "dataset-wise":
         norms = {}

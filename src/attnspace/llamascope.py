@@ -118,6 +118,11 @@ def load_llamascope(folder: Path | str, d_model: int | None = None, dtype=torch.
         if tuple(tensors[name].shape) != want:
             raise LlamaScopeError(f"{weights_path}: {name} has shape {tuple(tensors[name].shape)}, "
                                   f"expected {want} ({', '.join(shape_names)}).")
+    for name in (*TENSORS, "threshold"):
+        if name in tensors and not tensors[name].dtype.is_floating_point:
+            dtype_name = str(tensors[name].dtype).removeprefix("torch.")
+            raise LlamaScopeError(f"{weights_path}: {name} has dtype {dtype_name}; SAE weights are floating point "
+                                  "(float32, float16 or bfloat16).", _REFETCH)
     for name in TENSORS:
         bad = int((~torch.isfinite(tensors[name].float())).sum())
         if bad:
@@ -134,7 +139,7 @@ def load_llamascope(folder: Path | str, d_model: int | None = None, dtype=torch.
             _positive(norms_cfg[side], f"{hyper_path}: dataset_average_activation_norm.{side}")
     f_in = math.sqrt(dims["d_model"]) / norms_cfg["in"] if dataset_wise else 1.0
     f_out = math.sqrt(dims["d_model"]) / norms_cfg["out"] if dataset_wise else 1.0
-    include_norm = bool(hyper.get("sparsity_include_decoder_norm", True))
+    include_norm = flag(hyper, "sparsity_include_decoder_norm", True, hyper_path)
 
     n = W_dec.norm(dim=0)  # [d_sae]
     folded = not torch.allclose(n, torch.ones_like(n), atol=1e-4)
@@ -159,14 +164,14 @@ def load_llamascope(folder: Path | str, d_model: int | None = None, dtype=torch.
         # Rule without: pre > theta f_in -> pre' > theta f_in * n.
         threshold = base * n if (folded and not include_norm) else base
     else:
-        if not isinstance(hyper.get("top_k"), int) or hyper["top_k"] < 1 or hyper["top_k"] > dims["d_sae"]:
+        top_k = hyper.get("top_k")
+        if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= dims["d_sae"]:
             raise LlamaScopeError(f"{hyper_path}: act_fn topk needs an integer top_k from 1 to d_sae.", _REFETCH)
-        top_k = hyper["top_k"]
         # Ranking on pre (without the decoder norm) after folding: pre = pre' / n.
         rank_scale = 1.0 / n if (folded and not include_norm) else None
+    pre_bias = flag(hyper, "apply_decoder_bias_to_pre_encoder", False, hyper_path)
     sae = LlamaScopeSAE(W_enc.contiguous(), b_enc, W_dec.contiguous(), b_dec, act_fn, threshold, top_k, rank_scale,
-                        f_in, f_out, bool(hyper.get("apply_decoder_bias_to_pre_encoder", False)), hyper, folded,
-                        str(folder))
+                        f_in, f_out, pre_bias, hyper, folded, str(folder))
     return check_sae(sae, folder)
 
 
@@ -174,6 +179,18 @@ _REFETCH = ("fetch, train or export the SAE again; the folder is damaged or was 
             "writer (LlamaScope layout, SAELens, llamascopium).")
 HOOK_POINT = re.compile(r"^blocks\.(?P<layer>\d+)\.hook_(?P<site>\w+)$")
 """LlamaScope / TransformerLens hook names, e.g. blocks.15.hook_attn_out."""
+
+
+def flag(record: dict, key: str, default: bool, path: Path) -> bool:
+    """A true/false setting of an SAE configuration file: JSON true or false, or absent (``default``).
+    A string such as "false" is refused (Python's bool("false") is True)."""
+    value = record.get(key, default)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise LlamaScopeError(f"{path}: {key} is {value!r} ({type(value).__name__}), not true or false.",
+                              f"write true or false without quotes as {key}.")
+    return value
 
 
 def _positive(value, what: str) -> None:

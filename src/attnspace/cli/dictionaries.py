@@ -227,14 +227,21 @@ def cmd_sae_runs_table(a):
 
 def cmd_dead_features(a):
     from attnspace.dead_features import evaluate_dead_features
+    from attnspace.errors import AttnspaceError
     from attnspace.files import write_json
     from attnspace.llamascope import load_llamascope
     from attnspace.store import open_store
 
     from attnspace.sae.io import refuse_failed_run
 
+    if a.tokens is not None and a.tokens < 2:
+        raise AttnspaceError(f"--tokens {a.tokens}: the dead count and NMSE need at least 2 held-out tokens.",
+                             fix="give --tokens 2 or more, or leave it out to use every held-out token.")
     refuse_failed_run(a.sae_dir)  # a failed run's folder holds no SAE, whatever files are left in it
     store = open_store(Path(a.activations))
+    if a.site not in store.sites:
+        raise AttnspaceError(f"--site {a.site}: {a.activations} holds the sites {list(store.sites)}.",
+                             fix="pick one of them (the site the SAE was trained on).")
     sae = load_llamascope(a.sae_dir, d_model=store.width(a.site))
     record = evaluate_dead_features(sae, store, a.site, n_tokens=a.tokens)
     key = {"model": store.model, "dataset": store.dataset, "layer": store.layer, "site": a.site}
@@ -269,7 +276,7 @@ def cmd_export_sae(a):
     try:
         out = export_sae(a.sae_dir, a.to, a.out_dir)
     except (LlamaScopeError, FileExistsError) as err:
-        raise SystemExit(f"export-sae: {err}") from None
+        raise SystemExit(f"export-sae: {err.line() if isinstance(err, LlamaScopeError) else err}") from None
     log.info("%s -> %s (%s)", a.sae_dir, out, a.to)
 
 
