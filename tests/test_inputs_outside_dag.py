@@ -143,6 +143,18 @@ def test_a_broken_local_folder_is_refused_on_one_line(tiny_llama, tmp_path, case
         assert prepare(folder, tmp_path / "hf")["d_model"] == 48
 
 
+@pytest.mark.parametrize("case", ["config not JSON", "config a list"])
+def test_a_broken_local_config_is_refused_when_the_workflow_loads(tiny_llama, tmp_path, case):
+    """Snakemake's config checks read the folder's config.json before any job: one line, no traceback."""
+    from attnspace.config import ConfigError, check_config, check_models_on_disk
+
+    cfg = tiny_config(broken(tiny_llama, tmp_path, case))
+    for check in (check_config, lambda c: check_models_on_disk(c, tmp_path)):
+        with pytest.raises(ConfigError, match="models.tiny.source.path: .*" + CASES[case]) as e:
+            check(cfg)
+        assert "Fix:" in str(e.value) and "\n" not in str(e.value)
+
+
 def test_a_bin_beside_safetensors_is_never_read(tiny_llama, tmp_path):
     """A pickle planted beside the safetensors weights: the safetensors are what is loaded."""
     folder = copy_of(tiny_llama, tmp_path)

@@ -156,7 +156,7 @@ def _check_semantics(config: dict) -> None:
             if not cfg_path.is_file():
                 raise ConfigError(f"models.{name}.source.path = {src['path']!r} has no config.json. "
                                   "Fix: point it at a folder written by transformers' save_pretrained.")
-            model_type = json.loads(cfg_path.read_text()).get("model_type")
+            model_type = _model_config(cfg_path, f"models.{name}.source.path", _LOCAL_FIX).get("model_type")
             family = SUPPORTED_MODEL_TYPES.get(model_type)
             if family is None:
                 raise ConfigError(
@@ -491,9 +491,22 @@ def _text_config(cfg: dict) -> dict:
     return cfg.get("text_config") or cfg
 
 
-def _config_facts(path: Path) -> dict:
+_LOCAL_FIX = "point it at a folder written by transformers' save_pretrained"
+
+
+def _model_config(path: Path, key: str, fix: str) -> dict:
+    """A model's config.json, which must be a JSON object; ConfigError naming ``key``, the file and ``fix``."""
+    from attnspace.models import ModelError, read_model_config
+
+    try:
+        return read_model_config(path, fix)
+    except ModelError as e:
+        raise ConfigError(f"{key}: {e.line()}") from None
+
+
+def _config_facts(path: Path, key: str, fix: str = _LOCAL_FIX) -> dict:
     """n_layers, d_model and context (max_position_embeddings) from a transformers config.json."""
-    cfg = _text_config(json.loads(path.read_text()))
+    cfg = _text_config(_model_config(path, key, fix))
     return {"n_layers": cfg.get("num_hidden_layers"), "d_model": cfg.get("hidden_size"),
             "context": cfg.get("max_position_embeddings")}
 
@@ -516,7 +529,7 @@ def check_models_on_disk(config: dict, root: Path | str = ".") -> None:
         facts, origin = None, None
         if src["kind"] == "local":
             origin = Path(src["path"]) / "config.json"
-            facts = _config_facts(origin)
+            facts = _config_facts(origin, f"models.{name}.source.path")
         elif src["kind"] == "pypi_gguf" and (folder / "model.gguf").is_file():
             gguf, prepared = folder / "model.gguf", folder / "prepared.json"
             try:
@@ -531,7 +544,8 @@ def check_models_on_disk(config: dict, root: Path | str = ".") -> None:
                 facts = {k: record.get(k) for k in ("n_layers", "d_model")}
                 origin = folder / "prepared.json"
                 if (folder / "hf" / "config.json").is_file():
-                    facts["context"] = _config_facts(folder / "hf" / "config.json")["context"]
+                    facts["context"] = _config_facts(folder / "hf" / "config.json", f"models.{name}",
+                                                     f"rm {folder / 'prepared.json'} and rerun snakemake")["context"]
         if facts is None:
             continue
         cap, context = config["tokens"]["max_doc_tokens"], facts.get("context")
