@@ -494,17 +494,18 @@ def _text_config(cfg: dict) -> dict:
 _LOCAL_FIX = "point it at a folder written by transformers' save_pretrained"
 
 
-def _model_config(path: Path, key: str, fix: str) -> dict:
-    """A model's config.json, which must be a JSON object; ConfigError naming ``key``, the file and ``fix``."""
+def _model_config(path: Path, key: str | None, fix: str) -> dict:
+    """A model's config.json, which must be a JSON object; ConfigError naming ``key`` (if given), the file
+    and ``fix``."""
     from attnspace.models import ModelError, read_model_config
 
     try:
         return read_model_config(path, fix)
     except ModelError as e:
-        raise ConfigError(f"{key}: {e.line()}") from None
+        raise ConfigError(f"{key}: {e.line()}" if key else e.line()) from None
 
 
-def _config_facts(path: Path, key: str, fix: str = _LOCAL_FIX) -> dict:
+def _config_facts(path: Path, key: str | None = None, fix: str = _LOCAL_FIX) -> dict:
     """n_layers, d_model and context (max_position_embeddings) from a transformers config.json."""
     cfg = _text_config(_model_config(path, key, fix))
     return {"n_layers": cfg.get("num_hidden_layers"), "d_model": cfg.get("hidden_size"),
