@@ -208,6 +208,38 @@ def test_the_cli_records_the_store_it_read(stores, tmp_path, caplog, monkeypatch
     assert hyper["inputs"] == {"train": store_identity(new)}
 
 
+def test_a_live_streams_identity_names_its_model_tokens_source_and_seeds(stores, tmp_path):
+    """What the CLI records for a live stream changes with each of the prepared model's files, the
+    token file's bytes, the source and its seed; for a cached stream, it is the store's identity."""
+    from argparse import Namespace
+
+    from attnspace.cli.dictionaries import _stream_inputs
+    from attnspace.models import FILES_FORMAT, FILES_RECORD
+
+    model = tmp_path / "hf"
+    model.mkdir()
+    (model / FILES_RECORD).write_text(json.dumps({"format": FILES_FORMAT, "sha256": {"model.safetensors": "ab"}}))
+    (tmp_path / "tokens.npz").write_bytes(b"tokens")
+    shared = Namespace(live_source='{"kind": "embedded", "name": "python_docs"}', model_dir=str(model),
+                       tokens=str(tmp_path / "tokens.npz"), live_seed=0, live_batch_docs=8)
+    base = _stream_inputs(shared, None)
+
+    def changed(**kw) -> list[str]:
+        now = _stream_inputs(Namespace(**{**vars(shared), **kw}), None)
+        return sorted(k for k in base if base[k] != now[k])
+
+    assert changed() == []
+    assert changed(live_seed=1) == ["seed"] and changed(live_batch_docs=4) == ["batch_docs"]
+    assert changed(live_source='{"kind": "embedded", "name": "python_code"}') == ["source"]
+    (tmp_path / "tokens.npz").write_bytes(b"tokenz")
+    assert changed() == ["tokens"]
+    (tmp_path / "tokens.npz").write_bytes(b"tokens")
+    (model / FILES_RECORD).write_text(json.dumps({"format": FILES_FORMAT, "sha256": {"model.safetensors": "cd"}}))
+    assert changed() == ["model"]
+    old, _, _ = stores
+    assert _stream_inputs(Namespace(live_source=None), old) == {"train": store_identity(old)}
+
+
 def load_file_header(path) -> str:
     from safetensors import safe_open
 
