@@ -196,3 +196,17 @@ def test_load_config_is_the_strict_reader(tmp_path):
     (tmp_path / "c.yaml").write_text((REPO / "config.yaml").read_text().replace("seed: 0", "seed: 010", 1))
     with pytest.raises(ConfigError, match="010 is an octal number"):
         load_config(tmp_path / "c.yaml")
+
+
+def test_the_tokens_job_refuses_documents_beyond_a_model_prepared_in_the_same_run(tiny_llama, tmp_path, capsys):
+    import json
+
+    from attnspace.cli import main
+
+    argv = ["tokenize", "--model-dir", str(tiny_llama), "--source", json.dumps({"kind": "embedded",
+            "name": "python_docs"}), "--train-tokens", "64", "--heldout-tokens", "64", "--out", str(tmp_path / "t.npz")]
+    assert main([*argv, "--max-doc-tokens", "513"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: tokens.max_doc_tokens = 513 exceeds the model's context, 512 tokens (max_position_embeddings "
+                   f"of {tiny_llama / 'config.json'}). Fix: set tokens.max_doc_tokens to at most 512.")
+    assert not (tmp_path / "t.npz").exists()

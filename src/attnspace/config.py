@@ -512,6 +512,17 @@ def _config_facts(path: Path, key: str | None = None, fix: str = _LOCAL_FIX) -> 
             "context": cfg.get("max_position_embeddings")}
 
 
+def check_context(model_dir: Path | str, max_doc_tokens: int) -> None:
+    """Refuse documents longer than the context of the model saved in ``model_dir`` (its config.json's
+    max_position_embeddings); the tokens job checks it, since a model fetched in the same run is not on
+    disk when the configuration is checked."""
+    path = Path(model_dir) / "config.json"
+    context = _config_facts(path)["context"] if path.is_file() else None
+    if context and max_doc_tokens > context:
+        raise ConfigError(f"tokens.max_doc_tokens = {max_doc_tokens} exceeds the model's context, {context} tokens "
+                          f"(max_position_embeddings of {path}). Fix: set tokens.max_doc_tokens to at most {context}.")
+
+
 def check_models_on_disk(config: dict, root: Path | str = ".") -> None:
     """Each model's declared n_layers and d_model against its own metadata, read without its weights,
     and tokens.max_doc_tokens against its context where its config.json is on disk.

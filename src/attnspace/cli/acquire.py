@@ -36,8 +36,10 @@ def cmd_prepare_model(a):
 def cmd_tokenize(a):
     from transformers import AutoTokenizer
 
+    from attnspace.config import check_context
     from attnspace.corpora import documents, save_tokens, tokenize_documents
 
+    check_context(a.model_dir, a.max_doc_tokens)
     tokenizer = AutoTokenizer.from_pretrained(a.model_dir)
     budgets = {"train": a.train_tokens, "heldout": a.heldout_tokens}
     if a.sae_train_tokens:
