@@ -38,9 +38,10 @@ def fig5(asi: dict[int, float], random: dict[int, float], base: float, sd: float
                              nmse=0.3, dead_fraction=mean + e, status="ok"))
 
     add("base", None, base)
-    for d in asi:
-        add("asi", d, asi[d])
-        add("random_subspace", d, random[d])
+    for d, mean in asi.items():
+        add("asi", d, mean)
+    for d, mean in random.items():
+        add("random_subspace", d, mean)
     return pd.DataFrame(rows)
 
 
@@ -221,3 +222,39 @@ def test_c5_counts_a_run_in_both_sweeps_once_and_needs_all_three_variants():
     (row,) = c5(fig6[fig6["variant"] != "topk_auxk"])
     assert row["verdict"] == NOT_RUN and "lack one of ASI, TopK, TopK + AuxK" in row["measured"]
     assert row["claim"] == "C5" and row["test"].startswith("per (d_sae, k) grid point")
+
+
+def test_c4_d_inits_seeds_and_measured_numbers():
+    # ASI at d_init 8, 16, 64, the random subspace at 8, 16, 32: only 8 and 16 are compared;
+    # at 8 ASI ties the random subspace (not below both), at 16 it is below both
+    f = fig5({8: 0.5, 16: 0.2, 64: 0.2}, {8: 0.5, 16: 0.9, 32: 0.9}, base=0.9, sd=0.1)
+    f = f.drop(f.index[(f["init"] == "base") & (f["seed"] == 2)])  # the base init has 2 seeds, the others 3
+    (row,) = c4(f)
+    assert row["tested_on"] == "m/ds L3 attn_out, 512 latents, k 8, uncentred"
+    assert row["measured"] == ("uncentred, 2 seeds: ASI below both at 1/2 d_init, above one at 0/2; dead fraction "
+                               "(mean ± sd) at d_init 8: ASI 0.50 ± 0.10 / random 0.50 ± 0.10, 16: ASI 0.20 ± 0.10 / "
+                               "random 0.90 ± 0.10; base 0.85 ± 0.07")
+    one_seed = fig5({8: 0.2}, {8: 0.9}, base=0.9, sd=0.0)
+    (row,) = c4(one_seed[one_seed["seed"] == 0].drop(columns="centred"))  # no centred column: the uncentred form
+    assert row["tested_on"].endswith(", uncentred") and row["measured"].endswith("8: ASI 0.20 / random 0.90; base 0.90")
+
+
+def test_c4_forms_in_order_and_a_form_without_base_runs_skipped():
+    good = fig5({8: 0.2}, {8: 0.9}, base=0.9)
+    no_base = good[good["init"] != "base"].assign(centred=False)
+    rows = c4(pd.concat([good.assign(centred=True), good]))
+    assert [r["tested_on"].rsplit(", ", 1)[1] for r in rows] == ["uncentred", "centred"]
+    assert rows[1]["measured"].startswith("centred, 3 seeds")
+    (row,) = c4(pd.concat([no_base, good.assign(centred=True)]))
+    assert row["tested_on"].endswith(", centred") and row["verdict"] == HOLDS
+    (row,) = c4(no_base)
+    assert row["verdict"] == NOT_RUN and row["measured"] == "not run: no finished base / ASI / random-subspace runs"
+    assert (row["claim"], row["statement"], row["paper"]) == ("C4", c4(None)[0]["statement"], c4(None)[0]["paper"])
+
+
+def test_c1_without_interval_columns_is_inconclusive():
+    from test_claims import idim_rows
+
+    idim = pd.DataFrame(idim_rows("a", [(0.1, 0.8, 0.9)] * 3)).drop(columns=["fraction_lo", "fraction_hi"])
+    row = c1(idim)[0]
+    assert row["verdict"] == INCONCLUSIVE and "no interval" in row["measured"]
