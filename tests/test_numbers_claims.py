@@ -258,3 +258,36 @@ def test_c1_without_interval_columns_is_inconclusive():
     idim = pd.DataFrame(idim_rows("a", [(0.1, 0.8, 0.9)] * 3)).drop(columns=["fraction_lo", "fraction_hi"])
     row = c1(idim)[0]
     assert row["verdict"] == INCONCLUSIVE and "no interval" in row["measured"]
+
+
+def test_c1_intervals_that_touch_decide_nothing_and_point_ties_are_not_lowest():
+    from test_claims import idim_rows
+
+    from attnspace.claims import attention_lowest
+
+    # half width 0.125, all exact in binary: layer 0, attention's interval [0.125, 0.375] touches MLP's
+    # [0.375, 0.625]; layer 1, it touches the residual's; layer 2, attention [0.625, 0.875] touches MLP's
+    # [0.375, 0.625] from above; layer 3, below both with room: holds. Touching is neither below nor above.
+    trios = [(0.25, 0.5, 0.75), (0.25, 0.75, 0.5), (0.75, 0.5, 1.0), (0.25, 0.75, 1.0)]
+    idim = pd.DataFrame(idim_rows("a", trios, half_width=0.125))
+    cases = attention_lowest(idim, 0.99)
+    assert list(cases["case"]) == [INCONCLUSIVE, INCONCLUSIVE, INCONCLUSIVE, HOLDS]
+    (row, _) = c1(idim)
+    assert "lowest beyond the intervals in 1/4 layers, above another site in 0/4, inconclusive in 3/4" in row["measured"]
+    assert "[mean 90% interval]" in row["measured"]
+    # point estimates: tied with the MLP output is not lowest, nor below it; below the MLP only is not lowest
+    ties = attention_lowest(pd.DataFrame(idim_rows("a", [(0.5, 0.5, 0.9), (0.5, 0.9, 0.5), (0.5, 0.9, 0.3)])), 0.99)
+    assert list(ties["attn_lowest"]) == [False, False, False] and list(ties["attn_below_mlp"]) == [False, True, True]
+
+
+def test_c1_counts_each_outcome_and_names_the_level():
+    from test_claims import idim_rows
+
+    idim = pd.DataFrame(idim_rows("b", [(0.4, 0.8, 0.9), (0.5, 0.8, 0.3), (0.40, 0.8, 0.43)])
+                        + idim_rows("a", [(0.4, 0.8, 0.9)]))
+    rows = c1(idim)
+    assert [r["tested_on"].split(":")[0] for r in rows] == ["a/ds", "b/ds", "all"]  # the layers' table is sorted
+    assert "in 1/3 layers, above another site in 1/3, inconclusive in 1/3" in rows[1]["measured"]
+    assert rows[1]["verdict"] == INCONCLUSIVE
+    no_level = c1(idim.drop(columns="level"))[0]["measured"]
+    assert "mean fraction [mean interval]" in no_level and "%" not in no_level
