@@ -100,6 +100,39 @@ def test_paper_plan_shows_the_scale(tmp_path):
     groups = len(expected_sae_groups(cfg, 4096))
     assert groups < len(sae) and (sae["forward_tokens"] >= whole_batches).sum() == groups
     assert sae["forward_tokens"].sum() == groups * whole_batches + expected_members(cfg, "fig6", 4096) * 3 * 65536
+    # peaks: every GPU job fits an H200's 139 GiB; the 1M-latent SparseAdam run trains alone on one GPU with
+    # the live model: the memory model of its step (6.5 P + 3 G + 20 B d + 56 B k bytes, P = G = 4 x 1M x 4096
+    # with U = min(n, B k) = 204,800 latents touched: G = 4 x 204,800 x 4096) plus the measured live model
+    measured = pd.read_csv(REPO / "bench/results/memory_paper.csv")
+    measured = measured[measured["code"] == "after"]
+    live = measured[measured["note"].str.contains("live forward")]["peak_gib"].iloc[0] * 2**30
+    assert 16 < live / 2**30 < 18  # bf16 weights of Llama-3.1-8B (14.96 GiB) and its live forward
+    P, G = 4 * 2**20 * 4096, 4 * 204_800 * 4096
+    big = sae[sae["job"].str.endswith("/asi-d768-sparse_adam-n1048576-k50")]["peak_bytes"].iloc[0]
+    assert big == int(6.5 * P + 3 * G + 20 * 4096 * 4096 + 56 * 4096 * 50) + int(live)
+    gpu = jobs[jobs["peak_bytes"].notna()]
+    assert set(gpu["stage"]) == {"train_sae", "cache_activations", "train_lorsa"}
+    assert gpu["peak_bytes"].max() <= 139 * 2**30
+    # a caching job's peak is its model's measured forward: Gemma-2-9B's bf16 weights (17.2 GiB) and more
+    assert cache.loc["gemma-2-9b/cci3", "peak_bytes"] / 2**30 > 17.2
+
+
+def test_a_job_too_large_for_its_gpu_is_refused_in_one_line(tmp_path):
+    """The paper's configuration on 100 GiB GPUs: its fullest SAE GPU (133.7 GiB with the live model) cannot
+    fit; attnspace plan says so in one line with the numbers and the fix, before anything runs."""
+    text = (REPO / "config/paper.yaml").read_text()
+    assert "gpu: {memory_gib: 139}" in text
+    configfile = tmp_path / "small_gpus.yaml"
+    configfile.write_text(text.replace("gpu: {memory_gib: 139}", "gpu: {memory_gib: 100}"))
+    exe = Path(sys.executable).parent / "attnspace"
+    r = subprocess.run([str(exe), "plan", "--configfile", str(configfile), "--directory", str(tmp_path)],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert r.returncode == 1
+    line = r.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: train_sae job llama-3.1-8b/slimpajama/L15/attn_out/")
+    assert "needs 133.7 GiB of GPU memory at its peak, more than the 100 GiB of one GPU (gpu.memory_gib)" in line
+    assert "more jobs too" in line and "Fix: lower sae.group.memory_gb" in line
+    assert not (tmp_path / "results").exists()
 
 
 def test_a_real_run_prints_its_plan_before_its_jobs_and_a_dry_run_does_not(tiny_llama, tmp_path):

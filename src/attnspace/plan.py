@@ -21,7 +21,14 @@ the plan counts exactly the arguments the jobs will get. Per job it counts
   first member) and the LM loss with an SAE spliced in (per member);
 * optimizer steps of SAEs and Lorsa;
 * GPU-hours of SAE training where a measured throughput exists
-  (``bench/results/sae_gpu_*.jsonl``); otherwise it says the number is unmeasured.
+  (``bench/results/sae_gpu_*.jsonl``); otherwise it says the number is unmeasured;
+* the device memory peak of each GPU job (``peak_bytes``): an SAE group's GPU holds its members
+  (:func:`attnspace.sae.group.training_bytes`, a model of the measured peak; per rank of a
+  feature-sharded run, its share of the latents) and, on the first GPU of a live-source group,
+  the model and its live forward; a caching job the model's forward, a Lorsa its training step;
+  the measured numbers are ``bench/results/memory_paper.csv``'s (``bench/memory.py``: the code run
+  with fake tensors at the paper's shapes). With the GPU's memory known (``gpu.memory_gib``) a job
+  whose peak exceeds it is refused (:func:`check_device_memory`) before anything runs.
 
 ``attnspace plan`` sums the jobs of a whole configuration before anything runs; a real run
 prints the same sums for the jobs it is about to execute (:func:`print_run_plan`, the
@@ -61,6 +68,9 @@ class PlanRow:
     forward_tokens: int = 0
     optimizer_steps: int = 0
     gpu_hours: float | None = None
+    peak_bytes: int | None = None
+    """Device memory peak of a GPU job (an SAE group member: of its GPU, shared members and live model
+    included); None where unmeasured or the job uses no GPU."""
     note: str = ""
 
 
@@ -94,6 +104,27 @@ def measured_throughput(root: Path = Path(".")) -> dict[tuple[str, int], float]:
     return out
 
 
+MEMORY_CSV = Path(__file__).resolve().parents[2] / "bench" / "results" / "memory_paper.csv"
+"""Measured peaks of the paper's GPU jobs (bench/memory.py), in this source tree."""
+
+GIB = 2**30
+
+
+def measured_memory(path: Path = MEMORY_CSV) -> dict[tuple[str, str], int]:
+    """{(what, model): peak bytes} from the memory measurement of the current code, where it exists:
+    ``("cache", m)`` the caching forward, ``("live", m)`` the weights and live forward that a live-source
+    SAE group keeps on its first GPU, ``("lorsa", m)`` a Lorsa training step."""
+    if not path.is_file():
+        return {}
+    out = {}
+    for r in pd.read_csv(path).itertuples(index=False):
+        if r.code != "after" or not isinstance(r.model, str):
+            continue
+        what = "lorsa" if r.kind == "lorsa" else "live" if "live forward" in str(r.note) else "cache"
+        out[(what, r.model)] = int(float(r.peak_gib) * GIB)
+    return out
+
+
 def plan_jobs(commands: list[list[str]], config: dict, root: Path = Path(".")) -> pd.DataFrame:
     """One :class:`PlanRow` per planned ``attnspace`` command (argv without the program name)."""
     from attnspace.cli import build_parser
@@ -103,11 +134,13 @@ def plan_jobs(commands: list[list[str]], config: dict, root: Path = Path(".")) -
 
     parser = build_parser()
     speed = measured_throughput(root)
+    memory = measured_memory()
     rows = []
     for argv in commands:
         a = parse_command(parser, argv)
         if a.command == "cache":
             rows.append(_cache_row(a, config, root))
+            rows[-1].peak_bytes = memory.get(("cache", a.model))
         elif a.command == "loss-recovered":
             d = config["models"][a.model]["d_model"]
             passes = 1 + len(a.spectra) * (1 + len(k_grid(d, **json.loads(a.k_grid))))  # clean; per site zero + each k
@@ -118,14 +151,80 @@ def plan_jobs(commands: list[list[str]], config: dict, root: Path = Path(".")) -
             rows.append(_sae_row(a, parse_run_name(a.run), config, speed))
         elif a.command == "train-sae-group":  # one row per member, parsed as its own train-sae command
             members = [parse_command(parser, m) for m in member_commands(argv)]
-            for i, m in enumerate(members):
-                rows.append(_sae_row(m, parse_run_name(m.run), config, speed, group_size=len(members), first=i == 0))
+            group = [_sae_row(m, parse_run_name(m.run), config, speed, group_size=len(members), first=i == 0)
+                     for i, m in enumerate(members)]
+            _group_peaks(group, members, config, memory)
+            rows += group
         elif a.command == "train-lorsa":
             n_tokens = config["tokens"]["train_tokens"]
             steps = a.epochs * (n_tokens // a.batch_tokens)
-            rows.append(PlanRow("train_lorsa", Path(a.out_dir).relative_to(Path(a.out_dir).parents[3]).as_posix(),
-                                optimizer_steps=steps))
+            job = Path(a.out_dir).relative_to(Path(a.out_dir).parents[3])
+            rows.append(PlanRow("train_lorsa", job.as_posix(), optimizer_steps=steps,
+                                peak_bytes=memory.get(("lorsa", job.parts[0]))))
     return pd.DataFrame([asdict(r) for r in rows], columns=list(PlanRow.__dataclass_fields__))
+
+
+def _group_peaks(rows: list[PlanRow], members: list, config: dict, memory: dict) -> None:
+    """Set each member row's peak_bytes to its GPU's: the members on that GPU (``--gpu``; per rank of a
+    ``--ranks`` run its share of the latents and the [B, d] tensors every rank holds whole) and, on the
+    first GPU of a live-source group, the model's weights and live forward (measured; unmeasured: left out,
+    with a note)."""
+    from attnspace.sae.group import training_bytes
+    from attnspace.sae.runs import parse_run_name
+
+    on_gpu: dict[int, int] = {}
+    for m in members:
+        run, ranks = parse_run_name(m.run), max(1, getattr(m, "ranks", 1) or 1)
+        d = config["models"][Path(m.out_dir).parts[-5]]["d_model"]
+        batch = m.batch_size or config["sae"]["batch_size"]
+        own = training_bytes(d, run["d_sae"] // ranks, batch, optimizer=run["optimizer"], auxk=run["auxk"],
+                             k=run["k"], k_aux=config["sae"]["auxk"]["k_aux"])
+        if ranks > 1:
+            own += 20 * batch * d
+        on_gpu[m.gpu or 0] = on_gpu.get(m.gpu or 0, 0) + own
+    model = Path(members[0].out_dir).parts[-5]
+    live = memory.get(("live", model), 0) if members[0].live_source else 0
+    for row, m in zip(rows, members):
+        gpu = m.gpu or 0
+        row.peak_bytes = on_gpu[gpu] + (live if gpu == 0 else 0)
+        if members[0].live_source and gpu == 0 and not live:
+            row.note = "; ".join(filter(None, [row.note, "peak without the live model (unmeasured)"]))
+
+
+def check_device_memory(jobs: pd.DataFrame, config: dict) -> None:
+    """Refuse (AttnspaceError, one line) a plan with a GPU job whose peak exceeds the GPU's memory
+    (``gpu.memory_gib``; None: unknown, nothing refused)."""
+    from attnspace.errors import AttnspaceError
+
+    device = (config.get("gpu") or {}).get("memory_gib")
+    if device is None or jobs.empty:
+        return
+    over = jobs[jobs["peak_bytes"].notna() & (jobs["peak_bytes"] > device * GIB)]
+    if over.empty:
+        return
+    worst = over.loc[over["peak_bytes"].idxmax()]
+    more = f" ({len(over) - 1} more jobs too)" if len(over) > 1 else ""
+    fix = ("lower sae.group.memory_gb to the GPU's memory less the live model, or shard the run "
+           "(sae.group.max_ranks), or train it with sparse_adam" if worst["stage"] == "train_sae"
+           else "run it on a GPU with more memory (gpu.memory_gib)")
+    raise AttnspaceError(f"{worst['stage']} job {worst['job']} needs {worst['peak_bytes'] / GIB:.1f} GiB of GPU "
+                         f"memory at its peak, more than the {device:g} GiB of one GPU (gpu.memory_gib){more}",
+                         fix=fix)
+
+
+def peaks_markdown(jobs: pd.DataFrame, config: dict) -> str:
+    """Each GPU job's peak (largest first), against the GPU's memory where it is known."""
+    device = (config.get("gpu") or {}).get("memory_gib")
+    gpu = jobs[jobs["peak_bytes"].notna()].sort_values("peak_bytes", ascending=False)
+    if gpu.empty:
+        return ""
+    lines = [f"| GPU job | peak GiB | of {device:g} GiB |" if device else "| GPU job | peak GiB |",
+             "|---|---|---|" if device else "|---|---|"]
+    for r in gpu.itertuples(index=False):
+        peak = f"{r.peak_bytes / GIB:.1f}"
+        lines.append(f"| {r.stage} {r.job} | {peak} | {r.peak_bytes / GIB / device:.0%} |" if device
+                     else f"| {r.stage} {r.job} | {peak} |")
+    return "\n".join(lines) + "\n"
 
 
 def _cache_row(a, config: dict, root: Path) -> PlanRow:

@@ -107,7 +107,7 @@ def cmd_gallery(a):
 def cmd_plan(a):
     from attnspace.config import check_models_on_disk, load_config
     from attnspace.files import write_csv
-    from attnspace.plan import plan_jobs, planned_commands, summary, summary_markdown
+    from attnspace.plan import check_device_memory, peaks_markdown, plan_jobs, planned_commands, summary, summary_markdown
 
     snakefile = Path(a.snakefile).resolve()
     configfile = Path(a.configfile).resolve() if a.configfile else None
@@ -118,6 +118,11 @@ def cmd_plan(a):
     if a.csv:
         write_csv(jobs, a.csv)
     print(summary_markdown(summary(jobs)), end="")
+    peaks = peaks_markdown(jobs, config)
+    if peaks:
+        print(f"\nPeak GPU memory per job (bench/results/memory_paper.csv, attnspace.sae.group.training_bytes):\n{peaks}",
+              end="")
+    check_device_memory(jobs, config)
 
 
 def cmd_config_keys(a):
