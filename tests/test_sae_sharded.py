@@ -1,7 +1,7 @@
 """Feature-sharded SAE training (attnspace.sae.sharded) on gloo CPU ranks, against one process.
 
 One process is the reference: :func:`attnspace.sae.train.train_sae` (the fast path) on the same store, the
-same seeds, so the same batches. 50 steps of each optimizer with ASI and AuxK (a dead window short
+same seeds, so the same batches; the sharded SAEs train as one group on one broadcast stream. 50 steps of each optimizer with ASI and AuxK (a dead window short
 enough that AuxK works from step 4 on) on 1, 2 and 4 ranks must give the one process's weights and
 metrics within :data:`RTOL`: the sharded step sums the decoder's terms in another order (per rank, then
 the all-reduce), so the two agree to float32 rounding, which 50 Adam steps carry to about 1e-6 here;
@@ -54,9 +54,9 @@ def probe_lm_eval(recon) -> dict:
 
 
 def _rank_job(root: str, out: str, optimizers: tuple[str, ...], stop_at: int = 0, kill_at: int = 0) -> None:
-    """Every rank: train one sharded SAE per optimizer on the planted stores in ``root``. In the first
-    optimizer's run, rank 1 sends SIGTERM to the launcher after step ``stop_at`` (SLURM's time limit)
-    and is killed (SIGKILL) after step ``kill_at`` (0: neither)."""
+    """Every rank: train one sharded SAE per optimizer, as one group on one stream, on the planted stores in
+    ``root``. Rank 1 sends SIGTERM to the launcher after step ``stop_at`` (SLURM's time limit) and is
+    killed (SIGKILL) after step ``kill_at`` (0: neither)."""
     torch.set_num_threads(1)
     train, heldout = open_store(os.path.join(root, "train.zarr")), open_store(os.path.join(root, "heldout.zarr"))
 
@@ -66,9 +66,8 @@ def _rank_job(root: str, out: str, optimizers: tuple[str, ...], stop_at: int = 0
         if torch.distributed.get_rank() == 1 and done == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    for i, opt in enumerate(optimizers):
-        train_sharded([Member(config(opt), os.path.join(out, opt), lm_eval=probe_lm_eval)], train, heldout,
-                      on_step=on_step if i == 0 else None)
+    members = [Member(config(opt), os.path.join(out, opt), lm_eval=probe_lm_eval) for opt in optimizers]
+    train_sharded(members, train, heldout, on_step=on_step)
 
 
 @pytest.fixture(scope="module")
@@ -134,21 +133,22 @@ def test_one_and_four_ranks_equal_one_process(stores, one_process, tmp_path, ran
 
 
 def test_a_stopped_or_killed_job_resumes_to_the_same_result_bitwise(stores, two_ranks, tmp_path):
-    """Reruns of the two-rank job. 1: SIGTERM to the launcher after Adam's step 15: the ranks agree on
-    a step, checkpoint it and stop. 2: resumes Adam; its rank 1 is killed after step 35 (the last
-    checkpoint is step 30): the job ends in one line naming that rank and its log. 3: resumes Adam
-    from step 30 and trains the other two afresh. All three equal the uninterrupted run bitwise."""
+    """Reruns of the two-rank job. 1: SIGTERM to the launcher after step 15: the ranks agree on a step,
+    checkpoint it and stop. 2: resumes; its rank 1 is killed after step 35 (the last checkpoint is
+    step 30): the job ends in one line naming that rank and its log. 3: resumes from step 30. Every
+    SAE of the group equals the uninterrupted run's bitwise."""
     job, logs = (str(stores), str(tmp_path), OPTIMIZERS), tmp_path / "logs"
     with pytest.raises(TrainingStopped, match="stopped by a signal on all 2 ranks"):
         launch(2, _rank_job, (*job, 15), log_dir=logs)
-    stopped = {step for _, _, step, _ in checkpoint_files(tmp_path / "adam")}
+    stopped = {step for opt in OPTIMIZERS for _, _, step, _ in checkpoint_files(tmp_path / opt)}
     assert len(stopped) == 1 and 15 <= stopped.pop() < 30
     with pytest.raises(AttnspaceError) as err:
         launch(2, _rank_job, (*job, 0, 35), log_dir=logs)
     line = err.value.line()
     assert line.startswith("rank 1 of 2 failed (killed by signal 9); its log: " + str(logs / "rank1.log"))
     assert "\n" not in line
-    assert sorted(step for _, _, step, _ in checkpoint_files(tmp_path / "adam")) == [30, 30]
+    for opt in OPTIMIZERS:
+        assert sorted(step for _, _, step, _ in checkpoint_files(tmp_path / opt)) == [30, 30]
     launch(2, _rank_job, job, log_dir=logs)
     assert "resuming" in (logs / "rank1.log").read_text()
     for opt in OPTIMIZERS:
@@ -200,10 +200,12 @@ def test_the_merged_sae_reads_like_one_process_in_dead_features_and_export_sae(s
 
 
 def test_bytes_per_step_counts_the_ring_collectives():
-    # 2 ranks, B 4, k 2, no AuxK, d 3: the all-gather sends the other rank 4 x 2 x 12 bytes; the all-reduce
-    # of [4, 3] float32 sends 2 (R - 1)/R of its 48 bytes.
-    assert bytes_per_step(4, 3, 2, 2) == 4 * 2 * 12 + 48
+    # 2 ranks, B 4, k 2, no AuxK, d 3: the batch (48 bytes), the all-gather sends the other rank 4 x 2 x 12
+    # bytes; the all-reduce of [4, 3] float32 sends 2 (R - 1)/R of its 48 bytes.
+    assert bytes_per_step(4, 3, 2, 2) == 48 + 4 * 2 * 12 + 48
     assert bytes_per_step(4, 3, 2, 1) == 0
+    # with AuxK (k_aux 1) on 4 ranks: the candidates of 3 others, [4, 2, 3] reduced, and the dead count
+    assert bytes_per_step(4, 3, 2, 4, k_aux=1) == 48 + 3 * 4 * 3 * 12 + 2 * 3 * (96 + 8) // 4
 
 
 def test_shard_ranks_takes_the_fewest_gpus_whose_share_fits():

@@ -21,7 +21,8 @@ The model, its loss and its optimizers are those of one process (:class:`TopKSAE
   all-reduce per parameter (:class:`ShardedMaskedAdam`).
 * Initialisation: every rank builds the one-process init from the same seed
   (:func:`attnspace.sae.init.initial_weights`: directions, ASI or random subspace, norm search) and
-  keeps its rows, so R does not change the directions (a transient n x d float32 on each rank's host).
+  keeps its rows, so R does not change the directions; the ranks take turns, so that the node's host
+  holds one whole init at a time (n x d in float64 and float32: 48 GiB at 1M x 4096).
 * Dead-latent statistics per shard (:class:`ShardTracker`); evaluation, ``reconstruct`` and the
   LM-loss splice run through the same collectives on every rank (:meth:`ShardedSAE.encode`, ``decode``).
 
@@ -31,8 +32,12 @@ per job, on rank 0's GPU, and every rank trains on the very same bits, which the
 and the replicated b_dec need (R model forwards on R GPUs need not agree to the bit). The cost is one
 broadcast of 64 MiB per step at the paper's B 4096, d 4096 (about 0.07 ms over NVLink).
 
-Bytes communicated per step and rank (ring collectives, float32, int64 ids), :func:`bytes_per_step`:
-all-gather of (R - 1) x B (k + k_aux') x 12 and all-reduce of 2 (R - 1)/R x B G d x 4 (G = 2 with AuxK).
+Bytes sent per step and rank (ring collectives), :func:`bytes_per_step`: the batch B d x 4, the
+all-gather (R - 1) x B (k + k_aux') x 12 (float32 values and int64 ids; 10 with the bf16 values of
+CUDA) and the all-reduce 2 (R - 1)/R x B G d x 4 (G = 2 with AuxK). At the paper's B 4096, d 4096,
+k 50, k_aux 512 (bf16 values): 214 MiB at R = 2 and 442 MiB at R = 8, 0.25 / 0.52 ms over NVLink
+(900 GB/s) and 4.5 / 9.3 ms over InfiniBand (50 GB/s), against a one-GPU step of about 75 ms at 1M
+latents (``bench/sae_sharded.py``).
 
 Checkpoints (:func:`checkpoint_files`): each rank writes ``train_state.rank<r>-of-<R>.step<s>.safetensors``
 (its shard, its moments, its dead counters and the stream's state) and, after a barrier (all ranks have
@@ -330,11 +335,15 @@ class ShardedRun(SAERun):
         if spectrum is not None and spectrum.components.shape[1] != d:
             raise ValueError(f"spectrum width {spectrum.components.shape[1]} != site width {d}")
         bias = sample.double().mean(0).float().to(device) * sae.norm_factor if sae.centred else None
-        W, bias, init = initial_weights(config.n_latents(d), d, config.k, config.init, x0,
-                                        torch.Generator().manual_seed(config.seed + 1), d_init=config.d_init,
-                                        source=spectrum if spectrum is not None else sample,
-                                        grid=config.init_norm_grid, decoder_bias=bias)
-        rows = W[sae.offset : sae.offset + sae.n_local]
+        for turn in range(self.ranks):  # in turn: one whole init (1M x 4096: 48 GiB) on the node's host at a time
+            if turn == self.rank:
+                W, bias, init = initial_weights(config.n_latents(d), d, config.k, config.init, x0,
+                                                torch.Generator().manual_seed(config.seed + 1), d_init=config.d_init,
+                                                source=spectrum if spectrum is not None else sample,
+                                                grid=config.init_norm_grid, decoder_bias=bias)
+                rows = W[sae.offset : sae.offset + sae.n_local].clone()
+                del W
+            dist.barrier()
         with torch.no_grad():
             sae.W_dec.copy_(rows)
             sae.W_enc.copy_(rows)
@@ -446,13 +455,16 @@ def merge_shards(shard_dir: Path, ranks: int, like: TopKSAE, out_dir: Path, *, m
 
 
 def bytes_per_step(batch: int, d: int, k: int, ranks: int, k_aux: int = 0, value_bytes: int = 4) -> int:
-    """Bytes each rank sends per training step (ring all-gather and all-reduce): the candidates
-    (values and int64 ids, min(k, n/R) + min(k_aux, n/R) per row) and the partial reconstructions."""
+    """Bytes each rank sends per training step with Adam or SparseAdam, ring collectives: the broadcast
+    batch [B, d] float32 (each rank forwards it once), the all-gather of the candidates (``k`` and
+    ``k_aux`` per row and rank, values of ``value_bytes``: 2 for the bf16 product on CUDA, and int64
+    ids), the all-reduce of the partial reconstructions [B, G, d] float32 (G = 2 with AuxK) and, with
+    AuxK, of the dead count. (MaskedAdam adds one 8-byte all-reduce per parameter.)"""
     if ranks == 1:
         return 0
-    gather = (ranks - 1) * batch * (k + k_aux) * (value_bytes + 8)
-    reduce = 2 * (ranks - 1) * batch * (2 if k_aux else 1) * d * 4 // ranks
-    return gather + reduce
+    groups = 2 if k_aux else 1
+    reduce = 2 * (ranks - 1) * (batch * groups * d * 4 + (8 if k_aux else 0)) // ranks
+    return batch * d * 4 + (ranks - 1) * batch * (k + k_aux) * (value_bytes + 8) + reduce
 
 
 # --- launch ------------------------------------------------------------------------------------------
@@ -465,7 +477,8 @@ def _free_port() -> int:
 
 
 def _rank_main(rank: int, ranks: int, port: int, log_path: str, fn: Callable, args: tuple) -> None:
-    """One rank: its log, its device (from LOCAL_RANK, before any CUDA work), the process group, then fn."""
+    """One rank: its log, its device (from LOCAL_RANK, before any CUDA work), the process group (NCCL where
+    CUDA is available, unless ATTNSPACE_SHARDED_BACKEND=gloo, which CPU tensors need), then fn."""
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
