@@ -58,7 +58,7 @@ def test_reader_refuses_other_encodings_and_non_mappings(tmp_path):
     (tmp_path / "latin.yaml").write_bytes("description: caf\xe9\n".encode("latin-1"))
     refused(tmp_path / "latin.yaml", "not UTF-8", "save the file as UTF-8")
     (tmp_path / "list.yaml").write_text("- models\n- datasets\n")
-    with pytest.raises(ConfigError, match="holds list, not a mapping"):
+    with pytest.raises(ConfigError, match="list.yaml: the configuration is empty or not a mapping \\(got list\\)"):
         read_config_files([tmp_path / "list.yaml"])
 
 

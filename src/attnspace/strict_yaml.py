@@ -151,8 +151,9 @@ def read_config_files(paths, overrides=None) -> dict:
     config: dict = {}
     for path in paths:
         doc = load_yaml(path)
-        if not isinstance(doc, dict):
-            raise _error(f"{path}: holds {type(doc).__name__}, not a mapping of keys.",
-                         "write key: value entries at the top level, like config.yaml.")
+        if not isinstance(doc, dict) or not doc:
+            raise _error(f"{path}: the configuration is empty or not a mapping (got {type(doc).__name__}).",
+                         "pass --configfile config.yaml (the embedded default) or config/paper.yaml, or a YAML "
+                         "file of key: value entries like them.")
         merge_config(config, doc)
     return merge_config(config, dict(overrides or {}))
