@@ -247,19 +247,16 @@ def load_file_header(path) -> str:
         return f.metadata()["attnspace"]
 
 
-def test_store_identity_names_the_rows_not_the_build():
-    """The same rows written twice (another build time) have one identity; one changed row does not."""
-    import tempfile
-    from pathlib import Path
-
+def test_store_identity_names_the_rows_not_the_build(tmp_path):
+    """The same rows written twice (another build time, another folder) have one identity; one
+    changed value does not."""
     x = planted(1024, 9)
-    with tempfile.TemporaryDirectory() as tmp:
-        a = write_store(Path(tmp) / "a.zarr", x, chunk_rows=256, shard_rows=512)
-        b = write_store(Path(tmp) / "b.zarr", x, chunk_rows=256, shard_rows=512)
-        y = x.copy()
-        y[700, 3] += 1e-3
-        c = write_store(Path(tmp) / "c.zarr", y, chunk_rows=256, shard_rows=512)
-        assert store_identity(a) == store_identity(b) != store_identity(c)
+    a = write_store(tmp_path / "a.zarr", x, chunk_rows=256, shard_rows=512)
+    b = write_store(tmp_path / "b.zarr", x, chunk_rows=256, shard_rows=512)
+    y = x.copy()
+    y[700, 3] += 1e-3
+    c = write_store(tmp_path / "c.zarr", y, chunk_rows=256, shard_rows=512)
+    assert store_identity(a) == store_identity(b) != store_identity(c)
 
 
 # --- failed SAE runs ---------------------------------------------------------------------------
