@@ -58,7 +58,7 @@ def test_the_prepared_folder_records_the_sha256_of_every_file(prepared):
     assert record["files"] == stored and record["identity"] == recorded_identity(out) == verify_prepared(out)
 
 
-def test_flipped_bytes_in_the_prepared_weights_are_refused_at_load(prepared, tmp_path):
+def test_flipped_bytes_in_the_prepared_weights_are_refused_at_load(prepared, tmp_path, capsys):
     """The reported case: 64 flipped bytes in model.safetensors of the prepared folder."""
     out, _ = prepared
     copy = copy_of(out.parent, tmp_path) / "hf"
@@ -70,6 +70,15 @@ def test_flipped_bytes_in_the_prepared_weights_are_refused_at_load(prepared, tmp
     with pytest.raises(ModelError, match="model.safetensors: SHA-256 differs") as e:
         load_model(copy)
     assert "rm " in e.value.line() and "prepared.json" in e.value.line()
+    # the reported path: a forced rerun of the caching job stops there, on one line, writing nothing
+    from attnspace.cli import main
+
+    rc = main(["cache", "--model-dir", str(copy), "--tokens", str(tmp_path / "tokens.npz"), "--model", "tiny",
+               "--dataset", "d", "--layers", "1", "--sites", "attn_out", "--out-dir", str(tmp_path / "acts"),
+               "--record", str(tmp_path / "cache.json")])
+    assert rc == 1 and not (tmp_path / "acts").exists() and not (tmp_path / "cache.json").exists()
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: ") and "model.safetensors: SHA-256 differs" in err and "Fix: rm " in err
 
 
 @pytest.mark.parametrize("damage", ["config.json", "tokenizer.json", FILES_RECORD])
