@@ -291,3 +291,126 @@ def test_c1_counts_each_outcome_and_names_the_level():
     assert rows[1]["verdict"] == INCONCLUSIVE
     no_level = c1(idim.drop(columns="level"))[0]["measured"]
     assert "mean fraction [mean interval]" in no_level and "%" not in no_level
+
+
+def test_compare_with_an_empty_side_or_one_seed_cannot_tell():
+    assert compare([], [1.0]) == 0 and compare([1.0], []) == 0 and compare([], [1.0], noise=0.1) == 0
+    assert compare([np.nan, np.nan], [1.0, 1.1], noise=0.1) == 0  # no finite seed on one side
+    assert compare([0.1, 0.2, 0.3], [0.9]) == 0 and compare([0.9], [0.1, 0.2, 0.3]) == 0
+    assert compare([0.1, 0.2], [0.9, 1.0]) == -1  # two seeds a side are enough
+
+
+def c2_curves(pairs: list[tuple[str, float, float]]) -> pd.DataFrame:
+    from test_claims import wo_curve
+
+    return pd.concat([wo_curve(model, 200, w, z) for model, w, z in pairs])
+
+
+def test_c2_share_of_wo_and_a_tie_fails():
+    from attnspace.claims import c2, tail_drops
+
+    wo = c2_curves([("tie", 3.0, 3.0), ("more", 9.0, 3.0)])
+    drops = tail_drops(wo).set_index("model")
+    assert drops.loc["tie", "wo_share"] == 0.5 and drops.loc["more", "wo_share"] == pytest.approx(0.75)
+    verdicts = {r["tested_on"]: r["verdict"] for r in c2(wo)}
+    assert verdicts["tie/ds L3"] == FAILS  # W^O drops no more decades than Z: the tail is not W^O's
+    assert verdicts["more/ds L3"] == HOLDS
+    assert "W^O's share 75%" in [r for r in c2(wo) if r["tested_on"] == "more/ds L3"][0]["measured"]
+
+
+def test_c2_both_terms_flat_has_no_share():
+    from attnspace.claims import tail_drops
+
+    assert np.isnan(tail_drops(c2_curves([("flat", 0.0, 0.0)]))["wo_share"].iloc[0])
+
+
+def dead_table(model: str, sites=("resid_post", "attn_out", "mlp_out")) -> pd.DataFrame:
+    rng = np.random.default_rng(0)
+    idim = rng.random(9)
+    return pd.DataFrame(dict(model=model, dataset="ds", layer=np.repeat([0, 1, 2], 3), site=list(sites) * 3,
+                             dead_fraction=1 - idim, intrinsic_dim_fraction=idim))
+
+
+@pytest.mark.parametrize("rho, p, verdict", [
+    (-0.5, 0.01, HOLDS), (0.5, 0.01, FAILS), (0.0, 0.01, INCONCLUSIVE),
+    (-0.5, 0.05, INCONCLUSIVE), (0.5, 0.05, INCONCLUSIVE),  # p must be below alpha = 0.05
+])
+def test_c3_rule_at_its_boundaries(monkeypatch, rho, p, verdict):
+    from attnspace import dead_features
+    from attnspace.claims import c3
+
+    monkeypatch.setattr(dead_features, "dead_vs_dimension", lambda g: dict(spearman_rho=rho, p_value=p, n=len(g)))
+    assert c3(dead_table("m"))[0]["verdict"] == verdict
+
+
+def test_c3_rows_and_site_means_in_the_input_order():
+    from attnspace.claims import c3
+
+    rows = c3(pd.concat([dead_table("z"), dead_table("a")]))
+    assert [r["tested_on"] for r in rows] == ["z/ds, 3 layers x 3 sites", "a/ds, 3 layers x 3 sites"]
+    assert "mean dead fraction resid_post " in rows[0]["measured"]
+    assert rows[0]["measured"].index("resid_post") < rows[0]["measured"].index("attn_out") < rows[0]["measured"].index("mlp_out")
+
+
+def sweep_seeds(points: dict[int, dict[str, tuple[float, float, int]]]) -> pd.DataFrame:
+    """Figure 6/7 runs, uncentred: per d_sae and variant (mean NMSE, seed sd, seeds); seeds 1 is a run once,
+    2 sits at mean -+ sd / sqrt(2) and 3 at mean -sd, 0, +sd (seed sd exactly sd in both cases)."""
+    offsets = {1: (0.0,), 2: (-1 / np.sqrt(2), 1 / np.sqrt(2)), 3: (-1.0, 0.0, 1.0)}
+    rows = []
+    for n, variants in points.items():
+        for variant, (mean, sd, seeds) in variants.items():
+            for seed, e in enumerate(offsets[seeds]):
+                rows.append(dict(model="m", dataset="ds", layer=3, site="attn_out", run=f"{variant}-{n}-{seed}",
+                                 variant=variant, init="x", d_init=16, d_sae=n, k=8, seed=seed, centred=False,
+                                 nmse=mean + sd * e, dead_fraction=0.5, status="ok"))
+    return pd.DataFrame(rows)
+
+
+NOISY = {4096: dict(topk=(1.0, 0.05, 3), topk_auxk=(1.0, 0.05, 3), asi=(0.5, 0.05, 3))}
+"""A replicated point with seed sd 0.05 (decided: 0.5 apart): the noise for points run once is 0.05."""
+
+
+@pytest.mark.parametrize("seeds", [2, 3])
+def test_c5_a_replicated_point_is_judged_on_its_own_seeds(seeds):
+    # seed sd 0.01, ASI 0.05 below both: beyond 2 x its own sd (holds), within 2 x the noise 0.05
+    point = {256: dict(topk=(0.30, 0.01, seeds), topk_auxk=(0.30, 0.01, seeds), asi=(0.25, 0.01, seeds))}
+    (row,) = c5(sweep_seeds({**NOISY, **point}))
+    assert "below both at 2/2" in row["measured"] and "seed sd 0.050" in row["measured"]
+
+
+@pytest.mark.parametrize("once", ["asi", "topk", "topk_auxk"])
+def test_c5_a_point_with_one_side_run_once_is_judged_against_the_noise(once):
+    # ASI 0.2 below both; the noise (0.05) decides it; its own seeds could not (one side has one)
+    point = {256: {v: (m, 0.01, 1 if v == once else 3) for v, m in (("topk", 0.5), ("topk_auxk", 0.5), ("asi", 0.3))}}
+    (row,) = c5(sweep_seeds({**NOISY, **point}))
+    assert "below both at 2/2" in row["measured"]
+
+
+@pytest.mark.parametrize("topk, auxk, counts", [
+    (0.5, 0.25, "below both at 1/2 points, above one at 0/2"),  # ASI (0.25) below TopK, tied with AuxK
+    (0.25, 0.5, "below both at 1/2 points, above one at 0/2"),  # tied with TopK, below AuxK
+    (0.5, 0.1, "below both at 1/2 points, above one at 1/2"),  # above AuxK only
+    (0.1, 0.5, "below both at 1/2 points, above one at 1/2"),  # above TopK only
+])
+def test_c5_one_comparison_at_a_time(topk, auxk, counts):
+    point = {256: dict(topk=(topk, 0.01, 3), topk_auxk=(auxk, 0.01, 3), asi=(0.25, 0.01, 3))}
+    (row,) = c5(sweep_seeds({**NOISY, **point}))
+    assert counts in row["measured"] and row["tested_on"] == "m/ds L3 attn_out"
+
+
+def test_c5_ratio_to_the_better_rival():
+    point = {256: dict(topk=(0.4, 0.01, 3), topk_auxk=(0.5, 0.01, 3), asi=(0.2, 0.01, 3))}
+    (row,) = c5(sweep_seeds({**NOISY, **point}))
+    assert "NMSE ASI / best of TopK, AuxK: 0.50-0.50 (median 0.50)" in row["measured"]  # 0.2 / 0.4 and 0.5 / 1.0
+
+
+def test_c6_measured_and_tested_on_in_full():
+    from attnspace.claims import c6
+
+    (row,) = c6(fig7({"asi_sparseadam": 0.1, "topk": 0.8}, centred=True))
+    assert row["tested_on"] == "m/ds L3 attn_out, k 8, centred"
+    assert row["measured"] == "512 latents, centred, 3 seeds: dead fraction asi_sparseadam 0.10 ± 0.01, topk 0.80 ± 0.01"
+    (row,) = c6(fig7({"asi_sparseadam": 0.1}, centred=False))  # no rival
+    assert row["verdict"] == NOT_RUN and row["claim"] == "C6" and row["paper"] == c6(None)[0]["paper"]
+    assert row["measured"] == "not run: no finished ASI + SparseAdam run and rival at the largest size"
+    assert row["statement"] == c6(None)[0]["statement"] and row["test"] == c6(None)[0]["test"]
