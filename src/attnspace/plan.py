@@ -169,7 +169,7 @@ def _group_peaks(rows: list[PlanRow], members: list, config: dict, memory: dict)
     ``--ranks`` run its share of the latents and the [B, d] tensors every rank holds whole) and, on the
     first GPU of a live-source group, the model's weights and live forward (measured; unmeasured: left out,
     with a note)."""
-    from attnspace.sae.group import training_bytes
+    from attnspace.sae.group import rank_bytes
     from attnspace.sae.runs import parse_run_name
 
     on_gpu: dict[int, int] = {}
@@ -177,10 +177,8 @@ def _group_peaks(rows: list[PlanRow], members: list, config: dict, memory: dict)
         run, ranks = parse_run_name(m.run), max(1, getattr(m, "ranks", 1) or 1)
         d = config["models"][Path(m.out_dir).parts[-5]]["d_model"]
         batch = m.batch_size or config["sae"]["batch_size"]
-        own = training_bytes(d, run["d_sae"] // ranks, batch, optimizer=run["optimizer"], auxk=run["auxk"],
-                             k=run["k"], k_aux=config["sae"]["auxk"]["k_aux"])
-        if ranks > 1:
-            own += 20 * batch * d
+        own = rank_bytes(d, run["d_sae"], batch, ranks, optimizer=run["optimizer"], auxk=run["auxk"],
+                         k=run["k"], k_aux=config["sae"]["auxk"]["k_aux"])
         on_gpu[m.gpu or 0] = on_gpu.get(m.gpu or 0, 0) + own
     model = Path(members[0].out_dir).parts[-5]
     live = memory.get(("live", model), 0) if members[0].live_source else 0
