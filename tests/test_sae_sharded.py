@@ -208,6 +208,39 @@ def test_bytes_per_step_counts_the_ring_collectives():
     assert bytes_per_step(4, 3, 2, 4, k_aux=1) == 48 + 3 * 4 * 3 * 12 + 2 * 3 * (96 + 8) // 4
 
 
+def _refusing_job(message: str) -> None:
+    raise AttnspaceError(message, fix="do the other thing")
+
+
+def test_bad_input_is_one_line_from_the_launcher_or_the_rank(stores, tmp_path):
+    # refused before any rank starts: latents the ranks cannot share, a resume with another R, no ranks
+    base = ["train-sae-group", "--store", str(stores / "train.zarr"), "--heldout", str(stores / "heldout.zarr"),
+            "--site", "attn_out", "--member", f"--run base-d0-adam-n128-k8 --out-dir {tmp_path / 'sae'}"]
+    with pytest.raises(AttnspaceError, match="--ranks 3: base-d0-adam-n128-k8 has 128 latents"):
+        _command(base + ["--ranks", "3"])
+    (tmp_path / "sae").mkdir()
+    (tmp_path / "sae" / "train_state.rank0-of-4.step10.safetensors").write_bytes(b"")
+    with pytest.raises(AttnspaceError, match="sharded checkpoints of 4 ranks, this job has 2") as err:
+        _command(base + ["--ranks", "2"])
+    assert "resume with --ranks 4" in err.value.line()
+    with pytest.raises(AttnspaceError, match="--ranks 0"):
+        _command(base + ["--ranks", "0"])
+    assert not (tmp_path / "sae" / "ranks").exists()  # no rank started
+    # a rank's own refusal comes back as its one line
+    with pytest.raises(AttnspaceError) as err:
+        launch(1, _refusing_job, ("the store is not what it seems",), log_dir=tmp_path / "logs")
+    assert err.value.line() == ("rank 0 of 1: the store is not what it seems Fix: do the other thing "
+                                f"(its log: {tmp_path / 'logs' / 'rank0.log'})")
+
+
+def _command(argv: list[str]) -> None:
+    """The command's error as raised (main() turns it into a line on stderr)."""
+    from attnspace.cli import build_parser
+
+    args = build_parser().parse_args(argv)
+    args.func(args)
+
+
 def test_shard_ranks_takes_the_fewest_gpus_whose_share_fits():
     from attnspace.sae.group import rank_bytes, shard_ranks, training_bytes
 

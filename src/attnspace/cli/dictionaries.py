@@ -68,6 +68,10 @@ def _train_members(shared, members: list) -> list[dict]:
     from attnspace.spectrum import load_spectrum
     from attnspace.store import open_store
 
+    if getattr(shared, "ranks", 1) < 1:
+        from attnspace.errors import AttnspaceError
+
+        raise AttnspaceError(f"--ranks {shared.ranks}: a job trains on one or more ranks", fix="give --ranks 1 or more")
     if getattr(shared, "ranks", 1) > 1 and not _in_rank():
         return _launch_ranks(shared, members)
     set_threads(shared.threads)
@@ -141,9 +145,17 @@ def _launch_ranks(shared, members: list) -> list[dict]:
     import torch
 
     from attnspace.errors import AttnspaceError
-    from attnspace.sae.sharded import launch
+    from attnspace.sae.sharded import checkpoint_files, launch
 
     ranks = shared.ranks
+    for config, m in members:  # refused here, in one line, before any rank starts
+        if config.d_sae is not None and config.d_sae % ranks:
+            raise AttnspaceError(f"--ranks {ranks}: {m.run} has {config.d_sae} latents, which {ranks} ranks "
+                                 "cannot share evenly", fix="give a number of ranks that divides the latents")
+        other = sorted({r for _, r, _, _ in checkpoint_files(Path(m.out_dir)) if r != ranks})
+        if other:
+            raise AttnspaceError(f"{m.out_dir}: sharded checkpoints of {other[0]} ranks, this job has {ranks}",
+                                 fix=f"resume with --ranks {other[0]}, or delete {m.out_dir}/train_state.* to start over")
     if device() == "cuda" and torch.cuda.device_count() < ranks:
         raise AttnspaceError(f"--ranks {ranks} needs {ranks} GPUs, this job sees {torch.cuda.device_count()}",
                              fix="request as many GPUs as ranks (the rule's gpu resource), or lower --ranks")

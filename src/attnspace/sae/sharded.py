@@ -81,7 +81,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from attnspace.errors import AttnspaceError
+from attnspace.errors import AttnspaceError, one_line
 from attnspace.files import read_safetensors
 from attnspace.sae.data import mean_norm
 from attnspace.sae.fast import DecodeFast, EncodeFast, cuda_path, lowp_weight, make_plan
@@ -506,6 +506,9 @@ def _rank_main(rank: int, ranks: int, port: int, log_path: str, fn: Callable, ar
     except TrainingStopped as err:  # every rank stops after the same step, checkpoints written
         log.warning("%s", err.line())
         sys.exit(STOPPED)
+    except AttnspaceError as err:  # bad input or state: its one line, last in the log, for the launcher
+        print(one_line(err), file=sys.stderr, flush=True)
+        sys.exit(1)
     finally:
         dist.destroy_process_group()
 
@@ -567,6 +570,10 @@ def launch(ranks: int, fn: Callable, args: Sequence = (), *, log_dir: Path) -> N
             p.join()
     code = procs[failed].exitcode
     how = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
+    lines = logs[failed].read_text(errors="replace").splitlines() if logs[failed].exists() else []
+    said = lines[-1].removeprefix("error: ") if lines and lines[-1].startswith("error: ") else None
+    if said is not None:  # the rank's own one line (bad input or state)
+        raise AttnspaceError(f"rank {failed} of {ranks}: {said} (its log: {logs[failed]})")
     raise AttnspaceError(f"rank {failed} of {ranks} failed ({how}); its log: {logs[failed]}",
                          fix="read that log; rerun the job to resume from the last sharded checkpoint")
 
