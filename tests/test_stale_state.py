@@ -283,6 +283,16 @@ def test_a_failed_run_deletes_the_earlier_runs_sae_and_readers_refuse_it(stores,
     assert "training run failed" in err and not (out.parent / "exported").exists()
 
 
+def test_a_killed_rerun_leaves_only_its_checkpoint_never_the_earlier_sae(stores, tmp_path):
+    """A finished SAE, then the same name retrained and killed: the folder holds the new run's
+    checkpoint and nothing of the earlier run (no weights, hyperparams or metrics to mistake for it)."""
+    _, new, heldout = stores
+    out = tmp_path / "sae"
+    train_sae(small_config(), new, heldout, out, info=inputs(new))
+    killed(small_config(k=4), new, heldout, out)
+    assert sorted(p.name for p in out.rglob("*") if p.is_file()) == [CHECKPOINT]
+
+
 def test_a_diverging_learning_rate_is_recorded_failed_with_no_weights(stores, tmp_path):
     """The reported case: sae.lr.adam 1e30 over an existing SAE."""
     _, new, heldout = stores

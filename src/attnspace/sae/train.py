@@ -17,8 +17,9 @@ has an encoder share (both training paths, reference and fast, compute it).
 
 A run whose loss becomes NaN or infinite stops there: metrics.json records
 ``status: failed`` with the step and the reason, the metric fields stay None, and no
-SAE is saved; an earlier run's SAE files under the same name are deleted, so no reader
-takes them for this run's (a diverged run is reported as failed, never dropped or replaced).
+SAE is saved; an earlier run's SAE files under the same name are deleted when the run is
+created, so no reader takes them for this run's (a diverged run is reported as failed, never
+dropped or replaced).
 Finiteness is checked on the device every step and read back every ``log_every``
 steps (and at the end), so the check adds no per-step synchronisation.
 
@@ -124,7 +125,7 @@ class SAERun:
         """The stream's state saved with the checkpoint resumed from (None for a fresh run)."""
         self.failure: str | None = None
         self.finite = torch.ones((), dtype=torch.bool, device=self.device)  # all losses so far finite (on the device)
-        self.drop_stale_checkpoint()
+        self.clear_earlier_run()
 
     def setup(self, sample: Tensor, resume: bool) -> None:
         """Build the SAE on the normalisation sample [N, d] (raw; the first ``asi_sample_tokens`` rows)
@@ -228,6 +229,14 @@ class SAERun:
                         self.out_dir, self.ckpt_path.name, reason)
             self.ckpt_path.unlink(missing_ok=True)
 
+    def clear_earlier_run(self) -> None:
+        """Delete what an earlier run left in ``out_dir``: a checkpoint this run cannot resume
+        (:meth:`drop_stale_checkpoint`), and the SAE files and metrics.json of a finished one, so that
+        the folder holds this run's result or nothing (a killed run leaves only its checkpoint)."""
+        self.drop_stale_checkpoint()
+        remove_weights(self.out_dir)
+        (self.out_dir / "metrics.json").unlink(missing_ok=True)
+
     def _resume(self) -> None:
         path, sae = self.ckpt_path, self.sae
         reason = self.stale_reason()  # drop_stale_checkpoint ran when the run was created; this guards a change since
@@ -269,7 +278,6 @@ class SAERun:
         )
         if self.failure is not None:
             out_dir.mkdir(parents=True, exist_ok=True)
-            remove_weights(out_dir)  # an earlier run's SAE must not pass for this one
             write_json(metrics, out_dir / "metrics.json")
             if self.ckpt_path.exists():
                 self.ckpt_path.unlink()
