@@ -18,7 +18,7 @@ GPU = 1 if shutil.which("nvidia-smi") else 0
 # relative to the working directory: a project copied or moved whole (results included) plans nothing new.
 BASE = Path(os.path.relpath(workflow.basedir))
 CODE = BASE / "src" / "attnspace"
-FIGURE_CODE = [CODE / "figures.py", CODE / "captions.py", CODE / "claims.py"]  # drawing and caption numbers
+FIGURE_CODE = [CODE / "figures.py", CODE / "figures_idim.py", CODE / "captions.py", CODE / "claims.py"]  # drawing, numbers
 
 # Scheduling on a few cores. Every job runs on one thread: a second thread made the jobs that run a
 # model 1.27x (caching), 1.64x (the SAE store) and 1.26x (loss recovered, Gemma) faster on the 2-core
@@ -589,4 +589,6 @@ def claims_inputs(wildcards):
     wanted = [n for n in ("fig1", "fig3", "fig4", "fig5", "fig6", "fig7") if n in config["figures"]]
     inputs = {name: f"results/figures/{name}.csv" for name in wanted}
     inputs["table1"] = "results/tables/table1_lorsa.csv"
+    if "fig1" in wanted:  # C1's ordering at every nested subsample of the documents
+        inputs["convergence"] = "results/tables/id_convergence.csv"
     return inputs

@@ -96,6 +96,37 @@ rule fig8:
         "--focus-layers {params.focus_layers:q} --out {output.pdf:q} > {log:q} 2>&1"
 
 
+rule convergence:
+    input:
+        text=caption_text("convergence"),
+        table="results/tables/id_convergence.csv",
+        code=FIGURE_CODE,
+    output:
+        pdf=report(
+            "results/figures/convergence.pdf",
+            category="4.2 Low-rank structure of attention outputs",
+            caption=report_caption("convergence"),
+        ),
+        png="results/figures/convergence.png",
+        csv="results/figures/convergence.csv",
+        caption="results/figures/convergence.caption.rst",
+    params:
+        threshold=config["spectrum"]["threshold"],
+    log:
+        "results/logs/figures/convergence.log",
+    benchmark:
+        "results/benchmarks/figures/convergence.tsv"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    conda:
+        "../envs/attnspace.yaml"
+    shell:
+        "attnspace figure convergence --caption {input.text} --table {input.table} --threshold {params.threshold} "
+        "--out {output.pdf} > {log} 2>&1"
+
+
 rule fig9:
     input:
         text=caption_text("fig9"),

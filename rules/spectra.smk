@@ -34,9 +34,10 @@ rule spectrum:
 rule intrinsic_dim_table:
     input:
         spectra=all_spectra(),
-        code=CODE / "spectrum.py",
+        code=[CODE / "spectrum.py", CODE / "intervals.py"],
     output:
-        "results/tables/intrinsic_dim.csv",
+        table="results/tables/intrinsic_dim.csv",
+        convergence="results/tables/id_convergence.csv",
     params:
         thresholds=config["spectrum"]["thresholds"],
         level=config["spectrum"]["bootstrap"]["level"],
@@ -52,7 +53,7 @@ rule intrinsic_dim_table:
         "../envs/attnspace.yaml"
     shell:
         "attnspace idim-table --spectra {input.spectra:q} --thresholds {params.thresholds} --level {params.level} "
-        "--out {output:q} > {log:q} 2>&1"
+        "--out {output.table:q} --out-convergence {output.convergence:q} > {log:q} 2>&1"
 
 
 rule spectra_table:

@@ -51,7 +51,8 @@ def test_intrinsic_dimension_table(run):
     idim = pd.read_csv(run / "results/tables/intrinsic_dim.csv")
     assert list(idim.columns) == ["model", "dataset", "layer", "site", "d", "n_tokens", "threshold", "k",
                                   "fraction", "fraction_lo", "fraction_hi", "level", "resamples", "n_groups",
-                                  "n_sv_above_5pct"]
+                                  "n_sv_above_5pct", "method", "fraction_corrected", "fraction_half", "tokens_half",
+                                  "last_doubling_change", "attn_minus_site", "attn_minus_site_lo", "attn_minus_site_hi"]
     # one row per (dataset, layer, site, threshold); k is monotone in the threshold
     assert len(idim) == 2 * 2 * 3 * 5
     for _, g in idim.groupby(["dataset", "layer", "site"]):

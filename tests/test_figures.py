@@ -7,7 +7,8 @@ import pandas as pd
 import pytest
 from matplotlib.figure import Figure
 
-from attnspace.figures import SITE_LABELS, SITE_ORDER, fig1, fig2a, fig2b, fig3, fig8, fig9, save_figure
+from attnspace.figures import SITE_LABELS, SITE_ORDER, fig2a, fig2b, fig3, fig8, save_figure
+from attnspace.figures_idim import fig1, fig9
 
 MODELS = ("tiny-llama", "tiny-gemma")
 DATASETS = ("web", "code")

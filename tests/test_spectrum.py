@@ -162,8 +162,9 @@ def test_intrinsic_dim_rows():
     x, _, _ = planted(seed=5)
     spec = spectrum_from_gram(*gram(da.from_array(x, chunks=(2000, D)), None))
     rows = intrinsic_dim_rows(spec, model="m", dataset="d", layer=2, site="attn_out", thresholds=(0.5, 0.99))
-    no_interval = {"fraction_lo": rows[0]["fraction_lo"], "fraction_hi": rows[0]["fraction_hi"]}
-    assert all(np.isnan(v) for v in no_interval.values())  # no replicates: no interval
+    no_interval = {k: v for k, v in rows[0].items() if k.startswith(("fraction_", "tokens_", "last_", "attn_"))}
+    assert len(no_interval) == 9 and all(np.isnan(v) for v in no_interval.values())  # no replicates: no interval
+    assert {r.pop("method") for r in rows} == {""}
     assert [{k: v for k, v in r.items() if k not in no_interval} for r in rows] == [
         {"model": "m", "dataset": "d", "layer": 2, "site": "attn_out", "d": D, "n_tokens": N, "threshold": 0.5,
          "k": 3, "fraction": 3 / D, "level": 0.9, "resamples": 0, "n_groups": 0, "n_sv_above_5pct": R},

@@ -93,9 +93,22 @@ def _fig7(data: pd.DataFrame) -> str:
             + ", ".join(f"{r.variant} {r.nmse:.3f} / {r.dead_fraction:.2f}" for r in top.itertuples()))
 
 
+def _convergence(data: pd.DataFrame) -> str:
+    ends = data.groupby(["model", "dataset", "layer", "site"], sort=False)["n_tokens"].transform("max")
+    last = data[data["n_tokens"] == ends].set_index(["model", "dataset", "layer", "site"])["fraction"]
+    half_n = data[data["n_tokens"] < ends].groupby(["model", "dataset", "layer", "site"], sort=False)["n_tokens"].max()
+    half = data.set_index(["model", "dataset", "layer", "site", "n_tokens"])["fraction"].reindex(
+        [(*key, n) for key, n in half_n.items()])
+    change = last.reindex(half_n.index).to_numpy() - half.to_numpy()
+    return (f"in the last doubling of tokens the fraction moved by more than 0.01 in {int((abs(change) > 0.01).sum())}"
+            f" of {change.size} (model, dataset, layer, site) rows; mean change "
+            + ", ".join(f"{s} {change[half_n.index.get_level_values('site') == s].mean():+.3f}" for s in SITES
+                        if (half_n.index.get_level_values("site") == s).any()))
+
+
 NUMBERS: dict[str, Callable[..., str]] = {
     "fig1": _idim, "fig9": _idim, "fig2a": _spectra, "fig8": _spectra, "fig2b": _fig2b, "fig3": _fig3,
-    "fig4": _fig4, "fig5": _fig5, "fig6": _fig6, "fig7": _fig7,
+    "fig4": _fig4, "fig5": _fig5, "fig6": _fig6, "fig7": _fig7, "convergence": _convergence,
 }
 """Figure -> the sentence of numbers under its caption."""
 

@@ -6,9 +6,10 @@ before any run, and stated in each row's ``test`` column. Each claim is tested o
 more *cases* (a layer, a d_init, a grid point, ...), and each case is decided against the
 noise the run measured:
 
-* spectra (C1): the bootstrap interval over documents of each intrinsic-dimension fraction
-  (``spectrum.bootstrap``); attention is lowest when its interval lies below the other
-  sites' intervals, not lowest when it lies above one of them;
+* spectra (C1): the paired interval over documents of attention's intrinsic-dimension fraction
+  minus each other site's, from the same replicates (``spectrum.bootstrap``, the rule of
+  ``docs/coverage.md``); attention is lowest when both differences lie below zero, not lowest
+  when one lies above (tables without paired intervals: the sites' separate intervals);
 * dictionaries (C4 to C7): seeds; two settings differ when their means differ by more
   than twice the larger of their seed standard deviations (:func:`compare`);
 * C3: Spearman's test at level :data:`ALPHA`.
@@ -119,39 +120,71 @@ C1_PAPER = "Llama-3.1-8B and three other models, every layer: attention ~60% of 
 
 
 def c1_test(threshold: float) -> str:
-    return (f"per (model, dataset, layer): the fraction of directions for {threshold:g} of the variance, with its "
-            "bootstrap interval over documents; holds if attn_out's interval lies below those of mlp_out and "
-            "resid_post, fails if it lies above either, else inconclusive; verdict by majority of layers")
+    return (f"per (model, dataset, layer): the fraction of directions for {threshold:g} of the variance; holds if "
+            "the paired interval over documents (the same replicates for the three sites) of attn_out minus mlp_out "
+            "and of attn_out minus resid_post both lie below 0, fails if either lies above 0, else inconclusive "
+            "(a table without paired intervals: attn_out's interval against the others'); verdict by majority of "
+            "layers; the point estimates' ordering is also reported at every nested subsample of the documents")
+
+
+OTHER_SITES = {"mlp_out": "mlp", "resid_post": "resid"}
+"""The sites attention is compared with, and the short names of their paired columns."""
 
 
 def attention_lowest(idim: pd.DataFrame, threshold: float) -> pd.DataFrame:
-    """Per (model, dataset, layer): the three sites' fractions (and intervals) at ``threshold``, whether attention
-    is lowest (point estimates), and the case decided on the intervals (``case``: holds / does not hold /
-    inconclusive; inconclusive wherever an interval is missing)."""
-    sel = idim[(idim["threshold"] == threshold) & idim["site"].isin(["attn_out", "mlp_out", "resid_post"])]
-    sel = sel.assign(**{c: sel[c] if c in sel else np.nan for c in ("fraction_lo", "fraction_hi")})
-    wide = sel.pivot_table(index=["model", "dataset", "layer"], columns="site",
-                           values=["fraction", "fraction_lo", "fraction_hi"], dropna=False)
+    """Per (model, dataset, layer): the three sites' fractions (intervals, bias-corrected values) at ``threshold``,
+    whether attention is lowest (point estimates), the paired differences attn - mlp and attn - resid with their
+    intervals where the table has them, and the case (``case``: holds / does not hold / inconclusive) decided on
+    the paired intervals, else on the separate ones; inconclusive wherever an interval is missing."""
+    sel = idim[(idim["threshold"] == threshold) & idim["site"].isin(["attn_out", *OTHER_SITES])]
+    cols = ("fraction_lo", "fraction_hi", "fraction_corrected", "attn_minus_site", "attn_minus_site_lo",
+            "attn_minus_site_hi")
+    sel = sel.assign(**{c: sel[c] if c in sel else np.nan for c in cols})
+    wide = sel.pivot_table(index=["model", "dataset", "layer"], columns="site", values=["fraction", *cols],
+                           dropna=False)
     wide = wide[wide["fraction"].notna().all(axis=1)]
     out = wide["fraction"].copy()
-    for site in ("attn_out", "mlp_out", "resid_post"):
-        out[f"{site}_lo"] = wide["fraction_lo"][site]
-        out[f"{site}_hi"] = wide["fraction_hi"][site]
+    for site in ("attn_out", *OTHER_SITES):
+        for end in ("lo", "hi", "corrected"):
+            out[f"{site}_{end}"] = wide[f"fraction_{end}"][site]
+    for site, short in OTHER_SITES.items():
+        for end in ("", "_lo", "_hi"):
+            out[f"attn_minus_{short}{end}"] = wide[f"attn_minus_site{end}"][site]
     out["attn_lowest"] = (out["attn_out"] < out["mlp_out"]) & (out["attn_out"] < out["resid_post"])
     out["attn_below_mlp"] = out["attn_out"] < out["mlp_out"]
-    below = (out["attn_out_hi"] < out["mlp_out_lo"]) & (out["attn_out_hi"] < out["resid_post_lo"])
-    above = (out["attn_out_lo"] > out["mlp_out_hi"]) | (out["attn_out_lo"] > out["resid_post_hi"])
+    paired = out[[f"attn_minus_{s}_{e}" for s in OTHER_SITES.values() for e in ("lo", "hi")]].notna().all(axis=1)
+    below = np.where(paired, (out["attn_minus_mlp_hi"] < 0) & (out["attn_minus_resid_hi"] < 0),
+                     (out["attn_out_hi"] < out["mlp_out_lo"]) & (out["attn_out_hi"] < out["resid_post_lo"]))
+    above = np.where(paired, (out["attn_minus_mlp_lo"] > 0) | (out["attn_minus_resid_lo"] > 0),
+                     (out["attn_out_lo"] > out["mlp_out_hi"]) | (out["attn_out_lo"] > out["resid_post_hi"]))
+    out["paired"] = paired
     out["case"] = [_case(b, a) for b, a in zip(below, above)]
     out.columns.name = None
     return out.reset_index()
 
 
-def c1(idim: pd.DataFrame | None, threshold: float = THRESHOLD) -> list[dict]:
-    """C1 at the main variance ``threshold`` (the config's ``spectrum.threshold``)."""
+def ordering_at_every_n(convergence: pd.DataFrame, threshold: float) -> pd.DataFrame:
+    """Per (model, dataset, layer): whether attention's fraction is below both others' (point estimates) at
+    every nested subsample of the convergence table (``all_n``), at how many subsamples, and their token range."""
+    sel = convergence[(convergence["threshold"] == threshold)
+                      & convergence["site"].isin(["attn_out", *OTHER_SITES])]
+    wide = sel.pivot_table(index=["model", "dataset", "layer", "n_tokens"], columns="site", values="fraction")
+    wide = wide.dropna()
+    wide["lowest"] = (wide["attn_out"] < wide["mlp_out"]) & (wide["attn_out"] < wide["resid_post"])
+    g = wide.reset_index().groupby(["model", "dataset", "layer"])
+    return pd.DataFrame({"all_n": g["lowest"].all(), "n_lowest": g["lowest"].sum(), "n_subsamples": g.size(),
+                         "min_tokens": g["n_tokens"].min(), "max_tokens": g["n_tokens"].max()}).reset_index()
+
+
+def c1(idim: pd.DataFrame | None, threshold: float = THRESHOLD, convergence: pd.DataFrame | None = None) -> list[dict]:
+    """C1 at the main variance ``threshold`` (the config's ``spectrum.threshold``); ``convergence``: the
+    intrinsic dimension at nested subsamples (results/tables/id_convergence.csv), or None."""
     test = c1_test(threshold)
     if idim is None:
         return _not_run("C1", C1, C1_PAPER, test, "fig1 is not configured")
     cases = attention_lowest(idim, threshold)
+    if convergence is not None and len(convergence):
+        cases = cases.merge(ordering_at_every_n(convergence, threshold), on=["model", "dataset", "layer"], how="left")
     groups = [(f"{m}/{d}", g) for (m, d), g in cases.groupby(["model", "dataset"], sort=False)]
     groups.append((f"all: {_pairs(cases)}", cases))
     level = f"{idim['level'].iloc[0]:.0%} " if "level" in idim and len(idim) else ""
@@ -159,16 +192,34 @@ def c1(idim: pd.DataFrame | None, threshold: float = THRESHOLD) -> list[dict]:
     for name, g in groups:
         n = len(g)
         hold, fail = int((g["case"] == HOLDS).sum()), int((g["case"] == FAILS).sum())
-
-        def site(col):
-            return (f"{g[col].mean():.2f} [{g[col + '_lo'].mean():.2f}, {g[col + '_hi'].mean():.2f}]"
-                    if g[col + "_lo"].notna().all() else f"{g[col].mean():.2f} (no interval)")
-
-        measured = (f"attention lowest beyond the intervals in {hold}/{n} layers, above another site in {fail}/{n}, "
-                    f"inconclusive in {n - hold - fail}/{n}; mean fraction [mean {level}interval] "
-                    f"attn {site('attn_out')}, mlp {site('mlp_out')}, resid {site('resid_post')}")
-        rows.append(_row("C1", C1, name, measured, C1_PAPER, test, _verdict(hold, fail, n)))
+        rows.append(_row("C1", C1, name, _c1_measured(g, hold, fail, level), C1_PAPER, test, _verdict(hold, fail, n)))
     return rows
+
+
+def _c1_measured(g: pd.DataFrame, hold: int, fail: int, level: str) -> str:
+    n = len(g)
+
+    def site(col):
+        if not g[col + "_lo"].notna().all():
+            return f"{g[col].mean():.2f} (no interval)"
+        corrected = g[col + "_corrected"]
+        moved = corrected.notna().all() and not np.allclose(corrected, g[col])
+        return (f"{g[col].mean():.2f}" + (f" (bias-corrected {corrected.mean():.2f})" if moved else "")
+                + f" [{g[col + '_lo'].mean():.2f}, {g[col + '_hi'].mean():.2f}]")
+
+    paired = bool(g["paired"].all())
+    text = (f"attention lowest beyond the {'paired intervals of the differences' if paired else 'intervals'} in "
+            f"{hold}/{n} layers, above another site in {fail}/{n}, inconclusive in {n - hold - fail}/{n}; "
+            f"mean fraction [mean {level}interval] attn {site('attn_out')}, mlp {site('mlp_out')}, "
+            f"resid {site('resid_post')}")
+    if paired:
+        text += "; mean difference " + ", ".join(
+            f"attn - {s} {g[f'attn_minus_{s}'].mean():+.2f} [{g[f'attn_minus_{s}_lo'].mean():+.2f}, "
+            f"{g[f'attn_minus_{s}_hi'].mean():+.2f}]" for s in OTHER_SITES.values())
+    if "all_n" in g and g["all_n"].notna().all():
+        text += (f"; point estimates: attention lowest at every nested subsample ({int(g['min_tokens'].min()):,} to "
+                 f"{int(g['max_tokens'].max()):,} tokens) in {int(g['all_n'].sum())}/{n} layers")
+    return text
 
 
 # ----------------------------------------------------------------------------- C2
@@ -244,7 +295,22 @@ def c3(dead: pd.DataFrame | None) -> list[dict]:
 C4 = "ASI leaves fewer dead features than the base init and than a random subspace of the same d_init."
 C4_PAPER = "Llama-3.1-8B L15 attention output, Figure 5: ASI lowers dead features; the random subspace does not"
 C4_TEST = ("per form (uncentred, centred) and d_init: dead fraction on the held-out window over seeds; a d_init "
-           "holds if ASI is below both the random subspace and the base init, fails if above either; " + SEED_TEST)
+           "holds if ASI is below both the random subspace and the base init, fails if above either; " + SEED_TEST
+           + "; the same ordering is also reported over the window's first quarter and half (one pass)")
+
+WINDOWS = (("dead_fraction_quarter_window", 4), ("dead_fraction_half_window", 2), ("dead_fraction", 1))
+"""Dead fraction over the first N / q tokens of the held-out window of N (the same pass), per column."""
+
+
+def _windows(runs: pd.DataFrame) -> list[tuple[str, int]]:
+    """(column, tokens) of each dead-fraction window the runs recorded, shortest first."""
+    tokens = runs["dead_window_tokens"] if "dead_window_tokens" in runs else pd.Series(dtype=float)
+    n = int(tokens.max()) if tokens.notna().any() else 0
+    return [(col, n // q) for col, q in WINDOWS if col in runs and runs[col].notna().all()]
+
+
+def _tokens(n: int) -> str:
+    return f"{n:,} tokens" if n else "the window"
 
 
 def _ok(runs: pd.DataFrame) -> pd.DataFrame:
@@ -277,10 +343,29 @@ def c4(runs: pd.DataFrame | None) -> list[dict]:
         n_seeds = int(f.groupby(["init", "d_init"], dropna=False).size().min())
         measured = (f"{_form(centred)}, {n_seeds} seeds: ASI below both at {hold}/{len(d_inits)} d_init, above one at "
                     f"{fail}/{len(d_inits)}; dead fraction (mean ± sd) at d_init " + ", ".join(parts)
-                    + f"; base {_ms(base)}")
+                    + f"; base {_ms(base)}" + _c4_windows(f, d_inits))
         rows.append(_row("C4", C4, f"{tested}, {_form(centred)}", measured, C4_PAPER, C4_TEST,
                          _verdict(hold, fail, len(d_inits))))
     return rows or _not_run("C4", C4, C4_PAPER, C4_TEST, "no finished base / ASI / random-subspace runs")
+
+
+def _c4_windows(f: pd.DataFrame, d_inits: list) -> str:
+    """'; ASI below both over <tokens>: h/n d_init, ...' for each recorded window ('' with the full one only)."""
+    windows = _windows(f)
+    if len(windows) < 2:
+        return ""
+
+    def held(col: str) -> int:
+        base = f.loc[f["init"] == "base", col].to_numpy(float)
+        count = 0
+        for d in d_inits:
+            asi = f.loc[(f["init"] == "asi") & (f["d_init"] == d), col].to_numpy(float)
+            rnd = f.loc[(f["init"] == "random_subspace") & (f["d_init"] == d), col].to_numpy(float)
+            count += compare(asi, rnd) < 0 and compare(asi, base) < 0
+        return count
+
+    return "; ASI below both over " + ", ".join(f"{_tokens(n)}: {held(col)}/{len(d_inits)} d_init"
+                                                for col, n in windows)
 
 
 # ----------------------------------------------------------------------------- C5
@@ -327,7 +412,8 @@ def c5(sweeps: pd.DataFrame | None) -> list[dict]:
 C6 = "ASI + SparseAdam has the fewest dead features at the largest size."
 C6_PAPER = "1M features: dead features 87% (TopK) -> below 1% (ASI + SparseAdam)"
 C6_TEST = ("per form, Figure 7's largest d_sae: dead fraction of ASI + SparseAdam over seeds; holds if below every "
-           "other variant's, fails if above any; " + SEED_TEST)
+           "other variant's, fails if above any; " + SEED_TEST + "; the same ordering is also reported over the "
+           "window's first quarter and half (one pass)")
 
 
 def c6(scaling: pd.DataFrame | None) -> list[dict]:
@@ -345,10 +431,25 @@ def c6(scaling: pd.DataFrame | None) -> list[dict]:
         holds, fails = all(c < 0 for c in cmp), any(c > 0 for c in cmp)
         n_seeds = min(v.size for v in values.values())
         measured = (f"{int(scaling['d_sae'].max())} latents, {_form(centred)}, {n_seeds} seeds: dead fraction "
-                    + ", ".join(f"{v} {_ms(x)}" for v, x in values.items()))
+                    + ", ".join(f"{v} {_ms(x)}" for v, x in values.items()) + _c6_windows(f))
         tested = f"{_pairs(ok)} L{int(ok['layer'].iloc[0])} {ok['site'].iloc[0]}, k {int(ok['k'].iloc[0])}, {_form(centred)}"
         rows.append(_row("C6", C6, tested, measured, C6_PAPER, C6_TEST, _verdict(int(holds), int(fails and not holds), 1)))
     return rows or _not_run("C6", C6, C6_PAPER, C6_TEST, "no finished ASI + SparseAdam run and rival at the largest size")
+
+
+def _c6_windows(f: pd.DataFrame) -> str:
+    """'; ASI + SparseAdam below every other over <tokens>: yes/no, ...' for each recorded window."""
+    windows = _windows(f)
+    if len(windows) < 2:
+        return ""
+
+    def lowest(col: str) -> str:
+        values = {v: g[col].to_numpy(float) for v, g in f.groupby("variant", sort=False)}
+        mine = values.pop("asi_sparseadam")
+        return "yes" if all(compare(mine, v) < 0 for v in values.values()) else "no"
+
+    return "; ASI + SparseAdam below every other over " + ", ".join(f"{_tokens(n)}: {lowest(col)}"
+                                                              for col, n in windows)
 
 
 # ----------------------------------------------------------------------------- C7
@@ -386,13 +487,15 @@ CLAIMS: dict[str, tuple[Callable, str]] = {
 
 
 def claims_table(data: dict[str, pd.DataFrame | None], threshold: float = THRESHOLD) -> pd.DataFrame:
-    """All claims from the data behind the figures: keys fig1, fig3, fig4, fig5, fig6, fig7, table1
-    (None or absent: not produced by this configuration); ``threshold``: C1's variance threshold."""
+    """All claims from the data behind the figures: keys fig1, fig3, fig4, fig5, fig6, fig7, table1 and
+    convergence (C1's nested subsamples) (None or absent: not produced by this configuration);
+    ``threshold``: C1's variance threshold."""
     sweeps = [d for d in (data.get("fig6"), data.get("fig7")) if d is not None]
     inputs = dict(data, sweeps=pd.concat(sweeps, ignore_index=True) if sweeps else None)
     rows = []
     for test, source in CLAIMS.values():
-        rows += test(inputs.get(source), threshold) if test is c1 else test(inputs.get(source))
+        rows += (test(inputs.get(source), threshold, inputs.get("convergence")) if test is c1
+                 else test(inputs.get(source)))
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
@@ -411,7 +514,7 @@ def claims_markdown(table: pd.DataFrame) -> str:
         lines.append("| " + " | ".join(str(c).replace("|", "/") for c in cells) + " |")
     tests = table.drop_duplicates("claim")[["claim", "test"]]
     return "\n".join([
-        "Verdict: each case is decided against the noise this run measured (bootstrap intervals over documents "
+        "Verdict: each case is decided against the noise this run measured (intervals over documents "
         "for the spectra, seeds for the dictionaries); a case the noise cannot decide is inconclusive. *holds* "
         "when a strict majority of a row's cases hold, *does not hold* when a strict majority fail, "
         "*inconclusive* otherwise, *not run* when this configuration did not produce its data (counts in "

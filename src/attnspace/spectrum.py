@@ -15,11 +15,19 @@ Definitions (one function each, used everywhere else):
 * singular values above a fraction of the largest: :func:`n_above_fraction_of_max`.
 
 Uncertainty: the same pass keeps the moments per *document group* (consecutive whole
-documents dealt into groups of about equal kept rows, :func:`document_groups`). Resampling
-the groups with replacement and summing their moments gives a bootstrap replicate of the
-spectrum without a second pass over the store (:func:`bootstrap_singular_values`);
-:func:`intrinsic_dim_rows` turns the replicates into a basic bootstrap interval per threshold
-(:func:`bootstrap_interval`).
+documents dealt into groups of about equal kept rows, :func:`document_groups`). Weighting the
+groups and summing their moments gives a replicate of the spectrum without a second pass over
+the store (:func:`weighted_singular_values`): groups drawn with replacement (a bootstrap,
+:func:`bootstrap_singular_values`) or half of them without (a subsample). :data:`METHOD`, the
+interval rule of :mod:`attnspace.intervals` whose coverage of a planted population's value came
+closest to nominal (``docs/coverage.md``), decides which; :func:`intrinsic_dim_rows` turns the
+replicates into an interval and a bias-corrected estimate per threshold, and
+:func:`intrinsic_dim_frame` adds paired intervals of attention's fraction minus each other site's,
+from the same replicates (every site of a layer draws the same groups).
+
+Convergence in tokens: the first 1/16, 1/8, 1/4, 1/2 and all of the groups (documents in their
+shuffled order) are nested subsamples; their spectra (:func:`nested_singular_values`) show how far
+the intrinsic dimension still moves with the number of tokens (:func:`convergence_frame`).
 
 With ``spectrum.mode: streamed`` the caching job forms the same per-group moments while the model
 runs (:mod:`attnspace.moments`) and :func:`streamed_spectrum` reads them instead of a store; group
@@ -36,7 +44,9 @@ import pandas as pd
 from threadpoolctl import threadpool_limits
 
 from attnspace.defaults import schema_default
+from attnspace.errors import AttnspaceError
 from attnspace.files import write_npz
+from attnspace.intervals import NO_INTERVAL, RESAMPLING, Interval, check_method, interval
 from attnspace.store import Store
 
 FORMAT = "attnspace-spectrum/1"
@@ -48,6 +58,14 @@ THRESHOLD = schema_default("spectrum.threshold")
 """The main threshold (``spectrum.threshold``; the paper's 0.99)."""
 LEVEL = schema_default("spectrum.bootstrap.level")
 """Coverage of the bootstrap intervals (``spectrum.bootstrap.level``)."""
+METHOD = "subsampling"
+"""The interval rule of the spectra: of :data:`attnspace.intervals.METHODS`, the one whose measured
+coverage of a planted population's intrinsic dimension came closest to nominal without falling short by
+more than the stated margin (``bench/interval_coverage.py``, ``docs/coverage.md``)."""
+SUBSAMPLE_SHARE = 0.5
+"""A subsample replicate holds this share of the document groups, drawn without replacement."""
+NESTED = (16, 8, 4, 2, 1)
+"""Nested subsamples: the first 1/16, 1/8, 1/4, 1/2 and all of the document groups."""
 
 
 @dataclass
@@ -68,6 +86,19 @@ class Spectrum:
     """[R, d] float64: singular values of R bootstrap replicates (document groups resampled), or None."""
     n_groups: int = 0
     """Document groups the replicates resample (0: no bootstrap)."""
+    interval_method: str = "basic"
+    """The interval rule the replicates serve (:data:`attnspace.intervals.METHODS`)."""
+    boot_weights: np.ndarray | None = None
+    """[R, G] float64: each replicate's weight of each group (counts drawn with replacement, or 0/1 for a
+    subsample), or None. Sites of one layer drawn with the same weights give paired replicates."""
+    group_tokens: np.ndarray | None = None
+    """[G] float64: kept rows of each document group, or None."""
+    jack_singular_values: np.ndarray | None = None
+    """[G, d] float64: singular values with each group left out in turn (for ``bca``), or None."""
+    nested_singular_values: np.ndarray | None = None
+    """[m, d] float64: singular values of the nested subsamples (:data:`NESTED`), fewest tokens first, or None."""
+    nested_n_tokens: np.ndarray | None = None
+    """[m] int64: kept rows of each nested subsample."""
 
     @property
     def d(self) -> int:
@@ -206,6 +237,47 @@ def group_moments(x, keep, groups: np.ndarray, threads: int = 1, blocks_per_step
     return out
 
 
+def replicate_weights(n_groups: int, resamples: int, seed: int = 0, method: str = "basic") -> np.ndarray:
+    """[R, G] float64 weights of the groups in R replicates for the interval ``method``: counts
+    c_r ~ Multinomial(G, 1/G) (groups drawn with replacement), or for ``subsampling`` 1 on
+    round(G x :data:`SUBSAMPLE_SHARE`) groups drawn without replacement and 0 elsewhere."""
+    G, R = int(n_groups), int(resamples)
+    if G < 2:
+        raise ValueError(f"replicates need at least 2 document groups, got {G}")
+    rng = np.random.default_rng(seed)
+    if RESAMPLING[check_method(method)] == "bootstrap":
+        return rng.multinomial(G, np.full(G, 1.0 / G), size=R).astype(np.float64)
+    b = min(max(1, int(round(G * SUBSAMPLE_SHARE))), G - 1)
+    out = np.zeros((R, G), dtype=np.float64)
+    for r in range(R):
+        out[r, rng.choice(G, size=b, replace=False)] = 1.0
+    return out
+
+
+def weighted_singular_values(moments: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """[R, d] singular values of the centred sum of the groups' moments [G, d+1, d+1] weighted by each
+    row of ``weights`` [R, G]: exactly what a pass over the documents repeated (or left out) that
+    often would give."""
+    G, d = moments.shape[0], moments.shape[1] - 1
+    weights = np.atleast_2d(np.asarray(weights, dtype=np.float64))
+    if weights.shape[1] != G:
+        raise ValueError(f"weights {weights.shape} do not match {G} document groups")
+    flat = moments.reshape(G, -1)
+    out = np.empty((weights.shape[0], d), dtype=np.float64)
+    step = max(1, BATCH_FLOATS // (d + 1) ** 2)  # replicates per batched eigvalsh, memory bounded
+    for r in range(0, weights.shape[0], step):
+        m = (weights[r : r + step] @ flat).reshape(-1, d + 1, d + 1)
+        col = m[:, :d, d]
+        C = m[:, :d, :d] - col[:, :, None] * (col / m[:, d, d][:, None])[:, None, :]
+        C = (C + C.transpose(0, 2, 1)) / 2
+        out[r : r + step] = np.sqrt(np.clip(np.linalg.eigvalsh(C)[:, ::-1], 0.0, None))
+    return out
+
+
+BATCH_FLOATS = 1 << 24
+"""Most float64 entries (128 MiB) of replicate matrices held at once by :func:`weighted_singular_values`."""
+
+
 def bootstrap_singular_values(moments: np.ndarray, resamples: int, seed: int = 0) -> np.ndarray:
     """[R, d] singular values of R bootstrap replicates: groups drawn with replacement, their moments summed.
 
@@ -213,19 +285,24 @@ def bootstrap_singular_values(moments: np.ndarray, resamples: int, seed: int = 0
     weights group g by its count c_rg ~ Multinomial(G, 1/G); its spectrum is that of the
     weighted sum, exactly what a pass over the resampled documents would give.
     """
+    return weighted_singular_values(moments, replicate_weights(moments.shape[0], resamples, seed, "basic"))
+
+
+def jackknife_singular_values(moments: np.ndarray) -> np.ndarray:
+    """[G, d] singular values with each document group left out in turn."""
     G = moments.shape[0]
-    if G < 2:
-        raise ValueError(f"a bootstrap needs at least 2 document groups, got {G}")
-    d = moments.shape[1] - 1
-    counts = np.random.default_rng(seed).multinomial(G, np.full(G, 1.0 / G), size=int(resamples))  # [R, G]
-    flat = moments.reshape(G, -1)
-    out = np.empty((int(resamples), d), dtype=np.float64)
-    for r in range(int(resamples)):
-        m = (counts[r].astype(np.float64) @ flat).reshape(d + 1, d + 1)
-        n = m[d, d]
-        C = m[:d, :d] - np.outer(m[:d, d], m[:d, d] / n)
-        out[r] = np.sqrt(np.clip(np.linalg.eigvalsh((C + C.T) / 2)[::-1], 0.0, None))
-    return out
+    return weighted_singular_values(moments, 1.0 - np.eye(G))
+
+
+def nested_singular_values(moments: np.ndarray, divisors=NESTED) -> tuple[np.ndarray, np.ndarray]:
+    """Singular values [m, d] and kept rows [m] of nested subsamples: the first ceil(G / q) groups for each
+    divisor q (distinct sizes only, fewest first). Groups are consecutive documents in shuffled order, so
+    each prefix is a sample of whole documents, and each holds the one before it."""
+    G = moments.shape[0]
+    sizes = sorted({min(G, -(-G // int(q))) for q in divisors})
+    weights = np.array([np.arange(G) < s for s in sizes], dtype=np.float64)
+    tokens = np.rint(weights @ moments[:, -1, -1]).astype(np.int64)
+    return weighted_singular_values(moments, weights), tokens
 
 
 def spectrum_from_gram(G: np.ndarray, colsum: np.ndarray, n: int, n_vectors: int | None = None) -> Spectrum:
@@ -285,18 +362,26 @@ def compute_spectrum(
 
 
 def spectrum_from_moments(moments: np.ndarray, n_vectors: int | None = None, resamples: int = 0, seed: int = 0,
-                          key: dict | None = None) -> Spectrum:
+                          key: dict | None = None, method: str = METHOD) -> Spectrum:
     """Spectrum from packed per-group moments [G, d+1, d+1] (:func:`group_moments`, or streamed by
     :mod:`attnspace.moments`): the groups summed give :func:`spectrum_from_gram`'s moments; with
-    ``resamples`` > 0, :func:`bootstrap_singular_values` adds that many replicates drawn with ``seed``
-    (and n_groups = G; without replicates n_groups = 0)."""
+    ``resamples`` > 0, that many replicates for the interval ``method`` drawn with ``seed``
+    (:func:`replicate_weights`; the same for every site of a layer, so their replicates pair), the
+    leave-one-group-out spectra where ``method`` needs them, and the nested subsamples' spectra
+    (n_groups = G; without replicates n_groups = 0)."""
     total = moments.sum(axis=0)
     d = moments.shape[1] - 1
     spec = spectrum_from_gram(total[:d, :d], total[:d, d], int(round(total[d, d])), n_vectors=n_vectors)
     spec.key = key
     if resamples > 0:
-        spec.boot_singular_values = bootstrap_singular_values(moments, resamples, seed)
-        spec.n_groups = int(moments.shape[0])
+        G = int(moments.shape[0])
+        spec.boot_weights = replicate_weights(G, resamples, seed, method)
+        spec.boot_singular_values = weighted_singular_values(moments, spec.boot_weights)
+        spec.interval_method, spec.n_groups = method, G
+        spec.group_tokens = moments[:, d, d].copy()
+        if method == "bca":
+            spec.jack_singular_values = jackknife_singular_values(moments)
+        spec.nested_singular_values, spec.nested_n_tokens = nested_singular_values(moments)
     return spec
 
 
@@ -314,12 +399,17 @@ def streamed_spectrum(record: Path | str, layer: int, site: str, n_vectors: int 
 
 def save_spectrum(spec: Spectrum, path: Path) -> None:
     """Write ``spec`` to ``path`` (.npz, uncompressed, atomically)."""
+    optional = {name: getattr(spec, name) for name in OPTIONAL_ARRAYS if getattr(spec, name) is not None}
     write_npz(path, format=np.array(FORMAT), singular_values=spec.singular_values.astype(np.float64),
               mean=spec.mean.astype(np.float64), components=spec.components.astype(np.float64),
               n_tokens=np.array(spec.n_tokens, dtype=np.int64), n_groups=np.array(spec.n_groups, dtype=np.int64),
-              **({"boot_singular_values": spec.boot_singular_values.astype(np.float64)}
-                 if spec.boot_singular_values is not None else {}),
+              interval_method=np.array(spec.interval_method), **optional,
               **({f"key_{k}": np.array(v) for k, v in spec.key.items()} if spec.key else {}))
+
+
+OPTIONAL_ARRAYS = ("boot_singular_values", "boot_weights", "group_tokens", "jack_singular_values",
+                   "nested_singular_values", "nested_n_tokens")
+"""Arrays a spectrum file holds only when the spectrum has them (replicates, nested subsamples)."""
 
 
 def load_spectrum(path: Path) -> Spectrum:
@@ -333,8 +423,9 @@ def load_spectrum(path: Path) -> Spectrum:
             components=z["components"],
             n_tokens=int(z["n_tokens"]),
             key=_key(z),
-            boot_singular_values=z["boot_singular_values"] if "boot_singular_values" in z else None,
             n_groups=int(z["n_groups"]) if "n_groups" in z else 0,
+            interval_method=str(z["interval_method"]) if "interval_method" in z else "basic",
+            **{name: z[name] if name in z else None for name in OPTIONAL_ARRAYS},
         )
 
 
@@ -363,14 +454,6 @@ def load_keyed(paths) -> list[tuple[dict, Spectrum]]:
         spec = load_spectrum(path)
         out.append((spectrum_key(spec, path), spec))
     return out
-
-
-def intrinsic_dim_frame(paths, thresholds=THRESHOLDS, level: float = LEVEL) -> pd.DataFrame:
-    """results/tables/intrinsic_dim.csv: :func:`intrinsic_dim_rows` of every spectrum file."""
-    rows = []
-    for key, spec in load_keyed(paths):
-        rows += intrinsic_dim_rows(spec, **key, thresholds=thresholds, level=level)
-    return pd.DataFrame(rows)
 
 
 def spectra_frame(paths, focus_layers: dict[str, int]) -> pd.DataFrame:
@@ -437,17 +520,35 @@ class IntrinsicDimRow:
     fraction: float
     """k / d."""
     fraction_lo: float
-    """Lower end of the basic bootstrap interval of k / d (:func:`bootstrap_interval`; NaN without replicates)."""
+    """Lower end of the interval of k / d by ``method`` (:func:`fraction_interval`; NaN without replicates)."""
     fraction_hi: float
     """Upper end of that interval (NaN without replicates)."""
     level: float
     """Coverage of the interval (e.g. 0.9: built from the 5th and 95th percentiles of the replicates)."""
     resamples: int
-    """Bootstrap replicates behind the interval (0: none)."""
+    """Replicates behind the interval (0: none)."""
     n_groups: int
     """Document groups the replicates resample."""
     n_sv_above_5pct: int
     """Singular values above 5% of the largest (:func:`n_above_fraction_of_max`)."""
+    method: str
+    """The interval rule (:data:`attnspace.intervals.METHODS`; empty without replicates)."""
+    fraction_corrected: float
+    """The fraction corrected for bias by ``method`` (the centre its interval is built around; equal to
+    ``fraction`` for a rule that corrects none; NaN without replicates)."""
+    fraction_half: float
+    """The fraction on the nested subsample of the first half of the document groups (NaN without)."""
+    tokens_half: float
+    """Kept rows of that subsample (NaN without)."""
+    last_doubling_change: float
+    """fraction - fraction_half: how far the estimate moved in the last doubling of tokens."""
+    attn_minus_site: float
+    """attn_out's fraction minus this site's at the same (model, dataset, layer, threshold), filled by
+    :func:`intrinsic_dim_frame` (NaN for attn_out itself, or without attn_out)."""
+    attn_minus_site_lo: float
+    """Lower end of the paired interval of that difference (same replicates for both sites; NaN without)."""
+    attn_minus_site_hi: float
+    """Upper end of that paired interval."""
 
 
 def bootstrap_interval(
@@ -465,34 +566,120 @@ def bootstrap_interval(
     """
     if boot_singular_values is None or len(boot_singular_values) == 0:
         return float("nan"), float("nan")
-    ks = np.array([intrinsic_dimension(s, tau) for s in boot_singular_values], dtype=np.float64)
-    q_lo, q_hi = np.quantile(ks, [(1 - level) / 2, (1 + level) / 2])
+    ks = _ks(boot_singular_values, tau)
     if estimate is None:
         estimate = float(np.median(ks))
-    d = boot_singular_values.shape[1]
-    lo, hi = np.clip([2 * estimate - q_hi, 2 * estimate - q_lo], 1, d)
-    return float(lo), float(hi)
+    got = interval(estimate, ks, level, "basic", bounds=(1, boot_singular_values.shape[1]))
+    return got.lo, got.hi
+
+
+def _ks(singular_values: np.ndarray, tau: float) -> np.ndarray:
+    """[R] float64 intrinsic dimension at ``tau`` of each row of singular values [R, d]."""
+    return np.array([intrinsic_dimension(s, tau) for s in singular_values], dtype=np.float64)
+
+
+def _share(spec: Spectrum) -> float | None:
+    """Mean share of the kept rows in a replicate (what ``subsampling`` rescales by); None without weights."""
+    if spec.boot_weights is None or spec.group_tokens is None:
+        return None
+    return float(np.mean(spec.boot_weights @ spec.group_tokens) / spec.group_tokens.sum())
+
+
+def _replicate_fractions(spec: Spectrum, tau: float) -> tuple[np.ndarray, np.ndarray | None]:
+    """(fraction k/d of each replicate, of each leave-one-group-out spectrum or None)."""
+    jack = None if spec.jack_singular_values is None else _ks(spec.jack_singular_values, tau) / spec.d
+    return _ks(spec.boot_singular_values, tau) / spec.d, jack
+
+
+def fraction_interval(spec: Spectrum, tau: float, level: float = LEVEL) -> Interval:
+    """Interval and bias-corrected value of k/d at ``tau`` by the rule the spectrum's replicates serve
+    (``spec.interval_method``), clipped to [1/d, 1]; :data:`NO_INTERVAL` without replicates."""
+    if spec.boot_singular_values is None or len(spec.boot_singular_values) == 0:
+        return NO_INTERVAL
+    reps, jack = _replicate_fractions(spec, tau)
+    estimate = intrinsic_dimension(spec.singular_values, tau) / spec.d
+    return interval(estimate, reps, level, spec.interval_method, jackknife=jack, share=_share(spec),
+                    bounds=(1 / spec.d, 1.0))
+
+
+def paired_interval(a: Spectrum, b: Spectrum, tau: float, level: float = LEVEL) -> tuple[float, Interval]:
+    """(k_a/d_a - k_b/d_b, its interval) at ``tau``: the rule applied to the differences of the two sites'
+    replicates drawn with the same group weights (sites of one layer, one spectrum job), within [-1, 1].
+
+    Raises AttnspaceError when the two were not resampled together (different weights or rules)."""
+    diff = intrinsic_dimension(a.singular_values, tau) / a.d - intrinsic_dimension(b.singular_values, tau) / b.d
+    if a.boot_weights is None or b.boot_weights is None:
+        return diff, NO_INTERVAL
+    if a.interval_method != b.interval_method or not np.array_equal(a.boot_weights, b.boot_weights):
+        raise AttnspaceError(f"{a.key} and {b.key} were not resampled with the same document groups, so their "
+                             "replicates do not pair", fix="recompute both spectra with the same spectrum.bootstrap "
+                             "settings (snakemake --forcerun spectrum)")
+    (ra, ja), (rb, jb) = _replicate_fractions(a, tau), _replicate_fractions(b, tau)
+    jack = None if ja is None or jb is None else ja - jb
+    return diff, interval(diff, ra - rb, level, a.interval_method, jackknife=jack, share=_share(a), bounds=(-1, 1))
 
 
 def intrinsic_dim_rows(
     spec: Spectrum, *, model: str, dataset: str, layer: int, site: str, thresholds=THRESHOLDS, level: float = LEVEL,
 ) -> list[dict]:
-    """Table rows (dicts with the fields of :class:`IntrinsicDimRow`), one per threshold."""
+    """Table rows (dicts with the fields of :class:`IntrinsicDimRow`), one per threshold; the paired
+    columns are NaN here (:func:`intrinsic_dim_frame` fills them)."""
     d = spec.d
     above = n_above_fraction_of_max(spec.singular_values, 0.05)
     boot = spec.boot_singular_values
     resamples = 0 if boot is None else int(boot.shape[0])
+    nested = spec.nested_singular_values
+    half = nested is not None and len(nested) >= 2
+    nan = float("nan")
     rows = []
     for tau in thresholds:
         k = intrinsic_dimension(spec.singular_values, float(tau))
-        lo, hi = bootstrap_interval(boot, float(tau), level, estimate=k)
+        got = fraction_interval(spec, float(tau), level)
+        f_half = intrinsic_dimension(nested[-2], float(tau)) / d if half else nan
         rows.append(
             asdict(
                 IntrinsicDimRow(
                     model=model, dataset=dataset, layer=int(layer), site=site, d=d, n_tokens=spec.n_tokens,
-                    threshold=float(tau), k=k, fraction=k / d, fraction_lo=lo / d, fraction_hi=hi / d,
+                    threshold=float(tau), k=k, fraction=k / d, fraction_lo=got.lo, fraction_hi=got.hi,
                     level=float(level), resamples=resamples, n_groups=spec.n_groups, n_sv_above_5pct=above,
+                    method=spec.interval_method if resamples else "", fraction_corrected=got.corrected,
+                    fraction_half=f_half, tokens_half=float(spec.nested_n_tokens[-2]) if half else nan,
+                    last_doubling_change=k / d - f_half, attn_minus_site=nan, attn_minus_site_lo=nan,
+                    attn_minus_site_hi=nan,
                 )
             )
         )
     return rows
+
+
+def intrinsic_dim_frame(paths, thresholds=THRESHOLDS, level: float = LEVEL) -> pd.DataFrame:
+    """results/tables/intrinsic_dim.csv: :func:`intrinsic_dim_rows` of every spectrum file, with the paired
+    difference attn_out minus each other site of the same (model, dataset, layer) and its interval."""
+    keyed = load_keyed(paths)
+    attn = {(k["model"], k["dataset"], k["layer"]): s for k, s in keyed if k["site"] == "attn_out"}
+    rows = []
+    for key, spec in keyed:
+        new = intrinsic_dim_rows(spec, **key, thresholds=thresholds, level=level)
+        a = attn.get((key["model"], key["dataset"], key["layer"]))
+        if a is not None and key["site"] != "attn_out":
+            for row in new:
+                diff, got = paired_interval(a, spec, row["threshold"], level)
+                row.update(attn_minus_site=diff, attn_minus_site_lo=got.lo, attn_minus_site_hi=got.hi)
+        rows += new
+    return pd.DataFrame(rows)
+
+
+def convergence_frame(paths, thresholds=THRESHOLDS) -> pd.DataFrame:
+    """results/tables/id_convergence.csv: the intrinsic dimension of every spectrum file at each nested
+    subsample (:func:`nested_singular_values`), one row per (model, dataset, layer, site, threshold,
+    n_tokens): ``k``, ``fraction`` = k/d and ``share`` of the full sample's kept rows."""
+    rows = []
+    for key, spec in load_keyed(paths):
+        if spec.nested_singular_values is None:
+            continue
+        for s, n in zip(spec.nested_singular_values, spec.nested_n_tokens):
+            for tau in thresholds:
+                k = intrinsic_dimension(s, float(tau))
+                rows.append({**key, "d": spec.d, "threshold": float(tau), "n_tokens": int(n),
+                             "share": int(n) / spec.n_tokens, "k": k, "fraction": k / spec.d})
+    return pd.DataFrame(rows, columns=[*KEY_FIELDS, "d", "threshold", "n_tokens", "share", "k", "fraction"])

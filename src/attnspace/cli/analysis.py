@@ -36,6 +36,10 @@ def cmd_idim_table(a):
     from attnspace.spectrum import intrinsic_dim_frame
 
     write_csv(intrinsic_dim_frame(a.spectra, thresholds=a.thresholds, level=a.level), a.out)
+    if a.out_convergence:
+        from attnspace.spectrum import convergence_frame
+
+        write_csv(convergence_frame(a.spectra, thresholds=a.thresholds), a.out_convergence)
 
 
 def cmd_spectra_table(a):
@@ -142,6 +146,7 @@ def add_commands(sub) -> None:
     s.add_argument("--thresholds", type=float, nargs="+", required=True)
     s.add_argument("--level", type=float, default=schema_default("spectrum.bootstrap.level"))
     s.add_argument("--out", required=True)
+    s.add_argument("--out-convergence", help="also the intrinsic dimension at nested subsamples (csv)")
     s.set_defaults(func=cmd_idim_table)
 
     s = sub.add_parser("spectra-table", help="relative singular values of every spectrum, one row each")

@@ -8,7 +8,7 @@ from pathlib import Path
 from attnspace.cli.common import log
 from attnspace.defaults import schema_default
 
-CLAIM_INPUTS = ("fig1", "fig3", "fig4", "fig5", "fig6", "fig7", "table1")
+CLAIM_INPUTS = ("fig1", "fig3", "fig4", "fig5", "fig6", "fig7", "table1", "convergence")
 """The figures (and table) whose data the claims read."""
 
 
@@ -31,10 +31,11 @@ def cmd_figure(a):
         table = pd.concat([pd.read_csv(path) for path in a.table], ignore_index=True)
     else:
         raise SystemExit("figure: give --table, --spectra (fig2a, fig8) or --metrics (fig5, fig6, fig7)")
-    if a.name == "fig1":
-        fig, data = figures.fig1(table, threshold=a.threshold)
-    elif a.name == "fig9":
-        fig, data = figures.fig9(table, thresholds=tuple(a.thresholds))
+    if a.name in ("fig1", "fig9", "convergence"):
+        from attnspace import figures_idim
+
+        fig, data = (figures_idim.fig9(table, thresholds=tuple(a.thresholds)) if a.name == "fig9"
+                     else getattr(figures_idim, a.name)(table, threshold=a.threshold))
     elif a.name == "fig2a":
         fig, data = figures.fig2a(table, a.model, a.dataset, a.layer)
     elif a.name == "fig8":
@@ -139,13 +140,14 @@ def cmd_stage_times(a):
 
 def add_commands(sub) -> None:
     s = sub.add_parser("figure", help="draw one figure (pdf, png and its csv)")
-    s.add_argument("name", choices=["fig1", "fig2a", "fig2b", "fig3", "fig4", "fig5", "fig6", "fig7", "fig8", "fig9"])
+    s.add_argument("name", choices=["fig1", "fig2a", "fig2b", "fig3", "fig4", "fig5", "fig6", "fig7", "fig8", "fig9",
+                                    "convergence"])
     s.add_argument("--table", nargs="+", help="the table(s) behind the figure (csv; several are concatenated)")
     s.add_argument("--metrics", nargs="+", help="fig5, fig6, fig7: the runs' metrics.json files (instead of --table)")
     s.add_argument("--spectra", nargs="*", help="fig2a, fig8: the spectra drawn (.npz; instead of --table); "
                                                 "fig8 with none (one model and dataset) draws a note")
     s.add_argument("--threshold", type=float, default=schema_default("spectrum.threshold"),
-                   help="fig1: the variance threshold")
+                   help="fig1, convergence: the variance threshold")
     s.add_argument("--thresholds", type=float, nargs="+", default=schema_default("figures.fig9.thresholds"),
                    help="fig9: the variance thresholds")
     s.add_argument("--model")

@@ -33,6 +33,10 @@ class EvalResult(NamedTuple):
     """N: tokens in the window."""
     n_dead: int
     """Latents that never fired in the window."""
+    dead_fraction_quarter_window: float
+    """Fraction of latents that never fired in the window's first N // 4 tokens (the same pass)."""
+    dead_fraction_half_window: float
+    """Fraction of latents that never fired in its first N // 2 tokens."""
 
 
 @torch.no_grad()
@@ -43,19 +47,23 @@ def evaluate(sae: TopKSAE, batches: Iterable[Tensor]) -> EvalResult:
     """
     device = sae.W_enc.device
     stats = ReconstructionStats()
-    fired = torch.zeros(sae.d_sae, dtype=torch.bool, device=device)  # [n]
+    never = torch.iinfo(torch.int64).max
+    first = torch.full((sae.d_sae,), never, dtype=torch.int64, device=device)  # [n] token of each latent's first firing
     active = 0
     for batch in batches:
         for x in batch.split(eval_rows(sae)):  # [tokens, d_sae] pre-activations at most EVAL_BLOCK_BYTES
             x = x.to(device, sae.W_enc.dtype) * sae.norm_factor
+            seen = stats.n
             out = sae(x)
             stats.add(x, out.x_hat)
             on = out.values > 0
-            fired[out.indices[on]] = True
+            token = seen + torch.arange(on.shape[0], device=device)[:, None].expand_as(on)
+            first.scatter_reduce_(0, out.indices[on], token[on], reduce="amin")
             active += int(on.sum())
             del out
     if stats.n == 0:
         raise ValueError("no held-out tokens to evaluate on")
+    fired = first != never
     n_dead = int((~fired).sum())
     return EvalResult(
         nmse=stats.nmse,
@@ -64,4 +72,6 @@ def evaluate(sae: TopKSAE, batches: Iterable[Tensor]) -> EvalResult:
         dead_fraction=dead_fraction(fired),
         dead_window_tokens=stats.n,
         n_dead=n_dead,
+        dead_fraction_quarter_window=dead_fraction(first < stats.n // 4),
+        dead_fraction_half_window=dead_fraction(first < stats.n // 2),
     )

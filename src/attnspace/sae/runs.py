@@ -27,7 +27,8 @@ RUN_PATH = re.compile(r"(?P<model>[^/]+)/(?P<dataset>[^/]+)/L(?P<layer>\d+)/(?P<
 RUN_COLUMNS = ["model", "dataset", "layer", "site", "run", "variant", "init", "d_init", "optimizer", "auxk", "d_sae", "k",
                "centred", "replicate", "seed",
                "lr", "tokens_trained", "nmse", "train_nmse", "explained_variance", "l0", "dead_fraction", "n_dead",
-               "dead_window_tokens", "delta_lm_loss", "lm_loss_recovered", "tokens_per_second", "status", "failure"]
+               "dead_window_tokens", "delta_lm_loss", "lm_loss_recovered", "tokens_per_second", "status", "failure",
+               "dead_fraction_quarter_window", "dead_fraction_half_window"]
 
 
 VARIANTS = {
