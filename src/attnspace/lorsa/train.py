@@ -10,8 +10,8 @@ the seed.
 A run whose loss turns NaN or infinite (checked on the device every step, read back every
 ``log_every`` steps and at the last) stops there and is recorded as failed, as SAE runs are:
 metrics.json holds ``status: failed`` and the reason, its measurements are None, and no Lorsa
-is saved; an earlier run's Lorsa files in ``out_dir`` are deleted, so no reader takes them for
-this run's.
+is saved. An earlier run's Lorsa files and metrics.json in ``out_dir`` are deleted when a run
+starts, so no reader takes them for this run's.
 """
 
 from __future__ import annotations
@@ -67,6 +67,9 @@ def train_lorsa(
     t0 = time.perf_counter()
     if train_store.layer != heldout_store.layer:
         raise ValueError(f"train layer {train_store.layer} != held-out layer {heldout_store.layer}")
+    if out_dir is not None:  # the folder holds this run's result or nothing
+        remove_lorsa(out_dir)
+        (Path(out_dir) / "metrics.json").unlink(missing_ok=True)
     train, heldout = SequenceData(train_store), SequenceData(heldout_store)
     d = train_store.width("attn_in")
     lorsa = Lorsa(config, d, rope_from_config(model_config, config.d_qk, train_store.layer))
@@ -126,8 +129,7 @@ def train_lorsa(
 
 def _failed(train_store: Store, config: LorsaConfig, init: str, seed: int, n_steps: int, failure: str,
             out_dir: Path | None) -> dict:
-    """The metrics of a failed run, written to ``out_dir/metrics.json`` after the folder's Lorsa
-    files (an earlier run's) are deleted; every measurement None."""
+    """The metrics of a failed run (every measurement None), written to ``out_dir/metrics.json``."""
     metrics = dict(
         model=train_store.model, dataset=train_store.dataset, layer=train_store.layer, init=init,
         n_ov_heads=config.n_ov_heads, n_qk_heads=config.n_qk_heads, k=config.k, dead_heads=None,
@@ -136,6 +138,5 @@ def _failed(train_store: Store, config: LorsaConfig, init: str, seed: int, n_ste
         train_seconds=None, wall_seconds=None, topk_variant=TOPK_VARIANT, status="failed", failure=failure,
     )
     if out_dir is not None:
-        remove_lorsa(out_dir)
         write_json(metrics, Path(out_dir) / "metrics.json")
     return metrics
