@@ -30,7 +30,18 @@ def as_torch_sparse(grad: torch.Tensor) -> torch.Tensor:
     return torch.sparse_coo_tensor(rows[None], grad.clone(), grad.shape, check_invariants=False)
 
 
-def test_sparse_adam_matches_torch_sparse_adam_on_intermittent_features():
+@pytest.fixture(params=[None, 3], ids=["whole", "chunks-of-3-rows"])
+def chunk_rows(request, monkeypatch):
+    """The eager row rules on all touched rows at once, and in chunks of 3 rows (what bounds their
+    temporaries at large sizes): the results must be the same to the bit."""
+    from attnspace.sae import optim
+
+    if request.param is not None:
+        monkeypatch.setattr(optim, "CHUNK_ROWS", request.param)
+    return request.param
+
+
+def test_sparse_adam_matches_torch_sparse_adam_on_intermittent_features(chunk_rows):
     sae = small_sae()
     params = [getattr(sae, n) for n in NAMES]
     ref = [p.detach().clone().requires_grad_(True) for p in params]
@@ -140,7 +151,7 @@ def row_sparse(dense: torch.Tensor) -> torch.Tensor:
     return torch.sparse_coo_tensor(rows[None], dense[rows], dense.shape, check_invariants=False)
 
 
-def test_masked_adam_matches_a_dense_reference_with_sparse_and_dense_gradients():
+def test_masked_adam_matches_a_dense_reference_with_sparse_and_dense_gradients(chunk_rows):
     import numpy as np
 
     from attnspace.sae.optim import MaskedAdam

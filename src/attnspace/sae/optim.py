@@ -84,6 +84,21 @@ class _RowAdam(torch.optim.Optimizer):
                 self._update(p, state["exp_avg"], state["exp_avg_sq"], rows, g, beta1, beta2, group["eps"], step_size)
 
 
+CHUNK_ROWS = 4096
+"""Touched rows updated at a time by the eager row rules: their temporaries are [CHUNK_ROWS, d], not
+[U, d] (at 1M latents with AuxK, U reaches n: eight [n, d] float32 temporaries would be 128 GiB). The
+arithmetic is elementwise, so the result does not depend on the chunking."""
+
+
+def _chunks(rows: Tensor | None, g: Tensor):
+    """(rows, values) in chunks of :data:`CHUNK_ROWS` touched rows; a dense gradient (rows None) whole."""
+    if rows is None:
+        yield None, g
+        return
+    for s in range(0, rows.numel(), CHUNK_ROWS):
+        yield rows[s : s + CHUNK_ROWS], g[s : s + CHUNK_ROWS]
+
+
 def _write_rows(p: Tensor, m: Tensor, v: Tensor, rows: Tensor | None, new_m: Tensor, new_v: Tensor,
                 update: Tensor) -> None:
     """Store the new moments of the touched rows (all rows when ``rows`` is None) and add ``update``."""
@@ -104,14 +119,15 @@ class SparseAdam(_RowAdam):
         if rows is not None and _use_fused(p, g):
             _fused_row_step(p, m, v, rows, g, beta1, beta2, eps, step_size)
             return
-        old_m = m if rows is None else m.index_select(0, rows)
-        old_v = v if rows is None else v.index_select(0, rows)
-        # Same operations, in the same order, as torch.optim._functional.sparse_adam.
-        dm = g.sub(old_m).mul_(1 - beta1)
-        dv = g.pow(2).sub_(old_v).mul_(1 - beta2)
-        denom = (dv + old_v).sqrt_().add_(eps)
-        update = -step_size * (dm + old_m).div_(denom)
-        _write_rows(p, m, v, rows, old_m + dm, old_v + dv, update)
+        for r, g in _chunks(rows, g):
+            old_m = m if r is None else m.index_select(0, r)
+            old_v = v if r is None else v.index_select(0, r)
+            # Same operations, in the same order, as torch.optim._functional.sparse_adam.
+            dm = g.sub(old_m).mul_(1 - beta1)
+            dv = g.pow(2).sub_(old_v).mul_(1 - beta2)
+            denom = (dv + old_v).sqrt_().add_(eps)
+            update = -step_size * (dm + old_m).div_(denom)
+            _write_rows(p, m, v, r, old_m + dm, old_v + dv, update)
 
 
 class MaskedAdam(_RowAdam):
@@ -138,14 +154,15 @@ class MaskedAdam(_RowAdam):
     def _update(self, p, m, v, rows, g, beta1, beta2, eps, step_size) -> None:
         m.mul_(beta1)
         v.mul_(beta2)
-        old_m = m if rows is None else m.index_select(0, rows)
-        old_v = v if rows is None else v.index_select(0, rows)
-        mask = g != 0
-        # llamascopium's expressions, in its order: (1 - beta2) * g * g is ((1 - beta2) g) g.
-        new_m = torch.where(mask, old_m + (1 - beta1) * g, old_m)
-        new_v = torch.where(mask, old_v + (1 - beta2) * g * g, old_v)
-        update = torch.where(mask, step_size * new_m / new_v.sqrt().add_(eps), torch.zeros_like(new_m))
-        _write_rows(p, m, v, rows, new_m, new_v, -update)
+        for r, g in _chunks(rows, g):
+            old_m = m if r is None else m.index_select(0, r)
+            old_v = v if r is None else v.index_select(0, r)
+            mask = g != 0
+            # llamascopium's expressions, in its order: (1 - beta2) * g * g is ((1 - beta2) g) g.
+            new_m = torch.where(mask, old_m + (1 - beta1) * g, old_m)
+            new_v = torch.where(mask, old_v + (1 - beta2) * g * g, old_v)
+            update = torch.where(mask, step_size * new_m / new_v.sqrt().add_(eps), torch.zeros_like(new_m))
+            _write_rows(p, m, v, r, new_m, new_v, -update)
 
 
 def _rows_and_values(grad: Tensor) -> tuple[Tensor | None, Tensor]:
