@@ -39,7 +39,7 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
     "spectrum": (["spectrum.py", "intervals.py"], ["test_spectrum.py", "test_numbers_spectrum.py"]),
     "interventions": (["interventions.py"], ["test_interventions.py", "test_numbers_spectrum.py"]),
     "sae_step": (["sae/losses.py", "sae/train.py"],
-                 ["test_numbers_sae.py", "test_sae_train.py", "test_sae_fast.py", "test_sae_sparse.py"]),
+                 ["test_numbers_sae.py", "test_sae_train.py", "test_sae_fast.py", "test_sae_sparse.py", "test_sae_io.py"]),
     "sae_model": (["sae/model.py", "sae/sparse.py", "sae/fast.py"],
                   ["test_sae_sparse.py", "test_sae_fast.py", "test_numbers_sae.py"]),
     "sae_optim": (["sae/optim.py"], ["test_sae_optim.py", "test_sae_fast.py"]),

@@ -1,12 +1,14 @@
 """The training step's loss is NMSE + auxk_alpha x AuxK: the gradients one step of SAERun hands its
 optimizer equal those of that loss written out densely in float64 (TopK, the dead latents' top
 k_aux, both NMSEs), with latents planted dead; the AuxK term alone moves the dead latents' decoder
-rows, by a gradient proportional to auxk_alpha."""
+rows, by a gradient proportional to auxk_alpha. The evaluation NMSE summed over batches equals numpy's
+on the whole set."""
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -92,3 +94,19 @@ def test_without_auxk_the_dead_latents_get_no_auxk_gradient(tmp_path):
     dense_loss(params, x, 0.0).backward()
     for name, got, p in zip(NAMES, grads, params):
         torch.testing.assert_close(got, p.grad, rtol=1e-3, atol=1e-5 * float(p.grad.abs().max()), msg=name)
+
+
+def test_reconstruction_stats_over_batches_equal_numpy_on_the_whole_set():
+    from attnspace.sae.losses import ReconstructionStats, nmse
+
+    rng = np.random.default_rng(0)
+    x = 0.1 * rng.standard_normal((50, 6)) + 0.05  # small variance: an offset in any sum would show
+    x_hat = x + 0.02 * rng.standard_normal((50, 6))
+    stats = ReconstructionStats()
+    for lo, hi in ((0, 7), (7, 30), (30, 50)):
+        stats.add(torch.from_numpy(x[lo:hi]).float(), torch.from_numpy(x_hat[lo:hi]).float())
+    x32, h32 = x.astype(np.float32).astype(np.float64), x_hat.astype(np.float32).astype(np.float64)
+    expected = ((x32 - h32) ** 2).sum() / ((x32 - x32.mean(0)) ** 2).sum()
+    assert stats.n == 50 and stats.nmse == pytest.approx(expected, rel=1e-10)
+    one = nmse(torch.from_numpy(x32), torch.from_numpy(h32))
+    assert float(one) == pytest.approx(expected, rel=1e-12)  # one batch: the training loss, the same number
