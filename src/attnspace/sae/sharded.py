@@ -499,7 +499,7 @@ def _rank_main(rank: int, ranks: int, port: int, log_path: str, fn: Callable, ar
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     cuda = torch.cuda.is_available() and os.environ.get("ATTNSPACE_SHARDED_BACKEND") != "gloo"
     if cuda:
-        torch.cuda.set_device(rank)
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=ranks, timeout=COLLECTIVE_TIMEOUT)
     try:
         fn(*args)
