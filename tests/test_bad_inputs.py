@@ -130,7 +130,7 @@ def test_payloads_that_reach_a_rule_are_quoted_and_run_nothing(rule_file, rule, 
     from snakemake.iocontainers import Namedlist
     from snakemake.utils import format as sm_format
 
-    template = _rule_shell(rule_file, rule).replace("attnspace ", "printf '%s\\0' ", 1).split(" > {log}")[0]
+    template = _rule_shell(rule_file, rule).replace("attnspace ", "printf '%s\\0' ", 1).split(" > {log")[0]
     marker = tmp_path / "pwned"
     for payload in PAYLOADS:
         value = payload.format(m=marker)
