@@ -4,7 +4,7 @@ One process is the reference: :func:`attnspace.sae.train.train_sae` (the fast pa
 same seeds, so the same batches; the sharded SAEs train as one group on one broadcast stream. 50 steps of each optimizer with ASI and AuxK (a dead window short
 enough that AuxK works from step 4 on) on 1, 2 and 4 ranks must give the one process's weights and
 metrics within :data:`RTOL`: the sharded step sums the decoder's terms in another order (per rank, then
-the all-reduce), so the two agree to float32 rounding, which 50 Adam steps carry to about 1e-6 here;
+the all-reduce), so the two agree to float32 rounding, which 50 Adam steps carry to at most 2.5e-6 here;
 the selections must agree exactly (same latents fired, same dead counts). Two runs on 2 ranks are
 bitwise equal; a job stopped by SIGTERM (SLURM's time limit) checkpoints one step on every rank, a job
 whose rank 1 is killed fails in one line naming that rank and its log, and each rerun resumes from the
@@ -32,7 +32,8 @@ from attnspace.store import open_store
 OPTIMIZERS = ("adam", "sparse_adam", "masked_adam")
 STEPS = 50
 RTOL = 1e-4
-"""Relative tolerance on weights (max |a - b| / max |b| per tensor) and on metrics; measured: see the note."""
+"""Relative tolerance on weights (max |a - b| / max |b| per tensor) and on metrics. Measured on this machine:
+at most 2.5e-6 over 1, 2 and 4 ranks and the three optimizers (float32 rounding carried by 50 steps)."""
 
 METRICS = ("nmse", "explained_variance", "l0", "dead_fraction", "n_dead", "dead_for_auxk_at_end", "train_nmse",
            "init_norm", "dataset_average_activation_norm", "delta_lm_loss", "loss_recovered")
