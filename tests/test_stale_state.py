@@ -290,7 +290,7 @@ def test_a_killed_rerun_leaves_only_its_checkpoint_never_the_earlier_sae(stores,
     out = tmp_path / "sae"
     train_sae(small_config(), new, heldout, out, info=inputs(new))
     killed(small_config(k=4), new, heldout, out)
-    assert sorted(p.name for p in out.rglob("*") if p.is_file()) == [CHECKPOINT]
+    assert sorted(p.name for p in out.rglob("*")) == [CHECKPOINT]
 
 
 def test_a_diverging_learning_rate_is_recorded_failed_with_no_weights(stores, tmp_path):
@@ -301,7 +301,7 @@ def test_a_diverging_learning_rate_is_recorded_failed_with_no_weights(stores, tm
     m = train_sae(small_config(lr=1e30, log_every=1), new, heldout, out)
     assert m["status"] == "failed" and "not finite" in m["failure"]
     assert json.loads((out / "metrics.json").read_text())["status"] == "failed"
-    assert sorted(p.name for p in out.rglob("*") if p.is_file()) == ["metrics.json"]
+    assert sorted(p.name for p in out.rglob("*")) == ["metrics.json"]
 
 
 def test_a_folder_without_a_run_record_still_loads(stores, tmp_path):

@@ -106,6 +106,10 @@ def remove_weights(folder: Path | str) -> None:
     folder = Path(folder)
     (folder / WEIGHTS).unlink(missing_ok=True)
     (folder / "hyperparams.json").unlink(missing_ok=True)
+    try:
+        (folder / WEIGHTS).parent.rmdir()  # checkpoints/, when nothing else is in it
+    except OSError:
+        pass
 
 
 def load_sae(folder: Path, device: torch.device | str = "cpu") -> TopKSAE:
