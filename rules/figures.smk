@@ -123,8 +123,8 @@ rule convergence:
     conda:
         "../envs/attnspace.yaml"
     shell:
-        "attnspace figure convergence --caption {input.text} --table {input.table} --threshold {params.threshold} "
-        "--out {output.pdf} > {log} 2>&1"
+        "attnspace figure convergence --caption {input.text:q} --table {input.table:q} --threshold {params.threshold} "
+        "--out {output.pdf:q} > {log:q} 2>&1"
 
 
 rule fig9:
