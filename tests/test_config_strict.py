@@ -37,6 +37,8 @@ def refused(path, *words) -> str:
     ("tokens:\n  seed: 010\n", ["line 2", "010", "octal", "read as 8"]),
     ("tokens:\n  seed: 25:36\n", ["25:36", "sexagesimal", "read as 1536"]),
     ("spectrum:\n  threshold: 1:30.5\n", ["1:30.5", "sexagesimal", "read as 90.5"]),
+    ("models:\n  m:\n    source: {kind: hub, trust_remote_code: yes}\n", ["line 3", "yes is a boolean in YAML 1.1",
+                                                                          "read as True", "write true or false"]),
     ("a: [1, 2\n", ["line 2", "not valid YAML"]),
     ("a: &x [1, *x]\n", ["recursive alias"]),
 ])
@@ -47,7 +49,8 @@ def test_reader_refuses_what_pyyaml_reads_silently(tmp_path, text, words):
 
 
 def test_reader_reads_plain_yaml_as_pyyaml_does(tmp_path):
-    text = "a: 0\nb: 10\nc: 0.5\nd: '010'\ne: '25:36'\nf: -3\ng: 1_000\nbase: &b {x: 1}\nh:\n  <<: *b\n  y: 2\n"
+    text = ("a: 0\nb: 10\nc: 0.5\nd: '010'\ne: '25:36'\nf: -3\ng: 1_000\nbase: &b {x: 1}\nh:\n  <<: *b\n  y: 2\n"
+            "i: true\nj: False\nk: 'no'\n")
     (tmp_path / "c.yaml").write_text(text)
     assert load_yaml(tmp_path / "c.yaml") == yaml.safe_load(text)
     for name in ("config.yaml", "config/paper.yaml"):

@@ -4,9 +4,10 @@ YAML as people write it, read strictly, so that what a file says is what runs:
 
 * a key given twice in one mapping is refused (PyYAML keeps the last silently, dropping a
   whole block);
-* YAML 1.1 numbers that YAML 1.2 and every other reader take differently are refused: octal
-  with a leading zero (``010`` is 8) and sexagesimal (``25:36`` is 1536, ``1:30.5`` is 90.5);
-  quote them, or write the decimal number meant;
+* YAML 1.1 values that YAML 1.2 and every other reader take differently are refused: octal
+  numbers with a leading zero (``010`` is 8), sexagesimal numbers (``25:36`` is 1536, ``1:30.5``
+  is 90.5) and the booleans yes, no, on and off; quote them, or write the number meant, or true
+  or false;
 * aliases may share values, but the document they expand to holds at most
   :data:`MAX_EXPANDED_NODES` values (a few lines of nested aliases expand to billions, and
   every reader after this one walks the expanded value).
@@ -38,7 +39,7 @@ def _error(message: str, fix: str):
 
 
 class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate keys and YAML 1.1's octal and sexagesimal numbers."""
+    """SafeLoader that refuses duplicate keys and YAML 1.1's octal and sexagesimal numbers and yes/no booleans."""
 
     name = "<config>"
 
@@ -66,6 +67,13 @@ class _StrictLoader(yaml.SafeLoader):
         self._refuse_yaml11(node, _YAML11_FLOAT)
         return super().construct_yaml_float(node)
 
+    def construct_yaml_bool(self, node):
+        if node.value.lower() not in ("true", "false"):
+            raise _error(f"{self.name}, line {node.start_mark.line + 1}: {node.value} is a boolean in YAML 1.1 "
+                         f"(read as {yaml.safe_load(node.value)}), which other readers take as text.",
+                         f"write true or false, or quote it ('{node.value}') if it is text.")
+        return super().construct_yaml_bool(node)
+
     def _refuse_yaml11(self, node, pattern: re.Pattern) -> None:
         if pattern.fullmatch(node.value):
             kind = "a sexagesimal" if ":" in node.value else "an octal"
@@ -77,6 +85,7 @@ class _StrictLoader(yaml.SafeLoader):
 
 _StrictLoader.add_constructor("tag:yaml.org,2002:int", _StrictLoader.construct_yaml_int)
 _StrictLoader.add_constructor("tag:yaml.org,2002:float", _StrictLoader.construct_yaml_float)
+_StrictLoader.add_constructor("tag:yaml.org,2002:bool", _StrictLoader.construct_yaml_bool)
 
 
 def _expanded_size(node, name: str) -> int:
