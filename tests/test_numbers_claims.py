@@ -322,6 +322,12 @@ def test_c2_both_terms_flat_has_no_share():
     from attnspace.claims import tail_drops
 
     assert np.isnan(tail_drops(c2_curves([("flat", 0.0, 0.0)]))["wo_share"].iloc[0])
+    # O flat while W^O drops a decade and Z rises one (exact powers of ten): no share either
+    i = np.arange(1, 21)
+    opposite = pd.DataFrame(dict(model="m", dataset="ds", layer=3, i=i, var_o=1.0, wo_contrib=10.0 ** -i,
+                                 z_contrib=10.0 ** i))
+    drops = tail_drops(opposite)
+    assert (drops["drop_wo"].iloc[0], drops["drop_z"].iloc[0]) == (1.0, -1.0) and np.isnan(drops["wo_share"].iloc[0])
 
 
 def dead_table(model: str, sites=("resid_post", "attn_out", "mlp_out")) -> pd.DataFrame:
