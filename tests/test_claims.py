@@ -180,6 +180,16 @@ def test_c7_over_seeds():
     assert c7(table(0.4, 0.21, 0.01))[0]["verdict"] == FAILS  # NMSE higher beyond the spread
     assert c7(table(0.59, 0.199, 0.01))[0]["verdict"] == INCONCLUSIVE  # within the spread
     assert "3 seeds" in c7(table(0.4, 0.19, 0.01))[0]["measured"]
+    # failed (diverged) runs: left out of the comparison and named, never read as numbers
+    rows = table(0.4, 0.19, 0.01).assign(status="ok")
+    rows.loc[(rows["init"] == "asi") & (rows["seed"] == 2), ["status", "dead_param_fraction", "nmse"]] = \
+        ["failed", float("nan"), float("nan")]
+    row = c7(rows)[0]
+    assert row["verdict"] == HOLDS and "2 seeds" in row["measured"] and "1 failed run(s) left out" in row["measured"]
+    rows.loc[rows["init"] == "asi", ["status", "dead_param_fraction", "nmse"]] = ["failed", float("nan"), float("nan")]
+    row = c7(rows)[0]
+    assert row["verdict"] == INCONCLUSIVE and row["measured"].startswith("no finished run of asi") and "nan" not in \
+        row["measured"]
 
 
 def test_absent_data_is_not_run_and_every_claim_has_a_row():

@@ -358,6 +358,8 @@ def test_a_diverged_lorsa_is_recorded_failed_and_table1_says_so(lorsa_stores, tm
     assert "Failed, left out: vanilla seed 0 (loss not finite" in md
     frame = table1_frame([failed, asi])
     assert list(frame["status"]) == ["failed", "ok"] and frame["nmse"].isna().tolist() == [True, False]
+    alone = table1_markdown(table1_frame([failed]))
+    assert "no run finished." in alone and "| Normalized MSE | failed |" in alone and "nan" not in alone
 
 
 # --- streamed moments (.partial) ---------------------------------------------------------------

@@ -465,13 +465,20 @@ def c7(lorsa: pd.DataFrame | None) -> list[dict]:
         return _not_run("C7", C7, C7_PAPER, C7_TEST, "Table 1 is not configured")
     rows = []
     for (model, dataset, layer), g in lorsa.groupby(["model", "dataset", "layer"], sort=False):
+        failed = g[g["status"] == "failed"] if "status" in g else g.iloc[:0]  # diverged: no measurements
+        g = g.drop(failed.index)
         v, a = g[g["init"] == "vanilla"], g[g["init"] == "asi"]
         c_dead = compare(a["dead_param_fraction"], v["dead_param_fraction"])
         c_nmse = compare(a["nmse"], v["nmse"])
         holds, fails = c_dead < 0 and c_nmse < 0, c_dead > 0 or c_nmse > 0
         n_seeds = min(len(v), len(a))
-        measured = (f"{n_seeds} seeds: dead parameters {_ms(100 * v['dead_param_fraction'])}% -> "
-                    f"{_ms(100 * a['dead_param_fraction'])}%, NMSE {_ms(v['nmse'])} -> {_ms(a['nmse'])}")
+        if n_seeds == 0:
+            measured = "no finished run of " + " and ".join(i for i, runs in (("vanilla", v), ("asi", a)) if runs.empty)
+        else:
+            measured = (f"{n_seeds} seeds: dead parameters {_ms(100 * v['dead_param_fraction'])}% -> "
+                        f"{_ms(100 * a['dead_param_fraction'])}%, NMSE {_ms(v['nmse'])} -> {_ms(a['nmse'])}")
+        if len(failed):
+            measured += f"; {len(failed)} failed run(s) left out (listed under Table 1)"
         rows.append(_row("C7", C7, f"{model}/{dataset} L{layer}", measured, C7_PAPER, C7_TEST,
                          _verdict(int(holds), int(fails), 1)))
     return rows

@@ -48,7 +48,7 @@ def table1_markdown(frame: pd.DataFrame) -> str:
         present = list(dict.fromkeys(site["init"]))
         inits = [i for i in INITS if i in present] + [i for i in present if i not in INITS]
         first = site.iloc[0]
-        seeds = f"mean ± standard deviation over {n_seeds} seeds." if n_seeds > 1 else "one seed."
+        seeds = {0: "no run finished.", 1: "one seed."}.get(n_seeds, f"mean ± standard deviation over {n_seeds} seeds.")
         lines += [f"### {model} / {dataset} / layer {layer}", "",
                   (f"{first.n_ov_heads} OV heads, {first.n_qk_heads} QK heads, k = {first.k}; "
                    + (f"evaluated on {int(runs.iloc[0].n_eval_tokens)} held-out tokens; " if len(runs) else "")
