@@ -239,7 +239,6 @@ def convergence(table: pd.DataFrame, threshold: float = THRESHOLD) -> tuple[Figu
                 ax.set_xlabel("kept tokens (nested subsamples)" if r == len(datasets) - 1 else "")
                 ax.set_ylabel("intrinsic dim. / d" if c == 0 else "")
         _site_legend(fig, data["site"])
-        fig.suptitle(f"Intrinsic dimension fraction k/d at τ = {threshold:g} against the number of tokens\n"
-                     f"(thin: each layer; thick: mean over layers; k = fewest directions holding "
-                     f"{_percent(threshold)} of the variance)")
+        fig.suptitle(f"Intrinsic dimension k/d ({_percent(threshold)} of the variance) against tokens\n"
+                     "(thin: each layer; thick: mean over layers)")
     return fig, data
