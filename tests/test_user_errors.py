@@ -81,11 +81,17 @@ def test_figure8_with_no_other_pair_draws_a_note(tmp_path):
     assert "no rows drawn" in out.with_suffix(".caption.rst").read_text()
 
 
-def test_a_job_command_that_does_not_parse_is_named_not_exited():
-    from attnspace.plan import plan_jobs
+def test_a_job_command_that_does_not_parse_is_named_not_exited(capsys):
+    """The plan a real run prints first reports such a command on one line; the run goes on."""
+    from types import SimpleNamespace
+
+    from attnspace.plan import plan_jobs, print_run_plan
 
     with pytest.raises(ValueError, match="does not parse .*expected at least one argument.*attnspace cache"):
         plan_jobs([["cache", "--layers"]], {})
+    print_run_plan([SimpleNamespace(shellcmd="attnspace cache --layers > log 2>&1")], {})
+    err = capsys.readouterr().err
+    assert "(no plan: ValueError: a planned job's command does not parse" in err and "usage:" not in err, err
 
 
 def odd_checkout(tmp_path: Path) -> Path:
