@@ -53,9 +53,11 @@ def training_bytes(d_model: int, d_sae: int, batch_size: int, *, optimizer: str 
 
     * resident between steps: weights 2P, Adam's two moments 4P, the encoder's bf16 mirror P/2;
     * the backward's weight gradients, which peak at the encoder's: Adam's are dense
-      (P each, built from a [U, d] block: 2P + G), SparseAdam's row-sparse (each [U, d] block
-      and the copy autograd keeps: 3G); MaskedAdam's update adds its [U, d] temporaries
-      (10.25G in all, :data:`_TRANSIENT_G`);
+      (P each, built from a [U, d] block: 2P + G), SparseAdam's and MaskedAdam's row-sparse (each
+      [U, d] block and the copy of it the fake-tensor measurement sees autograd make: 3G; on real
+      tensors autograd takes the gradient without a copy, so this errs high). Their updates work
+      in chunks of :data:`attnspace.sae.optim.CHUNK_ROWS` touched rows, so they add no [U, d]
+      temporaries (:data:`_TRANSIENT_G`);
     * the step's [B, d] float32 tensors (input, reconstruction, residual, their gradients: 20 B d
       bytes) and :data:`_BYTES_PER_ENTRY` bytes per selected entry of the B K' (indices, values, the
       plan's sorted ids). The [B, n] pre-activations are freed before the backward, so they are not
@@ -73,7 +75,7 @@ def training_bytes(d_model: int, d_sae: int, batch_size: int, *, optimizer: str 
     return int(6.5 * P + dense + _TRANSIENT_G[optimizer] * G + 20 * batch_size * d_model + _BYTES_PER_ENTRY * entries)
 
 
-_TRANSIENT_G = {"adam": 1, "sparse_adam": 3, "masked_adam": 10.25}
+_TRANSIENT_G = {"adam": 1, "sparse_adam": 3, "masked_adam": 3}
 """[U, d] float32 blocks alive at the peak of the backward and optimizer step, by optimizer."""
 
 _BYTES_PER_ENTRY = 56
