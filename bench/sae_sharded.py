@@ -17,6 +17,8 @@ Two parts, one JSON line per result:
     python bench/sae_sharded.py                       # both parts
     python bench/sae_sharded.py --paper-only
     python bench/sae_sharded.py --latents 8192 --d 256 --batch 512 --steps 10
+    python bench/sae_sharded.py --device cuda --ranks 1 2 4 8 --latents 1048576 --d 4096 --batch 4096 \
+        --k 50 --k-aux 512                                # on a GPU node (not run yet)
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ class _Counting:
         return self._dist.all_reduce(t, *args, **kw)
 
 
-def _rank_bench(n: int, d: int, batch: int, k: int, k_aux: int, steps: int, out: str) -> None:
+def _rank_bench(n: int, d: int, batch: int, k: int, k_aux: int, steps: int, out: str, device: str) -> None:
     import torch
 
     import attnspace.sae.sharded as sharded
@@ -69,15 +71,20 @@ def _rank_bench(n: int, d: int, batch: int, k: int, k_aux: int, steps: int, out:
     counting = _Counting(sharded.dist)
     sharded.dist = counting
     rank, ranks = counting.get_rank(), counting.get_world_size()
+    dev = sharded.rank_device(device)
     sae = sharded.ShardedSAE(d, n, k, rank, ranks)
     g = torch.Generator().manual_seed(0)
-    W = torch.randn(n, d, generator=g) / d**0.5  # the same SAE on every R: rank r keeps its rows
+    W = torch.randn(sae.n_local, d, generator=torch.Generator().manual_seed(rank)) / d**0.5  # this rank's rows
     with torch.no_grad():
-        sae.W_enc.copy_(W[sae.offset : sae.offset + sae.n_local])
-        sae.W_dec.copy_(W[sae.offset : sae.offset + sae.n_local])
+        sae.W_enc.copy_(W)
+        sae.W_dec.copy_(W)
+    del W
+    cuda = dev.type == "cuda"
+    sae.to(dev).matmul_dtype = torch.bfloat16 if cuda else None  # as train_sae on CUDA
     opt = sharded.make_sharded_optimizer("adam", sae.parameters(), 1e-4, (0.9, 0.999), 1e-8)
-    dead = torch.arange(sae.offset, sae.offset + sae.n_local) % 2 == 0
-    xs = [torch.randn(batch, d, generator=g) for _ in range(steps + 2)]
+    dead = (torch.arange(sae.offset, sae.offset + sae.n_local) % 2 == 0).to(dev)
+    xs = [torch.randn(batch, d, generator=g).to(dev) for _ in range(steps + 2)]
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
 
     def step(x):
         counting.broadcast(x, 0)  # rank 0's batch, as train_sharded feeds it
@@ -88,17 +95,19 @@ def _rank_bench(n: int, d: int, batch: int, k: int, k_aux: int, steps: int, out:
 
     for x in xs[:2]:
         step(x)
+    sync()
     counting.barrier()
     counting.sent = 0
     t0 = time.perf_counter()
     for x in xs[2:]:
         step(x)
+    sync()
     seconds = time.perf_counter() - t0
     if rank == 0:
-        row = dict(part="measured", device="cpu (gloo)", ranks=ranks, latents=n, d=d, batch=batch, k=k, k_aux=k_aux,
+        row = dict(part="measured", device="cuda (nccl)" if cuda else "cpu (gloo)", ranks=ranks, latents=n, d=d, batch=batch, k=k, k_aux=k_aux,
                    steps=steps, bytes_per_step=counting.sent // steps,
                    model_bytes=sharded.bytes_per_step(batch, d, min(k, n // ranks), ranks,
-                                                      min(k_aux, n // ranks) if k_aux else 0),
+                                                      min(k_aux, n // ranks) if k_aux else 0, 2 if cuda else 4),
                    ms_per_step=round(1000 * seconds / steps, 2), tokens_per_second=round(batch * steps / seconds, 1))
         Path(out).write_text(json.dumps(row))
 
@@ -126,6 +135,8 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--paper-only", action="store_true")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="cuda: one GPU a rank, NCCL, the bf16 encoder product (not run yet: no GPU here)")
     a = p.parse_args(argv)
     for row in paper_rows():
         print(json.dumps(row))
@@ -133,11 +144,13 @@ def main(argv=None) -> None:
         return
     from attnspace.sae.sharded import launch
 
-    os.environ["ATTNSPACE_SHARDED_BACKEND"] = "gloo"  # the CPU measurement, also where a GPU is present
+    if a.device == "cpu":
+        os.environ["ATTNSPACE_SHARDED_BACKEND"] = "gloo"  # the CPU measurement, also where a GPU is present
     with tempfile.TemporaryDirectory() as tmp:
         for R in a.ranks:
             out = Path(tmp) / f"r{R}.json"
-            launch(R, _rank_bench, (a.latents, a.d, a.batch, a.k, a.k_aux, a.steps, str(out)), log_dir=Path(tmp))
+            launch(R, _rank_bench, (a.latents, a.d, a.batch, a.k, a.k_aux, a.steps, str(out), a.device),
+                   log_dir=Path(tmp))
             print(json.dumps(json.loads(out.read_text())))
             sys.stdout.flush()
 

@@ -169,9 +169,15 @@ def test_family_of():
     assert family_of(Gemma3Config()) == "gemma3"  # multimodal wrapper config
     assert family_of(Gemma3TextConfig()) == "gemma3"
     assert set(SUPPORTED_MODEL_TYPES.values()) == set(FAMILIES)
-    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=1, n_head=2))
-    with pytest.raises(UnsupportedModelError, match="'gpt2'.*gpt_neox") as err:
-        capture(gpt2, torch.zeros(1, 3, dtype=torch.long), [0], ["attn_out"])
+    # outside the table: any causal LM of the installed transformers, its sites found from its structure
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=1, n_head=2, bos_token_id=0,
+                                      eos_token_id=0)).eval()
+    assert family_of(gpt2.config) == "gpt2"
+    got = capture(gpt2, torch.zeros(1, 3, dtype=torch.long), [0], ["attn_z", "attn_out"])
+    c_proj = gpt2.transformer.h[0].attn.c_proj  # Conv1D: weight [d_z, d_model], out = z @ weight + bias
+    close(got[0, "attn_out"], got[0, "attn_z"] @ c_proj.weight + c_proj.bias)
+    unknown = GPT2Config(vocab_size=VOCAB)
+    unknown.model_type = "not_a_model"
+    with pytest.raises(UnsupportedModelError, match="'not_a_model'.*gpt_neox") as err:
+        family_of(unknown)
     assert isinstance(err.value, ValueError)
-    with pytest.raises(UnsupportedModelError):
-        family_of(gpt2.config)

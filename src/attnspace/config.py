@@ -141,30 +141,60 @@ def check_config(config: dict, schema: dict | None = None) -> dict:
     return config
 
 
-def _check_semantics(config: dict) -> None:
+def _architecture(model_type, key: str, remote_code: bool = False) -> str:
+    """The family of ``model_type``: the site table's, or the type itself for any other causal LM
+    of the installed transformers (its sites are found from the model when it is prepared)."""
     from attnspace.sites import SUPPORTED_MODEL_TYPES  # the loader's own list
 
+    if model_type in SUPPORTED_MODEL_TYPES:
+        return SUPPORTED_MODEL_TYPES[model_type]
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return model_type
+    why = ("a remote-code model (its modules are not in transformers, so attnspace cannot find and verify "
+           "its sites)" if remote_code else "not a causal LM of the installed transformers")
+    raise ConfigError(f"{key} = {model_type!r} is {why}. Fix: use a model type that `attnspace architectures` "
+                      f"lists as verified (table families {sorted(set(SUPPORTED_MODEL_TYPES.values()))}).")
+
+
+def _check_architectures(config: dict) -> None:
+    """Fill each model's architecture where omitted (local: its config.json's model_type; other
+    sources: ``auto``, read when the model is prepared) and check the ones given."""
+    from attnspace.sites import SUPPORTED_MODEL_TYPES
+
+    for name, m in config["models"].items():
+        declared = m.get("architecture")
+        src = m["source"]
+        if src["kind"] != "local":
+            if declared is None:
+                m["architecture"] = "auto"
+            elif declared not in SUPPORTED_MODEL_TYPES.values():
+                _architecture(declared, f"models.{name}.architecture")
+            continue
+        cfg_path = Path(src["path"]) / "config.json"
+        if not cfg_path.is_file():
+            raise ConfigError(f"models.{name}.source.path = {src['path']!r} has no config.json. "
+                              "Fix: point it at a folder written by transformers' save_pretrained.")
+        held = _model_config(cfg_path, f"models.{name}.source.path", _LOCAL_FIX)
+        model_type = held.get("model_type")
+        family = _architecture(model_type, f"the model_type of models.{name}.source.path",
+                               remote_code="auto_map" in held)
+        if declared is None:
+            m["architecture"] = family
+        elif family != declared:
+            raise ConfigError(f"models.{name}.architecture = {declared!r} but the folder holds a "
+                              f"{model_type!r} ({family}) model. Fix: set architecture: {family}.")
+
+
+def _check_semantics(config: dict) -> None:
+    _check_architectures(config)
     for name, m in config["models"].items():
         for i, layer in enumerate(m["layers"]):
             if layer >= m["n_layers"]:
                 raise ConfigError(
                     f"models.{name}.layers[{i}] = {layer} is outside the model "
                     f"({m['n_layers']} layers, 0-indexed 0..{m['n_layers'] - 1}). Fix: pick a layer below {m['n_layers']}.")
-        src = m["source"]
-        if src["kind"] == "local":
-            cfg_path = Path(src["path"]) / "config.json"
-            if not cfg_path.is_file():
-                raise ConfigError(f"models.{name}.source.path = {src['path']!r} has no config.json. "
-                                  "Fix: point it at a folder written by transformers' save_pretrained.")
-            model_type = _model_config(cfg_path, f"models.{name}.source.path", _LOCAL_FIX).get("model_type")
-            family = SUPPORTED_MODEL_TYPES.get(model_type)
-            if family is None:
-                raise ConfigError(
-                    f"models.{name}.source.path holds a {model_type!r} model, which attnspace cannot "
-                    f"hook. Fix: use a model of a supported type {sorted(SUPPORTED_MODEL_TYPES)}.")
-            if family != m["architecture"]:
-                raise ConfigError(f"models.{name}.architecture = {m['architecture']!r} but the folder holds a "
-                                  f"{model_type!r} ({family}) model. Fix: set architecture: {family}.")
     train = config["tokens"]["train_tokens"]
     for name, m in config["models"].items():
         if train <= m["d_model"]:

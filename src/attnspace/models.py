@@ -418,12 +418,16 @@ def prepare_model(source: dict, out_dir: Path, *, architecture: str, n_layers: i
     family = family_of(model)
     cfg = model.config.get_text_config()
     facts = {"architecture": family, "n_layers": cfg.num_hidden_layers, "d_model": cfg.hidden_size}
-    declared = {"architecture": architecture, "n_layers": n_layers, "d_model": d_model}
+    declared = {"architecture": family if architecture == "auto" else architecture,  # auto: omitted in the config
+                "n_layers": n_layers, "d_model": d_model}
     wrong = {k: (declared[k], facts[k]) for k in facts if facts[k] != declared[k]}
     if wrong:
         raise ModelError("the config disagrees with the model: " + ", ".join(
             f"{k} is {a!r} in config but {b!r} in the model" for k, (a, b) in wrong.items())
             + ". Fix: correct models.<name> in the config.")
+    from attnspace.architectures import verify_sites
+
+    facts.update(verify_sites(model))  # a family outside the site table: its sites found and proven here
     if tokenizer.bos_token_id is None:
         raise ModelError("the tokenizer has no BOS token; attnspace prepends BOS to every document. "
                          "Fix: use a model whose tokenizer defines bos_token.")

@@ -21,6 +21,13 @@ A *site* names one activation of decoder layer ``L`` (shapes ``[batch, seq, widt
     The decoder layer's output hidden state (the residual stream after layer ``L``).
 
 These match LlamaScope's hook points for attn_out, mlp_out and resid_post.
+
+The five families below keep this hand table. Any other decoder model's sites are found
+from its module tree and proven on a probe forward by :mod:`attnspace.architectures`
+(GPT-2's ``Conv1D`` projection stores ``W_O`` transposed: :func:`output_projection` gives
+``W`` with ``attn_out = attn_z @ W.T + b`` either way). Where such a model has no
+pre-attention norm module, ``attn_in`` is the attention module's own input (a pre-hook);
+layers without attention (hybrid stacks) have ``resid_post`` only.
 """
 
 from __future__ import annotations
@@ -65,7 +72,7 @@ _PATHS: dict[str, _Paths] = {
 
 
 class UnsupportedModelError(ValueError):
-    """The model's architecture has no site table here."""
+    """The model's architecture is not a causal LM this transformers ships."""
 
 
 class StopForward(Exception):
@@ -73,19 +80,33 @@ class StopForward(Exception):
 
 
 def family_of(config_or_model) -> str:
-    """Family name ('llama', 'gemma2', 'gemma3', 'qwen3', 'gpt_neox') of a config or model."""
+    """Family name of a config or model: the table's ('llama', 'gemma2', 'gemma3', 'qwen3',
+    'gpt_neox'), else the model_type of any causal LM the installed transformers ships."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
     config = getattr(config_or_model, "config", config_or_model)
     model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
+    if model_type in SUPPORTED_MODEL_TYPES:
+        return SUPPORTED_MODEL_TYPES[model_type]
+    loaded = isinstance(config_or_model, torch.nn.Module)  # e.g. Emu3's causal LM holds a text sub-config
+    if not loaded and model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise UnsupportedModelError(
-            f"unsupported model_type {model_type!r}; supported: {sorted(SUPPORTED_MODEL_TYPES)}"
+            f"unsupported model_type {model_type!r}: not a causal LM of the installed transformers "
+            f"(table families {sorted(SUPPORTED_MODEL_TYPES)}; `attnspace architectures` lists the rest)"
         )
-    return SUPPORTED_MODEL_TYPES[model_type]
+    return model_type
+
+
+def _in_table(model) -> bool:
+    return family_of(model) in _PATHS
 
 
 def decoder_layers(model) -> torch.nn.ModuleList:
     """The decoder layers of a causal LM, its base model, or a Gemma 3 multimodal wrapper."""
-    family_of(model)
+    if not _in_table(model):
+        from attnspace.architectures import layout_of
+
+        return model.get_submodule(layout_of(model).layers_path)
     base = model.base_model
     base = getattr(base, "language_model", base)  # Gemma 3 multimodal: text model inside
     return base.layers
@@ -96,26 +117,69 @@ def n_layers(model) -> int:
     return len(decoder_layers(model))
 
 
+def _layer_paths(model, layer: int) -> _Paths:
+    """The table's paths, or those :mod:`attnspace.architectures` found (norm None: attn_in is
+    the attention module's input)."""
+    if _in_table(model):
+        return _PATHS[family_of(model)]
+    from attnspace.architectures import ArchitectureError, layout_of
+
+    found = layout_of(model).layers[layer]
+    if found is None:
+        raise ArchitectureError(
+            f"layer {layer} of this {family_of(model)!r} model has no attention, so no attn_* or mlp_out sites "
+            f"(attention layers: {layout_of(model).attention_layers})",
+            fix="pick layers with attention (models.<name>.layers), or cache resid_post alone there.")
+    return _Paths(norm=found.norm, o_proj=found.o_proj, mlp=found.mlp)
+
+
+def site_point(model, layer: int, site: str) -> tuple[torch.nn.Module, str]:
+    """(module, kind) where ``site`` is read at ``layer``: kind ``"output"`` (the module's output),
+    ``"input"`` (its first positional input: attn_z) or ``"attention_input"`` (the hidden states
+    the attention module receives: attn_in of a model without a pre-attention norm module)."""
+    block = decoder_layers(model)[layer]
+    if site == "resid_post":
+        return block, "output"
+    paths = _layer_paths(model, layer)
+    if site == "attn_in" and paths.norm is None:
+        from attnspace.architectures import layout_of
+
+        return block.get_submodule(layout_of(model).layers[layer].attention), "attention_input"
+    name = {"attn_in": paths.norm, "attn_z": paths.o_proj, "attn_out": paths.o_proj, "mlp_out": paths.mlp}[site]
+    return block.get_submodule(name), "input" if site == "attn_z" else "output"
+
+
 def site_module(model, layer: int, site: str) -> torch.nn.Module:
     """The module whose output (input, for attn_z) is ``site`` at ``layer``: the table above."""
-    block = decoder_layers(model)[layer]
-    paths = _PATHS[family_of(model)]
-    name = {
-        "attn_in": paths.norm,
-        "attn_z": paths.o_proj,
-        "attn_out": paths.o_proj,
-        "mlp_out": paths.mlp,
-        "resid_post": "",
-    }[site]
-    return block.get_submodule(name)
+    module, kind = site_point(model, layer, site)
+    if kind == "attention_input":
+        raise ValueError(f"{site} of this model is the attention module's input, not a module's output: "
+                         "read it with site_point")
+    return module
+
+
+def output_projection(model, layer: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(W [d_model, d_z], bias [d_model] or None) with ``attn_out = attn_z @ W.T + bias`` at
+    ``layer`` (a GPT-2 Conv1D's weight, [d_z, d_model], transposed)."""
+    from attnspace.architectures import projection_weight
+
+    proj = site_module(model, layer, "attn_out")
+    return projection_weight(proj), proj.bias
 
 
 def site_width(model, site: str) -> int:
     """Last-axis width of ``site``: ``n_heads * head_dim`` for attn_z, else ``d_model``."""
     _check_sites([site])
     if site == "attn_z":
-        return site_module(model, 0, "attn_z").in_features
+        layer = 0 if _in_table(model) else _first_attention_layer(model)
+        return output_projection(model, layer)[0].shape[1]
     return model.config.get_text_config().hidden_size
+
+
+def _first_attention_layer(model) -> int:
+    from attnspace.architectures import layout_of
+
+    return layout_of(model).attention_layers[0]
 
 
 def _check_sites(sites) -> None:
@@ -200,12 +264,23 @@ def capture(
     def stop(module, args, output):
         raise StopForward
 
+    def save_received(key):
+        def hook(module, args, kwargs):
+            from attnspace.architectures import attention_input
+
+            if key not in found:  # a shared attention module may run again later
+                found[key] = attention_input(args, kwargs).detach().clone()
+
+        return hook
+
     hooks = []
     for layer in sorted(set(layers)):
         for site in dict.fromkeys(sites):
-            module = site_module(model, layer, site)
-            if site == "attn_z":
+            module, kind = site_point(model, layer, site)
+            if kind == "input":
                 hooks.append((module, save_input((layer, site)), "pre"))
+            elif kind == "attention_input":
+                hooks.append((module, save_received((layer, site)), "pre_kwargs"))
             else:
                 hooks.append((module, save_output((layer, site)), "forward"))
     # Registered last on the deepest layer, so it fires after that layer's resid_post hook.

@@ -188,13 +188,13 @@ def reconstruction_maxima(model, layers: list[int]) -> dict:
     are :func:`reconstruction_error` of that split's store (:class:`attnspace.moments.MomentsAccumulator`
     keeps them).
     """
-    from attnspace.sites import site_module
+    from attnspace.sites import output_projection
 
     out = {}
     for layer in layers:
-        proj = site_module(model, layer, "attn_out")
-        w = proj.weight.detach().double()
-        bias = None if proj.bias is None else proj.bias.detach().double()
+        w, bias = output_projection(model, layer)
+        w = w.detach().double()
+        bias = None if bias is None else bias.detach().double()
 
         def error(acts, layer=layer, w=w, bias=bias):
             z, o = acts[layer, "attn_z"][0].double(), acts[layer, "attn_out"][0].double()
@@ -312,12 +312,10 @@ def analyse_moments(model, records: list[Path | str], layers: list[int], *, mode
 
 def _weights(model, layer: int) -> tuple[np.ndarray, np.ndarray | None]:
     """(o_proj.weight [d_model, d_z], its bias or None) of ``layer``, in float64."""
-    from attnspace.sites import site_module
+    from attnspace.sites import output_projection
 
-    proj = site_module(model, layer, "attn_out")
-    w = proj.weight.detach().double().cpu().numpy()
-    bias = None if proj.bias is None else proj.bias.detach().double().cpu().numpy()
-    return w, bias
+    w, bias = output_projection(model, layer)  # a Conv1D's weight comes transposed
+    return w.detach().double().cpu().numpy(), None if bias is None else bias.detach().double().cpu().numpy()
 
 
 def _tables(layers: list, model_name: str, dataset: str) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:

@@ -5,7 +5,8 @@ function, so everything the workflow does can be run by hand. The subcommands ar
 grouped by stage: :mod:`~attnspace.cli.acquire` (models, tokens, the cache),
 :mod:`~attnspace.cli.analysis` (spectra, loss recovered, W^O),
 :mod:`~attnspace.cli.dictionaries` (SAEs, dead features, Lorsa) and
-:mod:`~attnspace.cli.outputs` (figures, claims, gallery).
+:mod:`~attnspace.cli.outputs` (figures, claims, gallery); :mod:`~attnspace.cli.architectures`
+lists the model types whose sites are verified.
 """
 
 from __future__ import annotations
@@ -14,13 +15,13 @@ import argparse
 import logging
 import sys
 
-from attnspace.cli import acquire, analysis, dictionaries, outputs
+from attnspace.cli import acquire, analysis, architectures, dictionaries, outputs
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="attnspace", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
-    for group in (acquire, analysis, dictionaries, outputs):
+    for group in (acquire, analysis, dictionaries, outputs, architectures):
         group.add_commands(sub)
     return p
 
