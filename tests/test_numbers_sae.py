@@ -2,7 +2,7 @@
 optimizer equal those of that loss written out densely in float64 (TopK, the dead latents' top
 k_aux, both NMSEs), with latents planted dead; the AuxK term alone moves the dead latents' decoder
 rows, by a gradient proportional to auxk_alpha. The evaluation NMSE summed over batches equals numpy's
-on the whole set."""
+on the whole set; a latent is dead after exactly the threshold's idle tokens, counted exactly."""
 
 from __future__ import annotations
 
@@ -110,3 +110,19 @@ def test_reconstruction_stats_over_batches_equal_numpy_on_the_whole_set():
     assert stats.n == 50 and stats.nmse == pytest.approx(expected, rel=1e-10)
     one = nmse(torch.from_numpy(x32), torch.from_numpy(h32))
     assert float(one) == pytest.approx(expected, rel=1e-12)  # one batch: the training loss, the same number
+
+
+def test_dead_latents_after_exactly_the_threshold_counted_past_float32_integers():
+    from attnspace.sae.losses import DeadLatentTracker
+
+    tracker = DeadLatentTracker(3, threshold_tokens=5)
+    fires = (torch.tensor([[1.0], [0.0]]), torch.tensor([[0], [1]]))  # 2 tokens: latent 0 fires, 1 has value 0
+    tracker.update(*fires)
+    tracker.update(*fires)
+    assert tracker.dead().tolist() == [False, False, False]  # 4 tokens idle
+    tracker.update(*fires)
+    assert tracker.dead().tolist() == [False, True, True]  # 6 >= 5
+    big = DeadLatentTracker(2, threshold_tokens=2**24 + 1)  # the paper's 10M-token window needs exact counts
+    big.tokens_since_fired += 2**24
+    big.update(torch.tensor([[1.0]]), torch.tensor([[0]]))
+    assert big.dead().tolist() == [False, True]  # 2^24 + 1 tokens: not representable in float32
