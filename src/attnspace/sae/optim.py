@@ -26,6 +26,7 @@ about 30 [U, d] tensors through memory for the same result; see :mod:`attnspace.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -237,9 +238,11 @@ def _fused_row_step(p: Tensor, m: Tensor, v: Tensor, rows: Tensor, g: Tensor, be
         return
     triton, kernel = kernel
     block = min(1024, triton.next_power_of_2(D))
-    kernel[(U, triton.cdiv(D, block))](
-        p, m, v, g.contiguous(), rows, lowp if lowp is not None else p, D, 1 - beta1, 1 - beta2, eps, -step_size,
-        HAS_LOWP=lowp is not None, BLOCK=block, enable_fp_fusion=False)
+    # Triton launches on the current device: make it p's (an SAE on cuda:1 while cuda:0 is current).
+    with torch.cuda.device(p.device) if p.is_cuda else contextlib.nullcontext():
+        kernel[(U, triton.cdiv(D, block))](
+            p, m, v, g.contiguous(), rows, lowp if lowp is not None else p, D, 1 - beta1, 1 - beta2, eps, -step_size,
+            HAS_LOWP=lowp is not None, BLOCK=block, enable_fp_fusion=False)
     torch.autograd.graph.increment_version(p)  # p changed in place, outside torch's ops
     if lowp is not None:
         mirror_synced(p)
