@@ -21,11 +21,7 @@ import jsonschema
 import yaml
 
 from attnspace.defaults import SCHEMA_PATH, schema_default  # noqa: F401  (schema_default is re-exported)
-from attnspace.errors import AttnspaceError
-
-
-class ConfigError(AttnspaceError, ValueError):
-    """A configuration that cannot run; the message names the key and the fix."""
+from attnspace.errors import ConfigError  # noqa: F401  (re-exported: defined beside AttnspaceError)
 
 
 def load_schema(path: Path | str | None = None) -> dict:

@@ -36,6 +36,11 @@ class AttnspaceError(Exception):
         return text
 
 
+
+class ConfigError(AttnspaceError, ValueError):
+    """A configuration that cannot run; the message names the key and the fix."""
+
+
 def one_line(exc: BaseException) -> str:
     """``error: ... Fix: ...`` for any exception, on one line."""
     if isinstance(exc, AttnspaceError):

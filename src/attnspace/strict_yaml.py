@@ -12,7 +12,7 @@ YAML as people write it, read strictly, so that what a file says is what runs:
   :data:`MAX_EXPANDED_NODES` values (a few lines of nested aliases expand to billions, and
   every reader after this one walks the expanded value).
 
-Every refusal is one :class:`~attnspace.config.ConfigError` line naming the file, the line and
+Every refusal is one :class:`~attnspace.errors.ConfigError` line naming the file, the line and
 the fix; it never repeats the value.
 """
 
@@ -22,6 +22,8 @@ import re
 from pathlib import Path
 
 import yaml
+
+from attnspace.errors import ConfigError
 
 MAX_EXPANDED_NODES = 100_000
 """Values (scalars, lists, mappings) a configuration may expand to, aliases expanded. The paper's
@@ -33,8 +35,6 @@ _YAML11_FLOAT = re.compile(r"[-+]?[0-9][0-9_]*(:[0-5]?[0-9])+\.[0-9_]*")
 
 def _error(message: str, fix: str):
     """One ConfigError line; the fix is in the message itself, which is all Snakemake prints."""
-    from attnspace.config import ConfigError
-
     return ConfigError(f"{message} Fix: {fix}")
 
 
