@@ -95,3 +95,12 @@ def test_k_at_recovery_reaching_the_target_exactly_at_the_last_point():
     assert k_at_recovery(k, np.array([0.0, 0.25, 0.5]), 0.5) == 20.0  # reached, not crossed: still found
     assert k_at_recovery(k, np.array([0.0, 0.5, 0.95])) == 20.0  # the paper's 95% by default
     assert k_at_recovery(k, np.array([0.0, 0.5, 0.9]), 0.7) == pytest.approx(15.0)  # 10 + 0.2 x 10 / 0.4
+
+
+def test_project_with_a_float32_basis_works_in_float64():
+    rng = np.random.default_rng(4)
+    q, _ = np.linalg.qr(rng.standard_normal((6, 6)))
+    mean, x = rng.standard_normal(6).astype(np.float32), rng.standard_normal((4, 6))
+    basis32 = SiteBasis(torch.from_numpy(mean), torch.from_numpy(q.T.astype(np.float32)))
+    exact = numpy_project(x, mean.astype(np.float64), q.T.astype(np.float32).astype(np.float64), 3)
+    np.testing.assert_allclose(project(torch.from_numpy(x), basis32, 3).numpy(), exact, rtol=1e-12, atol=1e-12)
