@@ -200,9 +200,11 @@ class PrefetchIterator:
             raise item
         return item
 
-    def close(self) -> None:
+    def close(self, wait: float | None = 5) -> None:
+        """Stop the thread: it ends after the item it is computing; wait up to ``wait`` seconds
+        (None: until it has ended, so that nothing else runs the producer's model after this)."""
         self._stop.set()
-        self._thread.join(timeout=5)
+        self._thread.join(timeout=wait)
 
     def __enter__(self) -> PrefetchIterator:
         return self
@@ -274,7 +276,7 @@ class LiveStream:
         if self._restart is None:
             raise ValueError("this live stream cannot resume: it was made without restart")
         chunks, next_id, exhausted = (int(v) for v in tensors["data.cursor"])
-        self.prefetch.close()
+        self.prefetch.close(wait=None)  # its thread must end before another runs the same model
         self.prefetch = PrefetchIterator(self._restart(chunks), self._depth)
         self._chunks, self._next_id, self._exhausted = chunks, next_id, bool(exhausted)
         pending = tensors["data.pending"].to(torch.float32)
@@ -318,4 +320,6 @@ class LiveStream:
         return rows
 
     def close(self) -> None:
-        self.prefetch.close()
+        """Stop prefetching and wait until the producer's last forward has ended: the model is free for
+        other use (an LM evaluation hooks the same model)."""
+        self.prefetch.close(wait=None)

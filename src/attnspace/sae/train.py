@@ -352,6 +352,8 @@ def train_runs(runs: Sequence[SAERun], stream, heldout_store: Store | Iterable[T
             if stop.signal is not None:
                 _stop(runs, stream, resumable, done, stop.signal)
     train_seconds = time.perf_counter() - t0
+    if hasattr(stream, "close"):  # a live stream's prefetch thread must not run the model during evaluation
+        stream.close()
     for r in runs:  # evaluation needs none of the training state (1M latents with Adam: 96 GiB)
         r.release_training_state()
     return [r.finish(stream, heldout_store, train_seconds) for r in runs]
