@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 
 from attnspace.files import atomic_dir, write_json
+from attnspace.devices import device
 from attnspace.errors import AttnspaceError
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -459,6 +460,7 @@ def load_model(folder: Path | str, dtype: str = "float32", threads: int | None =
 
     if threads:
         torch.set_num_threads(threads)
+    where = device()  # first: a job given a GPU that torch cannot use stops here (attnspace.devices)
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise ModelError(f"{folder} holds no prepared model. Fix: run the prepare_model rule.")
@@ -466,6 +468,6 @@ def load_model(folder: Path | str, dtype: str = "float32", threads: int | None =
         verify_prepared(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[dtype])
     model.eval()
-    if torch.cuda.is_available():
+    if where == "cuda":
         model.to("cuda")
     return model, AutoTokenizer.from_pretrained(folder)
