@@ -117,10 +117,17 @@ def test_hub_revision_must_not_be_a_moving_branch():
 def test_local_model_of_unsupported_type_is_refused(tmp_path):
     from transformers import GPT2Config
 
-    GPT2Config(n_layer=2, n_embd=16, n_head=2).save_pretrained(tmp_path)
-    cfg = tiny_config(tmp_path)
-    with pytest.raises(ConfigError, match="'gpt2' model, which attnspace cannot hook"):
-        check_config(cfg)
+    from transformers import BartConfig, ViTConfig
+
+    GPT2Config(n_layer=2, n_embd=16, n_head=2).save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(ConfigError, match="set architecture: gpt2"):  # its sites are found from the model
+        check_config(tiny_config(tmp_path / "gpt2"))
+    BartConfig().save_pretrained(tmp_path / "bart")
+    with pytest.raises(ConfigError, match="'bart' is an encoder-decoder"):
+        check_config(tiny_config(tmp_path / "bart"))
+    ViTConfig().save_pretrained(tmp_path / "vit")
+    with pytest.raises(ConfigError, match="'vit' is not a causal LM of the installed transformers"):
+        check_config(tiny_config(tmp_path / "vit"))
 
 
 def test_local_model_architecture_mismatch(tiny_llama):

@@ -137,7 +137,7 @@ def check_config(config: dict, schema: dict | None = None) -> dict:
     return config
 
 
-def _architecture(model_type, key: str, remote_code: bool = False) -> str:
+def _architecture(model_type, key: str, remote_code: bool = False, encoder_decoder: bool = False) -> str:
     """The family of ``model_type``: the site table's, or the type itself for any other causal LM
     of the installed transformers (its sites are found from the model when it is prepared)."""
     from attnspace.sites import SUPPORTED_MODEL_TYPES  # the loader's own list
@@ -146,10 +146,11 @@ def _architecture(model_type, key: str, remote_code: bool = False) -> str:
         return SUPPORTED_MODEL_TYPES[model_type]
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+    if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not encoder_decoder:
         return model_type
     why = ("a remote-code model (its modules are not in transformers, so attnspace cannot find and verify "
-           "its sites)" if remote_code else "not a causal LM of the installed transformers")
+           "its sites)" if remote_code else "an encoder-decoder (attnspace measures decoder-only models)"
+           if encoder_decoder else "not a causal LM of the installed transformers")
     raise ConfigError(f"{key} = {model_type!r} is {why}. Fix: use a model type that `attnspace architectures` "
                       f"lists as verified (table families {sorted(set(SUPPORTED_MODEL_TYPES.values()))}).")
 
@@ -175,7 +176,7 @@ def _check_architectures(config: dict) -> None:
         held = _model_config(cfg_path, f"models.{name}.source.path", _LOCAL_FIX)
         model_type = held.get("model_type")
         family = _architecture(model_type, f"the model_type of models.{name}.source.path",
-                               remote_code="auto_map" in held)
+                               remote_code="auto_map" in held, encoder_decoder=bool(held.get("is_encoder_decoder")))
         if declared is None:
             m["architecture"] = family
         elif family != declared:
