@@ -104,3 +104,21 @@ def test_project_with_a_float32_basis_works_in_float64():
     basis32 = SiteBasis(torch.from_numpy(mean), torch.from_numpy(q.T.astype(np.float32)))
     exact = numpy_project(x, mean.astype(np.float64), q.T.astype(np.float32).astype(np.float64), 3)
     np.testing.assert_allclose(project(torch.from_numpy(x), basis32, 3).numpy(), exact, rtol=1e-12, atol=1e-12)
+
+
+def test_spectrum_from_gram_edge_cases_and_sign_convention():
+    from attnspace.spectrum import n_above_fraction_of_max, spectrum_from_gram
+
+    row = np.array([[1.0, -2.0, 3.0]])
+    one = spectrum_from_gram(row.T @ row, row.sum(0), 1)  # one kept row: no variance, the row is the mean
+    np.testing.assert_allclose(one.singular_values, 0.0, atol=1e-7)
+    np.testing.assert_array_equal(one.mean, row[0])
+    with pytest.raises(ValueError, match="no kept rows"):
+        spectrum_from_gram(np.zeros((3, 3)), np.zeros(3), 0)
+    # each component signed so that its largest-magnitude entry is positive (deterministic across runs)
+    x = np.random.default_rng(5).standard_normal((40, 5)) @ np.diag([5.0, 4.0, 3.0, 2.0, 1.0])
+    spec = spectrum_from_gram(x.T @ x, x.sum(0), 40)
+    comps = spec.components
+    assert (comps[np.arange(5), np.abs(comps).argmax(axis=1)] > 0).all()
+    np.testing.assert_allclose(spec.singular_values, np.linalg.svd(x - x.mean(0), compute_uv=False), rtol=1e-10)
+    assert n_above_fraction_of_max(np.array([])) == 0 and n_above_fraction_of_max(np.array([1.0, 0.05, 0.06])) == 2
