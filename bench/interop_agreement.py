@@ -23,7 +23,7 @@ def main() -> None:
     from sae_lens import SAE
 
     from attnspace.dead_features import evaluate_dead_features
-    from attnspace.interop import export_sae
+    from attnspace.llamascope import export_sae
     from attnspace.llamascope import load_llamascope
     from attnspace.sae.io import load_sae
     from attnspace.sae.model import reconstruct

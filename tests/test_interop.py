@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import save_file
 
 from attnspace.cli import main
-from attnspace.interop import detect_format, expansion_factor, export_sae
-from attnspace.llamascope import LlamaScopeError, load_llamascope
+from attnspace.interop import detect_format, expansion_factor
+from attnspace.llamascope import LlamaScopeError, export_sae, load_llamascope
 from attnspace.sae.io import save_sae
 from attnspace.sae.model import TopKSAE
 

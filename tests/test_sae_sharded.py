@@ -185,7 +185,7 @@ def test_the_cli_trains_on_ranks_like_one_process(stores, tmp_path):
 def test_the_merged_sae_reads_like_one_process_in_dead_features_and_export_sae(stores, two_ranks, one_process,
                                                                               tmp_path):
     from attnspace.dead_features import evaluate_dead_features
-    from attnspace.interop import export_sae
+    from attnspace.llamascope import export_sae
     from attnspace.llamascope import load_llamascope
 
     heldout = open_store(stores / "heldout.zarr")

@@ -41,6 +41,20 @@ class ConfigError(AttnspaceError, ValueError):
     """A configuration that cannot run; the message names the key and the fix."""
 
 
+
+SAE_REFETCH = ("fetch, train or export the SAE again; the folder is damaged or was not written by a supported "
+               "writer (LlamaScope layout, SAELens, llamascopium).")
+"""The fix of an SAE folder that cannot be read, unless a more precise one is given."""
+
+
+class LlamaScopeError(AttnspaceError, ValueError):
+    """A folder that is not a valid SAE; the message names what is wrong (the fix, unless
+    given, is to fetch, train or export the folder again)."""
+
+    def __init__(self, message: str, fix: str | None = None) -> None:
+        super().__init__(message, fix or SAE_REFETCH)
+
+
 def one_line(exc: BaseException) -> str:
     """``error: ... Fix: ...`` for any exception, on one line."""
     if isinstance(exc, AttnspaceError):

@@ -21,7 +21,7 @@ layout the same way. A per-feature JumpReLU threshold, which the LlamaScope hype
 cannot hold (one scalar there), travels as the extra tensor ``threshold`` [n], on the
 normalised scale and compared with the same score as the library compares it.
 
-Writing (:func:`export_sae`) goes the other way. The arithmetic of each target, and so what
+Writing (:func:`attnspace.llamascope.export_sae`, through :data:`WRITERS`) goes the other way. The arithmetic of each target, and so what
 the export has to change (see docs/interop.md):
 
 * SAELens computes pre = x W_enc + b_enc on the raw activations (a dataset-wise norm is
@@ -44,16 +44,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from attnspace.files import read_safetensors, write_json, write_safetensors
-from attnspace.llamascope import LlamaScopeError, flag
+from attnspace.errors import LlamaScopeError
+from attnspace.files import read_safetensors
 
 FORMATS = ("llamascope", "saelens", "llamascopium")
 EXPORT_FORMATS = ("saelens", "llamascopium")
@@ -108,6 +106,18 @@ def read_sae_files(folder: Path | str) -> SAEFiles:
     folder = Path(folder)
     fmt = detect_format(folder)
     return {"llamascope": _read_llamascope, "saelens": _read_saelens, "llamascopium": _read_llamascopium}[fmt](folder)
+
+
+def flag(record: dict, key: str, default: bool, path: Path) -> bool:
+    """A true/false setting of an SAE configuration file: JSON true or false, or absent (``default``).
+    A string such as "false" is refused (Python's bool("false") is True)."""
+    value = record.get(key, default)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise LlamaScopeError(f"{path}: {key} is {value!r} ({type(value).__name__}), not true or false.",
+                              f"write true or false without quotes as {key}.")
+    return value
 
 
 def _json(path: Path) -> dict:
@@ -394,30 +404,3 @@ def _llamascopium_files(sae: PortableSAE) -> tuple[dict, dict[str, Tensor]]:
 
 WRITERS = {"saelens": (_saelens_files, "cfg.json", "sae_weights.safetensors"),
            "llamascopium": (_llamascopium_files, "config.json", "sae_weights.safetensors")}
-
-
-def export_sae(sae_dir: Path | str, to: str, out_dir: Path | str) -> Path:
-    """Write the SAE in ``sae_dir`` (any readable layout) as a ``to`` folder ('saelens' or 'llamascopium').
-
-    The folder is built beside ``out_dir`` and renamed into place; ``out_dir`` must not exist yet.
-    """
-    from attnspace.llamascope import load_llamascope
-
-    if to not in WRITERS:
-        raise ValueError(f"--to must be one of {EXPORT_FORMATS}, got {to!r}")
-    out_dir = Path(out_dir)
-    if out_dir.exists():
-        raise FileExistsError(f"{out_dir} exists. Fix: remove it or choose another output folder.")
-    load_llamascope(sae_dir)  # every check of the reader applies to the source
-    files_of, cfg_name, weights_name = WRITERS[to]
-    cfg, tensors = files_of(portable(read_sae_files(sae_dir)))
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        write_safetensors({k: v.to(torch.float32) for k, v in tensors.items()}, tmp / weights_name)
-        write_json(cfg, tmp / cfg_name)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir

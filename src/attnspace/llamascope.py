@@ -26,26 +26,23 @@ already include the decoder norm, so activations x decoder and the firing set ar
 from __future__ import annotations
 
 import math
+import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from attnspace.errors import AttnspaceError
+from attnspace.errors import SAE_REFETCH, LlamaScopeError  # noqa: F401  (LlamaScopeError is re-exported)
+from attnspace.files import write_json, write_safetensors
+from attnspace.interop import EXPORT_FORMATS, WRITERS, flag, portable, read_sae_files
 
 ACT_FNS = ("jumprelu", "topk")
 TENSORS = {"encoder.weight": ("d_sae", "d_model"), "encoder.bias": ("d_sae",),
            "decoder.weight": ("d_model", "d_sae"), "decoder.bias": ("d_model",)}
 
-
-class LlamaScopeError(AttnspaceError, ValueError):
-    """A folder that is not a valid SAE; the message names what is wrong (the fix, unless
-    given, is to fetch, train or export the folder again)."""
-
-    def __init__(self, message: str, fix: str | None = None) -> None:
-        super().__init__(message, fix or _REFETCH)
 
 
 @dataclass
@@ -95,8 +92,6 @@ class LlamaScopeSAE:
 
 def load_llamascope(folder: Path | str, d_model: int | None = None, dtype=torch.float32) -> LlamaScopeSAE:
     """Load and check a LlamaScope folder; ``d_model`` (if given) must match the activations."""
-    from attnspace.interop import read_sae_files
-
     folder = Path(folder)
     files = read_sae_files(folder)  # LlamaScope, SAELens or llamascopium layout (detected), in LlamaScope terms
     hyper, tensors, hyper_path, weights_path = files.hyper, files.tensors, files.hyper_path, files.weights_path
@@ -175,22 +170,9 @@ def load_llamascope(folder: Path | str, d_model: int | None = None, dtype=torch.
     return check_sae(sae, folder)
 
 
-_REFETCH = ("fetch, train or export the SAE again; the folder is damaged or was not written by a supported "
-            "writer (LlamaScope layout, SAELens, llamascopium).")
+_REFETCH = SAE_REFETCH
 HOOK_POINT = re.compile(r"^blocks\.(?P<layer>\d+)\.hook_(?P<site>\w+)$")
 """LlamaScope / TransformerLens hook names, e.g. blocks.15.hook_attn_out."""
-
-
-def flag(record: dict, key: str, default: bool, path: Path) -> bool:
-    """A true/false setting of an SAE configuration file: JSON true or false, or absent (``default``).
-    A string such as "false" is refused (Python's bool("false") is True)."""
-    value = record.get(key, default)
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise LlamaScopeError(f"{path}: {key} is {value!r} ({type(value).__name__}), not true or false.",
-                              f"write true or false without quotes as {key}.")
-    return value
 
 
 def _positive(value, what: str) -> None:
@@ -253,4 +235,29 @@ def fetch_llamascope(repo: str, folder: str, out_dir: Path, revision: str | None
         with atomic_dir(out_dir) as staged:
             staged.rmdir()
             shutil.move(str(Path(tmp) / folder), str(staged))
+    return out_dir
+
+
+def export_sae(sae_dir: Path | str, to: str, out_dir: Path | str) -> Path:
+    """Write the SAE in ``sae_dir`` (any readable layout) as a ``to`` folder ('saelens' or 'llamascopium').
+
+    The folder is built beside ``out_dir`` and renamed into place; ``out_dir`` must not exist yet.
+    """
+    if to not in WRITERS:
+        raise ValueError(f"--to must be one of {EXPORT_FORMATS}, got {to!r}")
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        raise FileExistsError(f"{out_dir} exists. Fix: remove it or choose another output folder.")
+    load_llamascope(sae_dir)  # every check of the reader applies to the source
+    files_of, cfg_name, weights_name = WRITERS[to]
+    cfg, tensors = files_of(portable(read_sae_files(sae_dir)))
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        write_safetensors({k: v.to(torch.float32) for k, v in tensors.items()}, tmp / weights_name)
+        write_json(cfg, tmp / cfg_name)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out_dir

@@ -19,8 +19,7 @@ from sae_lens import SAE, JumpReLUSAE, JumpReLUSAEConfig, StandardSAE, StandardS
 from sae_lens.saes.sae import SAEMetadata
 
 from attnspace.cli import main
-from attnspace.interop import export_sae
-from attnspace.llamascope import load_llamascope
+from attnspace.llamascope import export_sae, load_llamascope
 from attnspace.sae.io import load_sae, save_sae
 from attnspace.sae.model import TopKSAE as PipelineTopKSAE
 from attnspace.sae.model import reconstruct

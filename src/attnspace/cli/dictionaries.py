@@ -280,7 +280,7 @@ def cmd_fetch_llamascope(a):
 
 
 def cmd_export_sae(a):
-    from attnspace.interop import export_sae
+    from attnspace.llamascope import export_sae
     from attnspace.llamascope import LlamaScopeError
     from attnspace.sae.io import refuse_failed_run
 
