@@ -59,9 +59,10 @@ report: "docs/report.rst"
 # dry run. A plan that cannot be computed is reported and does not stop the run. Imported here,
 # so that loading the workflow (snakemake -n) does not pay for it.
 onstart:
+    from attnspace.cli import build_parser
     from attnspace.plan import print_run_plan
 
-    print_run_plan(workflow.dag.needrun_jobs(), config)
+    print_run_plan(workflow.dag.needrun_jobs(), config, build_parser())
 
 
 rule all:

@@ -85,11 +85,12 @@ def test_a_job_command_that_does_not_parse_is_named_not_exited(capsys):
     """The plan a real run prints first reports such a command on one line; the run goes on."""
     from types import SimpleNamespace
 
+    from attnspace.cli import build_parser
     from attnspace.plan import plan_jobs, print_run_plan
 
     with pytest.raises(ValueError, match="does not parse .*expected at least one argument.*attnspace cache"):
-        plan_jobs([["cache", "--layers"]], {})
-    print_run_plan([SimpleNamespace(shellcmd="attnspace cache --layers > log 2>&1")], {})
+        plan_jobs([["cache", "--layers"]], {}, build_parser())
+    print_run_plan([SimpleNamespace(shellcmd="attnspace cache --layers > log 2>&1")], {}, build_parser())
     err = capsys.readouterr().err
     assert "(no plan: ValueError: a planned job's command does not parse" in err and "usage:" not in err, err
 

@@ -125,14 +125,13 @@ def measured_memory(path: Path = MEMORY_CSV) -> dict[tuple[str, str], int]:
     return out
 
 
-def plan_jobs(commands: list[list[str]], config: dict, root: Path = Path(".")) -> pd.DataFrame:
-    """One :class:`PlanRow` per planned ``attnspace`` command (argv without the program name)."""
-    from attnspace.cli import build_parser
+def plan_jobs(commands: list[list[str]], config: dict, parser, root: Path = Path(".")) -> pd.DataFrame:
+    """One :class:`PlanRow` per planned ``attnspace`` command (argv without the program name), each
+    read by ``parser`` (the CLI's own: ``attnspace.cli.build_parser()``, passed in by the caller)."""
     from attnspace.cli.dictionaries import member_commands
     from attnspace.interventions import k_grid
     from attnspace.sae.runs import parse_run_name
 
-    parser = build_parser()
     speed = measured_throughput(root)
     memory = measured_memory()
     rows = []
@@ -328,7 +327,7 @@ def planned_commands(snakefile: Path, configfile: Path | None, workdir: Path, ta
     return [argv for line in (r.stdout + r.stderr).splitlines() if (argv := command_argv(line))]
 
 
-def run_plan(shell_commands, config: dict, root: Path = Path(".")) -> str:
+def run_plan(shell_commands, config: dict, parser, root: Path = Path(".")) -> str:
     """The plan's summary (markdown) of the jobs a run is about to start, from their shell commands.
 
     What the Snakefile prints when a real run starts (``onstart``): the same per-stage sums as
@@ -336,7 +335,7 @@ def run_plan(shell_commands, config: dict, root: Path = Path(".")) -> str:
     (no second dry run). Empty when no job is one the plan counts (caching, training, interventions).
     """
     commands = [argv for line in shell_commands if line and (argv := command_argv(line))]
-    jobs = plan_jobs(commands, config, root)
+    jobs = plan_jobs(commands, config, parser, root)
     return summary_markdown(summary(jobs)) if len(jobs) else ""
 
 
@@ -378,13 +377,14 @@ def summary_markdown(table: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def print_run_plan(jobs, config: dict, file=None) -> None:
-    """Print :func:`run_plan` of Snakemake ``jobs`` (those a run is about to execute) to stderr.
+def print_run_plan(jobs, config: dict, parser, file=None) -> None:
+    """Print :func:`run_plan` of Snakemake ``jobs`` (those a run is about to execute) to stderr; ``parser``
+    reads their commands (``attnspace.cli.build_parser()``).
 
     A plan that cannot be computed is reported in one line instead; the run goes on.
     """
     try:
-        text = run_plan((job.shellcmd for job in jobs if job.shellcmd), config)
+        text = run_plan((job.shellcmd for job in jobs if job.shellcmd), config, parser)
     except Exception as e:  # noqa: BLE001 (the run must not fail for want of its summary)
         text = f"(no plan: {type(e).__name__}: {e})\n"
     if text:

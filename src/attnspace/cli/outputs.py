@@ -108,6 +108,7 @@ def cmd_gallery(a):
 def cmd_plan(a):
     from attnspace.config import check_models_on_disk, load_config
     from attnspace.files import write_csv
+    from attnspace.cli import build_parser
     from attnspace.plan import check_device_memory, peaks_markdown, plan_jobs, planned_commands, summary, summary_markdown
 
     snakefile = Path(a.snakefile).resolve()
@@ -115,7 +116,7 @@ def cmd_plan(a):
     config = load_config(configfile or snakefile.parent / "config.yaml")
     check_models_on_disk(config, Path(a.directory))
     jobs = plan_jobs(planned_commands(snakefile, configfile, Path(a.directory), a.targets), config,
-                     root=Path(a.directory))
+                     build_parser(), root=Path(a.directory))
     if a.csv:
         write_csv(jobs, a.csv)
     print(summary_markdown(summary(jobs)), end="")
