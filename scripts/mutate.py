@@ -36,7 +36,7 @@ COPY = ["src", "tests", "schemas", "pyproject.toml", "config.yaml"]
 
 GROUPS: dict[str, tuple[list[str], list[str]]] = {
     "claims": (["claims.py"], ["test_claims.py", "test_numbers_claims.py"]),
-    "spectrum": (["spectrum.py", "intervals.py"], ["test_spectrum.py", "test_numbers_spectrum.py"]),
+    "spectrum": (["spectrum.py", "intervals.py"], ["test_spectrum.py", "test_intervals.py", "test_numbers_spectrum.py"]),
     "interventions": (["interventions.py"], ["test_interventions.py", "test_numbers_spectrum.py"]),
     "sae_step": (["sae/losses.py", "sae/train.py"],
                  ["test_numbers_sae.py", "test_sae_train.py", "test_sae_fast.py", "test_sae_sparse.py", "test_sae_io.py"]),

@@ -122,3 +122,11 @@ def test_spectrum_from_gram_edge_cases_and_sign_convention():
     assert (comps[np.arange(5), np.abs(comps).argmax(axis=1)] > 0).all()
     np.testing.assert_allclose(spec.singular_values, np.linalg.svd(x - x.mean(0), compute_uv=False), rtol=1e-10)
     assert n_above_fraction_of_max(np.array([])) == 0 and n_above_fraction_of_max(np.array([1.0, 0.05, 0.06])) == 2
+
+
+def test_bootstrap_interval_without_replicates_or_estimate():
+    assert all(np.isnan(bootstrap_interval(None, 0.9, 0.9)))
+    assert all(np.isnan(bootstrap_interval(np.empty((0, D)), 0.9, 0.9)))
+    assert bootstrap_interval(np.array([FLAT]), 0.9, 0.9, estimate=4) == (4.0, 4.0)  # one replicate
+    # no estimate: the replicates' median (k 1, 1, 4 -> 1) stands in: [2 - 3.7, 2 - 1] -> [1, 1]
+    assert bootstrap_interval(np.array([ONE, ONE, FLAT]), 0.9, 0.9) == (1.0, 1.0)
