@@ -30,18 +30,20 @@ from attnspace.architectures import (
 from attnspace.sites import _PATHS, SUPPORTED_MODEL_TYPES, capture, decoder_layers, output_projection, site_width
 
 VERIFIED = [
-    "afmoe", "apertus", "apertus1p5_text", "arcee", "aria_text", "bailing_hybrid", "bamba", "beam", "biogpt",
-    "bitnet", "bloom", "codegen", "cohere", "cohere2", "cohere2_moe", "ctrl", "cwm", "deepseek_v2", "deepseek_v3",
-    "diffllama", "doge", "emu3", "ergo", "ernie4_5", "ernie4_5_moe", "exaone", "exaone4", "exaone_moe", "falcon",
-    "falcon_h1", "flex_olmo", "flint", "fuyu", "gemma", "gemma2", "gemma3_text", "glm", "glm4", "glm4_moe",
-    "glm4_moe_lite", "gpt-sw3", "gpt2", "gpt_bigcode", "gpt_neox", "gpt_neox_japanese", "gpt_oss", "gptj",
-    "granite", "granite_swa", "granitemoe", "granitemoe_swa", "granitemoehybrid", "helium", "hunyuan_v1_dense",
-    "hunyuan_v1_moe", "hy_v3", "hyperclovax", "internlm3", "iquestcoder", "jais2", "jamba", "kolibri1", "laguna",
-    "lfm2", "lfm3", "llama", "mellum", "mimo_v2_flash", "minicpm5_moe", "minimax_m2", "ministral", "ministral3",
-    "mistral", "mixtral", "mllama", "modernbert-decoder", "mpt", "nanochat", "nemotron", "olmo", "olmo2", "olmo3",
-    "olmo_hybrid", "olmoe", "param2moe", "persimmon", "phi", "phi3", "phimoe", "qwen2", "qwen3", "qwen3_moe",
-    "recurrent_gemma", "sarvam_moe", "seed_oss", "smollm3", "solar_open", "stablelm", "starcoder2", "trocr",
-    "vaultgemma", "xglm",
+    "afmoe", "apertus", "apertus1p5_text", "arcee", "aria_text", "axk1", "axk2", "bailing_hybrid", "bamba", "beam",
+    "biogpt", "bitnet", "bloom", "codegen", "cohere", "cohere2", "cohere2_moe", "ctrl", "cwm", "deepseek_v2",
+    "deepseek_v3", "deepseek_v32", "diffllama", "doge", "emu3", "ergo", "ernie4_5", "ernie4_5_moe", "exaone",
+    "exaone4", "exaone_moe", "falcon", "falcon_h1", "flex_olmo", "flint", "gemma", "gemma2", "gemma3_text", "glm",
+    "glm4", "glm4_moe", "glm4_moe_lite", "glm_moe_dsa", "gpt2", "gpt_bigcode", "gpt_neo", "gpt_neox",
+    "gpt_neox_japanese", "gpt_oss", "gptj", "granite", "granite_swa", "granitemoe", "granitemoe_swa",
+    "granitemoehybrid", "granitemoeshared", "helium", "hunyuan_v1_dense", "hunyuan_v1_moe", "hy_v3", "hyperclovax",
+    "inkling2_text", "inkling_text", "internlm3", "iquestcoder", "jais2", "jamba", "jetmoe", "kolibri1", "laguna",
+    "lara_mini", "lfm2", "lfm3", "llama", "llama4_text", "mellum", "mimo_v2_flash", "minicpm3", "minicpm5_moe",
+    "minimax", "minimax_m2", "minimax_m3_vl_text", "ministral", "ministral3", "mistral", "mixtral", "mllama",
+    "modernbert-decoder", "moshi", "mpt", "nanochat", "nemotron", "olmo", "olmo2", "olmo3", "olmo_hybrid", "olmoe",
+    "param2moe", "persimmon", "phi", "phi3", "phimoe", "qwen2", "qwen2_moe", "qwen3", "qwen3_5_moe_text",
+    "qwen3_5_text", "qwen3_moe", "qwen3_next", "recurrent_gemma", "sarvam_mla", "sarvam_moe", "seed_oss", "smollm3",
+    "solar_open", "stablelm", "starcoder2", "trocr", "vaultgemma", "xglm", "youtu", "zamba2",
 ]
 """Types verified on this transformers (the README's count); the CLI checks the rest."""
 
@@ -79,7 +81,7 @@ def test_verified_sites_against_the_model_itself(model_type):
     model = model_of(model_type)
     layout = layout_of(model)
     L = layout.attention_layers[0]
-    proof = verify(model, layout, splice_layers=[L])  # `attnspace architectures` splices at every layer
+    proof = verify(model, layout, splice_layers=[])  # splices: test_splices, and `attnspace architectures`
     assert proof.checks > 0
     ids = probe_ids(model, seed=3)
     blocks = decoder_layers(model)
@@ -103,6 +105,15 @@ def test_verified_sites_against_the_model_itself(model_type):
     close(got[L, "attn_in"], received[0])
     if L + 1 < len(blocks) and hidden is not None and len(hidden) == len(blocks) + 1:
         close(got[L, "resid_post"], hidden[L + 1])  # transformers' own hidden states
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "phi", "olmo2", "mixtral", "jamba", "deepseek_v3"])
+def test_splices(model_type):
+    """Every site of every layer spliced back in unchanged (logits equal) and perturbed (logits
+    change), on one type of each form: Conv1D, parallel, post-norms, MoE, hybrid, latent attention."""
+    model = model_of(model_type)
+    proof = verify(model, layout_of(model))
+    assert proof.checks >= 2 * len(proof.layout.attention_layers) * 5
 
 
 @pytest.mark.parametrize("model_type", sorted(TABLE))

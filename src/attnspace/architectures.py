@@ -4,7 +4,7 @@ The five families of :data:`attnspace.sites.SUPPORTED_MODEL_TYPES` keep their ha
 Every other model is read from its structure:
 
 * **Decoder layers**: the ``nn.ModuleList`` of ``num_hidden_layers`` blocks holding the most
-  parameters (not an ``experts`` list).
+  parameters (not an ``experts`` list), among those holding an attention module if any do.
 * **Attention**: in each block, the outermost submodule whose class name holds ``Attention``
   (``self_attn`` first where there are several). A block with none, or whose attention module
   the forward never calls, is a layer without attention (hybrid attention/SSM stacks): it
@@ -60,6 +60,11 @@ OVERRIDE_KEYS = ("layers", "attention", "o_proj", "norm", "mlp")
 
 OVERRIDES: dict[str, dict[str, str]] = {}
 """model_type -> paths the structure cannot decide (empty: every verified type is found from its structure)."""
+
+NOT_ATTENTION: dict[str, str] = {
+    "rwkv": "its RwkvSelfAttention is RWKV's time mixing, a linear recurrence without attention weights",
+}
+"""model_type -> why a module whose class is named Attention is not attention."""
 
 _MLP_NAMES = ("mlp", "feed_forward", "ffn", "block_sparse_moe", "moe", "ff", "mlps")
 _MLP_CLASS = re.compile(r"(MLP|Mlp|MoE|Moe|MoeBlock|MoEBlock|FeedForward|FFN|Ffn)$")
@@ -136,7 +141,8 @@ def find_layers(model) -> tuple[str, nn.ModuleList]:
     for name, module in model.named_modules():
         if not isinstance(module, nn.ModuleList) or len(module) != count or name.split(".")[-1] == "experts":
             continue
-        size = sum(p.numel() for p in module.parameters())
+        has_attention = any("Attention" in type(m).__name__ for m in module.modules())
+        size = (has_attention, sum(p.numel() for p in module.parameters()))
         if best is None or size > best[0]:
             best = (size, name, module)
     if best is None:
@@ -216,6 +222,9 @@ def discover(model) -> Layout:
     """The model's Layout: names from its module tree, the projection and the norm from one
     probe forward (which projection the attention calls last, which norm's output it reads)."""
     model_type = model_type_of(model)
+    if model_type in NOT_ATTENTION:
+        raise ArchitectureError(f"model_type {model_type!r} has no attention layer: {NOT_ATTENTION[model_type]}",
+                                fix="attnspace measures attention outputs: use a model with attention layers.")
     d_model = text_config(model).hidden_size
     layers_path, blocks = find_layers(model)
     attn_paths = [_attention_in(b, model_type) for b in blocks]
@@ -284,7 +293,7 @@ def discover(model) -> Layout:
                                  conv1d=isinstance(block.get_submodule(o_proj), Conv1D)))
     if not any(layers):
         raise ArchitectureError(f"model_type {model_type!r} has no attention layer (no module of an Attention class "
-                                "that the forward calls)",
+                                f"that the forward calls in the decoder layers found, {layers_path})",
                                 fix="attnspace measures attention outputs: use a model with attention layers.")
     return Layout(model_type, layers_path, layers)
 
