@@ -53,7 +53,6 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
 
 def prepare(group: str) -> Path:
     """A fresh copy of the repository for ``group`` with its mutmut settings in setup.cfg."""
-    modules, tests = GROUPS[group]
     work = WORK / group
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -63,15 +62,21 @@ def prepare(group: str) -> Path:
             shutil.copytree(src, work / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         elif src.is_file():
             shutil.copy(src, work / name)
+    write_settings(group, work)
+    # On PYTHONPATH from the start (mutmut fills it), so that the mutants, not the installed package, are imported.
+    (work / "mutants" / "src").mkdir(parents=True)
+    return work
+
+
+def write_settings(group: str, work: Path) -> None:
+    """The group's mutmut settings in ``work/setup.cfg``."""
+    modules, tests = GROUPS[group]
     lines = ["[mutmut]", "source_paths=src", "also_copy=", "    schemas", "    config.yaml",
              "only_mutate=", *[f"    src/attnspace/{m}" for m in modules],
              "pytest_add_cli_args_test_selection=", *[f"    tests/{t}" for t in tests],
              "pytest_add_cli_args=", "    -p", "    no:cacheprovider", "    -x", "    -q",
              "process_isolation=forkserver", "use_git_change_detection=false"]
     (work / "setup.cfg").write_text("\n".join(lines) + "\n")
-    # On PYTHONPATH from the start (mutmut fills it), so that the mutants, not the installed package, are imported.
-    (work / "mutants" / "src").mkdir(parents=True)
-    return work
 
 
 RUN_MUTMUT = """
@@ -103,6 +108,7 @@ def run(group: str, timeout: float, jobs: int, fresh: bool, strings: bool, only:
     else:
         shutil.rmtree(work / "tests")
         shutil.copytree(ROOT / "tests", work / "tests", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        write_settings(group, work)
         if retest:
             only = only + survivors(work, mutmut, env)
     start = time.monotonic()
