@@ -15,7 +15,7 @@ from attnspace.sae.group import training_bytes
 from attnspace.sae.runs import parse_run_name
 from conftest import REPO
 
-FIGURES = ("fig1", "fig2a", "fig2b", "fig3", "fig4", "fig5", "fig6", "fig7", "fig8", "fig9")
+FIGURES = ("fig1", "fig2a", "fig2b", "fig3", "fig4", "fig5", "fig6", "fig7", "fig8", "fig9", "convergence")
 
 
 def dry_run(targets=(), configfile: Path | None = None, workdir: Path | None = None) -> None:
@@ -163,6 +163,7 @@ def expected_jobs(cfg: dict, target: str, d_model: int) -> dict[str, int]:
     expected = {
         "fig1": {"cache_activations": pairs},
         "fig9": {"cache_activations": pairs},
+        "convergence": {"cache_activations": pairs},
         "fig2a": one,
         "fig8": {"cache_activations": pairs - 1},  # every pair but the focus one, at its focus layer
         "fig2b": {"cache_activations": n_models, "loss_recovered": n_models},  # the focus dataset, per model
