@@ -130,3 +130,19 @@ def test_bootstrap_interval_without_replicates_or_estimate():
     assert bootstrap_interval(np.array([FLAT]), 0.9, 0.9, estimate=4) == (4.0, 4.0)  # one replicate
     # no estimate: the replicates' median (k 1, 1, 4 -> 1) stands in: [2 - 3.7, 2 - 1] -> [1, 1]
     assert bootstrap_interval(np.array([ONE, ONE, FLAT]), 0.9, 0.9) == (1.0, 1.0)
+
+
+def test_explained_fraction_and_intrinsic_dimension_refuse_what_has_no_answer():
+    from attnspace.intervals import interval
+    from attnspace.spectrum import explained_fraction
+
+    np.testing.assert_array_equal(explained_fraction(np.array([2.0])), [1.0])
+    np.testing.assert_array_equal(explained_fraction(np.array([2.0, 1.0, 1.0])), [4 / 6, 5 / 6, 1.0])
+    for empty in (np.array([]), np.zeros(3)):
+        with pytest.raises(ValueError, match="no variance to explain"):
+            explained_fraction(empty)
+    with pytest.raises(ValueError, match="tau must lie in"):
+        intrinsic_dimension(FLAT, 1.0)
+    for share in (None, 0.0, 1.0, 1.5):  # a subsample holds a share strictly between none and all of the tokens
+        with pytest.raises(ValueError, match="share of the tokens in"):
+            interval(2.0, [1.0, 2.0, 3.0], 0.9, "subsampling", share=share)
