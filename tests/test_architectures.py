@@ -175,3 +175,10 @@ def test_config_reads_the_architecture_from_the_folder(tiny_llama, tmp_path):
     del cfg["models"]["tiny"]["architecture"]
     with pytest.raises(ConfigError, match="'my_lm' is a remote-code model.*Fix: .*attnspace architectures"):
         check_config(cfg)
+
+
+def test_an_unidentified_site_names_the_type_and_the_override_key():
+    model = tiny_model("nemotron_h")  # attention blocks hold attention alone (the MLP is a block of its own)
+    with pytest.raises(ArchitectureError, match="'nemotron_h': could not identify the mlp of layer") as err:
+        discover(model)
+    assert "OVERRIDES['nemotron_h'] = {'mlp': " in err.value.line()

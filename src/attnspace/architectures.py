@@ -47,7 +47,7 @@ import re
 import signal
 import threading
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -98,7 +98,6 @@ class Layout:
     model_type: str
     layers_path: str
     layers: list[LayerSites | None]
-    notes: list[str] = field(default_factory=list)
 
     @property
     def attention_layers(self) -> list[int]:
@@ -118,16 +117,12 @@ def text_config(model):
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
-def _unknown(model_type: str, what: str) -> ArchitectureError:
+def _unknown(model_type: str, what: str, key: str) -> ArchitectureError:
+    """One line naming the model type, what could not be identified, and the override key."""
     return ArchitectureError(
         f"model_type {model_type!r}: could not identify {what} from the module tree",
-        fix=f"add OVERRIDES[{model_type!r}] = {{'{_key_of(what)}': '<dotted module path>'}} in attnspace.architectures "
+        fix=f"add OVERRIDES[{model_type!r}] = {{'{key}': '<dotted module path>'}} in attnspace.architectures "
             f"(keys {', '.join(OVERRIDE_KEYS)}), or use a model type that `attnspace architectures` lists as verified.")
-
-
-def _key_of(what: str) -> str:
-    return next((k for k in OVERRIDE_KEYS if k in what.replace("output projection", "o_proj")
-                 .replace("decoder layers", "layers")), "layers")
 
 
 def find_layers(model) -> tuple[str, nn.ModuleList]:
@@ -146,7 +141,7 @@ def find_layers(model) -> tuple[str, nn.ModuleList]:
         if best is None or size > best[0]:
             best = (size, name, module)
     if best is None:
-        raise _unknown(model_type, f"the decoder layers (a list of num_hidden_layers = {count} blocks)")
+        raise _unknown(model_type, f"the decoder layers (a list of num_hidden_layers = {count} blocks)", "layers")
     return best[1], best[2]
 
 
@@ -277,7 +272,8 @@ def discover(model) -> Layout:
             (n for n, width in reversed(seen[i]["leaves"]) if width == d_model), None)
         if o_proj is None:
             raise _unknown(model_type, f"the attention output projection of layer {i} "
-                                       f"(a Linear or Conv1D of output width d_model = {d_model} inside {attn})")
+                                       f"(a Linear or Conv1D of output width d_model = {d_model} inside {attn})",
+                           "o_proj")
         received = seen[i]["attn_in"]
         norm = overrides.get("norm") or next(
             (n for n, out in seen[i]["norms"].items()
@@ -286,7 +282,7 @@ def discover(model) -> Layout:
             (n for n, width in reversed(seen[i]["outside"]) if width == d_model), None)
         if mlp is None:
             raise _unknown(model_type, f"the mlp of layer {i} (one module named {'/'.join(_MLP_NAMES)} "
-                                       f"or of an MLP/MoE class)")
+                                       f"or of an MLP/MoE class)", "mlp")
         from transformers.pytorch_utils import Conv1D
 
         layers.append(LayerSites(attention=attn, o_proj=o_proj, norm=norm, mlp=mlp,
