@@ -35,7 +35,7 @@ COPY = ["src", "tests", "schemas", "pyproject.toml", "config.yaml"]
 """What a group's copy holds (the tests read the schema's defaults and the embedded config)."""
 
 GROUPS: dict[str, tuple[list[str], list[str]]] = {
-    "claims": (["claims.py"], ["test_claims.py", "test_numbers_claims.py"]),
+    "claims": (["claims.py"], ["test_claims.py", "test_numbers_claims.py", "test_convergence.py", "test_intervals.py"]),
     "spectrum": (["spectrum.py", "intervals.py"], ["test_spectrum.py", "test_intervals.py", "test_numbers_spectrum.py"]),
     "interventions": (["interventions.py"], ["test_interventions.py", "test_numbers_spectrum.py"]),
     "sae_step": (["sae/losses.py", "sae/train.py"],
