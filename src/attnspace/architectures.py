@@ -495,7 +495,7 @@ def verify_sites(model) -> dict:
     """For a model outside the site table: its sites proven on a probe forward (identities at every
     layer, splices at its first attention layer) and ``{"attention_layers", "block_form"}``; for
     the table's families, ``{}``. Raises ArchitectureError naming what failed."""
-    from attnspace.sites import SUPPORTED_MODEL_TYPES
+    from attnspace.families import SUPPORTED_MODEL_TYPES
 
     if model_type_of(model) in SUPPORTED_MODEL_TYPES:
         return {}

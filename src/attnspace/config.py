@@ -140,7 +140,7 @@ def check_config(config: dict, schema: dict | None = None) -> dict:
 def _architecture(model_type, key: str, remote_code: bool = False, encoder_decoder: bool = False) -> str:
     """The family of ``model_type``: the site table's, or the type itself for any other causal LM
     of the installed transformers (its sites are found from the model when it is prepared)."""
-    from attnspace.sites import SUPPORTED_MODEL_TYPES  # the loader's own list
+    from attnspace.families import SUPPORTED_MODEL_TYPES  # the loader's own list
 
     if model_type in SUPPORTED_MODEL_TYPES:
         return SUPPORTED_MODEL_TYPES[model_type]
@@ -158,7 +158,7 @@ def _architecture(model_type, key: str, remote_code: bool = False, encoder_decod
 def _check_architectures(config: dict) -> None:
     """Fill each model's architecture where omitted (local: its config.json's model_type; other
     sources: ``auto``, read when the model is prepared) and check the ones given."""
-    from attnspace.sites import SUPPORTED_MODEL_TYPES
+    from attnspace.families import SUPPORTED_MODEL_TYPES
 
     for name, m in config["models"].items():
         declared = m.get("architecture")

@@ -10,7 +10,7 @@ tokens of one document correlate (``rho`` of the variance shared by the whole do
 rho + (1 - rho) phi at lag one), as cached activations do.
 
 A sample of ``n_docs`` documents of ``doc_len`` tokens is dealt into document groups
-(:func:`attnspace.spectrum.document_groups`), its per-group moments formed, and every rule's
+(:func:`attnspace.groups.document_groups`), its per-group moments formed, and every rule's
 replicates and interval computed by the code the spectrum job runs
 (:func:`attnspace.spectrum.spectrum_from_moments`, :func:`attnspace.intervals.interval`):
 percentile, basic and bca on one set of bootstrap replicates (bca with the leave-one-group-out

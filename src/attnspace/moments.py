@@ -5,7 +5,7 @@ For the train split, each (layer, site) gets the [G, d+1, d+1] float64 array tha
 :func:`attnspace.spectrum.group_moments` computes from a store: group g holds the Gram matrix
 of [x, 1] over the kept rows (BOS/EOS excluded, :func:`attnspace.corpora.keep_mask`) of its
 documents, i.e. [[X^T X, colsum], [colsum^T, n]]. The groups are those of
-:func:`attnspace.spectrum.document_groups`, known before the forward from the token file
+:func:`attnspace.groups.document_groups`, known before the forward from the token file
 (:func:`document_group_of_docs`). Sums are formed on the model's device in float64, one
 product per document, into the current group's running total; a finished group is written to
 its row of the output and the total restarts at zero.
@@ -46,6 +46,7 @@ import torch
 from attnspace.corpora import TokenSplit, keep_mask
 from attnspace.errors import AttnspaceError
 from attnspace.files import atomic_path, write_json, write_npz
+from attnspace.groups import document_groups
 
 FORMAT = "attnspace-moments/1"
 """Tag of the record (``moments.json``); bump when the layout changes."""
@@ -82,10 +83,8 @@ def tokens_digest(tokens: TokenSplit) -> str:
 
 def document_group_of_docs(tokens: TokenSplit, special_ids: set[int], n_groups: int) -> np.ndarray:
     """int64 [n_docs]: the document group of each document of ``tokens``, exactly the grouping
-    :func:`attnspace.spectrum.document_groups` gives the rows of a store of these tokens (whole
+    :func:`attnspace.groups.document_groups` gives the rows of a store of these tokens (whole
     consecutive documents, about equal kept rows, at most ``n_groups`` groups)."""
-    from attnspace.spectrum import document_groups
-
     if np.any(np.diff(tokens.doc_starts) < 1):
         raise ValueError("every document must have at least one token")
     rows = document_groups(tokens.doc_index(), keep_mask(tokens.ids, special_ids), n_groups)

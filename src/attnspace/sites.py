@@ -38,16 +38,7 @@ from typing import NamedTuple
 import torch
 
 from attnspace import SITES
-
-SUPPORTED_MODEL_TYPES: dict[str, str] = {
-    "llama": "llama",
-    "gemma2": "gemma2",
-    "gemma3": "gemma3",
-    "gemma3_text": "gemma3",
-    "qwen3": "qwen3",
-    "gpt_neox": "gpt_neox",
-}
-"""HF ``config.model_type`` -> family name."""
+from attnspace.families import SUPPORTED_MODEL_TYPES  # noqa: F401  (re-exported)
 
 
 class _Paths(NamedTuple):

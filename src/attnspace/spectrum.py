@@ -46,6 +46,7 @@ from threadpoolctl import threadpool_limits
 from attnspace.defaults import schema_default
 from attnspace.errors import AttnspaceError
 from attnspace.files import write_npz
+from attnspace.groups import document_groups
 from attnspace.intervals import NO_INTERVAL, RESAMPLING, Interval, check_method, interval
 from attnspace.store import Store
 
@@ -180,29 +181,6 @@ def gram(
             part = _moments(x.blocks[b : b + step], None if keep is None else keep.blocks[b : b + step])
             total += part.sum(axis=0, split_every=split_every).compute(scheduler="threads", num_workers=threads)
     return np.ascontiguousarray(total[:d, :d]), total[:d, d].copy(), int(round(total[d, d]))
-
-
-def document_groups(doc: np.ndarray, keep: np.ndarray, n_groups: int) -> np.ndarray:
-    """Group id [n_rows] (int64, 0 .. G-1) of each row: whole consecutive documents, dealt into at
-    most ``n_groups`` groups of about equal kept rows (fewer when there are fewer documents).
-
-    doc: int [n_rows] document index of each row, documents contiguous in row order;
-    keep: bool [n_rows]. A document goes to group floor(n_groups * kept rows before it / kept rows).
-    """
-    doc, keep = np.asarray(doc), np.asarray(keep, dtype=bool)
-    if doc.shape != keep.shape or doc.ndim != 1:
-        raise ValueError(f"doc {doc.shape} and keep {keep.shape} must be the same 1-D shape")
-    if n_groups < 1:
-        raise ValueError(f"n_groups must be >= 1, got {n_groups}")
-    if doc.size == 0:
-        return np.zeros(0, dtype=np.int64)
-    new_doc = np.r_[True, doc[1:] != doc[:-1]]  # first row of each document
-    run = np.cumsum(new_doc) - 1  # [n_rows] document run of each row
-    kept_before = np.cumsum(keep) - keep
-    n_kept = max(int(keep.sum()), 1)
-    group_of_run = np.minimum(kept_before[new_doc] * n_groups // n_kept, n_groups - 1)
-    _, labels = np.unique(group_of_run, return_inverse=True)  # consecutive ids, no empty group
-    return labels[run].astype(np.int64)
 
 
 def group_moments(x, keep, groups: np.ndarray, threads: int = 1, blocks_per_step: int | None = None) -> np.ndarray:
