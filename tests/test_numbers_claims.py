@@ -228,6 +228,7 @@ def test_c5_counts_a_run_in_both_sweeps_once_and_needs_all_three_variants():
     (row,) = c5(fig6[fig6["variant"] != "topk_auxk"])
     assert row["verdict"] == NOT_RUN and "lack one of ASI, TopK, TopK + AuxK" in row["measured"]
     assert row["claim"] == "C5" and row["test"].startswith("per (d_sae, k) grid point")
+    assert (row["statement"], row["paper"]) == (c5(None)[0]["statement"], c5(None)[0]["paper"])
 
 
 def test_c4_d_inits_seeds_and_measured_numbers():
@@ -255,7 +256,8 @@ def test_c4_forms_in_order_and_a_form_without_base_runs_skipped():
     assert row["tested_on"].endswith(", centred") and row["verdict"] == HOLDS
     (row,) = c4(no_base)
     assert row["verdict"] == NOT_RUN and row["measured"] == "not run: no finished base / ASI / random-subspace runs"
-    assert (row["claim"], row["statement"], row["paper"]) == ("C4", c4(None)[0]["statement"], c4(None)[0]["paper"])
+    assert (row["claim"], row["statement"], row["paper"], row["test"]) == \
+        ("C4", c4(None)[0]["statement"], c4(None)[0]["paper"], c4(None)[0]["test"])
 
 
 def test_c1_without_interval_columns_is_inconclusive():
