@@ -122,7 +122,8 @@ def test_dead_latents_after_exactly_the_threshold_counted_past_float32_integers(
     assert tracker.dead().tolist() == [False, False, False]  # 4 tokens idle
     tracker.update(*fires)
     assert tracker.dead().tolist() == [False, True, True]  # 6 >= 5
-    big = DeadLatentTracker(2, threshold_tokens=2**24 + 1)  # the paper's 10M-token window needs exact counts
+    big = DeadLatentTracker(2, threshold_tokens=2**24 + 2)  # long windows need exact counts
     big.tokens_since_fired += 2**24
-    big.update(torch.tensor([[1.0]]), torch.tensor([[0]]))
-    assert big.dead().tolist() == [False, True]  # 2^24 + 1 tokens: not representable in float32
+    for _ in range(3):  # one token at a time: float32 would lose each (2^24 + 1 rounds back to 2^24)
+        big.update(torch.tensor([[1.0]]), torch.tensor([[0]]))
+    assert big.dead().tolist() == [False, True]  # 2^24 + 3 >= 2^24 + 2
