@@ -428,3 +428,21 @@ def test_c6_measured_and_tested_on_in_full():
     assert row["verdict"] == NOT_RUN and row["claim"] == "C6" and row["paper"] == c6(None)[0]["paper"]
     assert row["measured"] == "not run: no finished ASI + SparseAdam run and rival at the largest size"
     assert row["statement"] == c6(None)[0]["statement"] and row["test"] == c6(None)[0]["test"]
+
+
+def test_ordering_at_every_n_needs_attention_strictly_below_both_at_the_threshold():
+    from attnspace.claims import ordering_at_every_n
+
+    def conv(trios, other_threshold=(0.9, 0.1, 0.1)):
+        """Layer 0 at n = 100, 200, ...: (attn, mlp, resid) fractions at 0.99; at 0.5, other_threshold everywhere."""
+        return pd.DataFrame([dict(model="m", dataset="ds", layer=0, site=site, threshold=t, n_tokens=100 * (i + 1),
+                                  fraction=f)
+                             for i, trio in enumerate(trios) for t, fs in ((0.99, trio), (0.5, other_threshold))
+                             for site, f in zip(("attn_out", "mlp_out", "resid_post"), fs)])
+
+    cases = [([(0.4, 0.8, 0.9)] * 2, 2), ([(0.4, 0.4, 0.9)] * 2, 0), ([(0.4, 0.8, 0.4)] * 2, 0),
+             ([(0.4, 0.8, 0.3)] * 2, 0), ([(0.4, 0.8, 0.9), (0.4, 0.3, 0.9)], 1)]
+    for trios, n_lowest in cases:  # ties and a site below attention are not lowest; the other threshold is ignored
+        row = ordering_at_every_n(conv(trios), 0.99).iloc[0]
+        assert (row["n_lowest"], row["n_subsamples"], bool(row["all_n"])) == (n_lowest, len(trios), n_lowest == 2)
+        assert (row["min_tokens"], row["max_tokens"]) == (100, 200)
