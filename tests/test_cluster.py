@@ -159,8 +159,10 @@ def test_pipeline_on_slurm_equals_the_local_run_and_retries_a_failed_job(tmp_pat
            "--configfile", str(root / "config.yaml"), "--workflow-profile", str(REPO / "profiles/slurm"), "--slurm-status-command", "squeue",
            "--slurm-init-seconds-before-status-checks", "2", "--slurm-keep-successful-logs",
            "--max-threads", "2", "--jobs", "4", "--latency-wait", "5"]
-    proc = subprocess.run(cmd, cwd=cluster, env=hub_env(root), stdin=subprocess.DEVNULL, capture_output=True,
-                          text=True, timeout=1500, start_new_session=True)
+    # The local node declares GPUs it does not have (scripts/slurm-cluster.sh) and torch here is a CPU build: the
+    # jobs SLURM gives "GPUs" would refuse to fall back to the CPU (attnspace.devices) unless told to, as here.
+    proc = subprocess.run(cmd, cwd=cluster, env=hub_env(root, ATTNSPACE_DEVICE="cpu"), stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=1500, start_new_session=True)
     done.set()
     slurm_seconds = time.time() - t0
     out = proc.stdout + proc.stderr
