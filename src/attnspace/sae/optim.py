@@ -238,14 +238,19 @@ def _fused_row_step(p: Tensor, m: Tensor, v: Tensor, rows: Tensor, g: Tensor, be
         return
     triton, kernel = kernel
     block = min(1024, triton.next_power_of_2(D))
-    # Triton launches on the current device: make it p's (an SAE on cuda:1 while cuda:0 is current).
-    with torch.cuda.device(p.device) if p.is_cuda else contextlib.nullcontext():
+    with launch_device(p):
         kernel[(U, triton.cdiv(D, block))](
             p, m, v, g.contiguous(), rows, lowp if lowp is not None else p, D, 1 - beta1, 1 - beta2, eps, -step_size,
             HAS_LOWP=lowp is not None, BLOCK=block, enable_fp_fusion=False)
     torch.autograd.graph.increment_version(p)  # p changed in place, outside torch's ops
     if lowp is not None:
         mirror_synced(p)
+
+
+def launch_device(p: Tensor):
+    """The context a kernel for ``p`` launches in: Triton launches on the current device, so make it p's
+    (an SAE on cuda:1 while cuda:0 is current); nothing on the CPU."""
+    return torch.cuda.device(p.device) if p.is_cuda else contextlib.nullcontext()
 
 
 def _emulated_row_step(p: Tensor, m: Tensor, v: Tensor, rows: Tensor, g: Tensor, beta1: float, beta2: float,
