@@ -113,7 +113,7 @@ def run(group: str, timeout: float, jobs: int, fresh: bool, strings: bool, only:
             only = only + survivors(work, mutmut, env)
     start = time.monotonic()
     with open(work / "mutmut.log", "ab") as log:
-        # A session of its own: at the time limit the whole tree (fork server, workers) is stopped.
+        # In a process group of its own, so that at the time limit the whole tree (fork server, workers) is stopped.
         proc = subprocess.Popen(mutmut + ["run", "--max-children", str(jobs), *only], cwd=work, env=env, stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True)
         try:

@@ -19,16 +19,21 @@ PROJECT = ("Snakefile", "rules", "src", "docs", "profiles", "envs")
 """What a copy of the project holds besides its results (the workflow and the code it tracks)."""
 
 
-@pytest.fixture(scope="module")
-def run(tiny_llama, tmp_path_factory):
-    """A copy of the project with a finished tiny run in it (config.yaml, results/)."""
-    folder = tmp_path_factory.mktemp("tiny-run")
+def copy_project(folder: Path) -> None:
+    """Copy :data:`PROJECT` from the repository into ``folder``."""
     for name in PROJECT:
         src = REPO / name
         if src.is_dir():
             shutil.copytree(src, folder / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "gallery"))
         else:
             shutil.copy2(src, folder / name)
+
+
+@pytest.fixture(scope="module")
+def run(tiny_llama, tmp_path_factory):
+    """A copy of the project with a finished tiny run in it (config.yaml, results/)."""
+    folder = tmp_path_factory.mktemp("tiny-run")
+    copy_project(folder)
     (folder / "config.yaml").write_text(yaml.safe_dump(tiny_config(tiny_llama)))
     r = snakemake_cli("--cores", "2", "--configfile", "config.yaml", cwd=folder, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]

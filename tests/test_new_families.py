@@ -9,7 +9,6 @@ run by make test.
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +19,7 @@ import torch
 import yaml
 
 from conftest import REPO, build_tokenizer, tiny_config
-from test_end_to_end import PROJECT, snakemake_cli
+from test_end_to_end import copy_project, snakemake_cli
 
 pytestmark = pytest.mark.families
 
@@ -62,12 +61,7 @@ def families_config(models: Path) -> dict:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     folder = tmp_path_factory.mktemp("families-run")
-    for name in PROJECT:
-        src = REPO / name
-        if src.is_dir():
-            shutil.copytree(src, folder / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "gallery"))
-        else:
-            shutil.copy2(src, folder / name)
+    copy_project(folder)
     cfg = families_config(tmp_path_factory.mktemp("models"))
     (folder / "config.yaml").write_text(yaml.safe_dump(cfg))
     targets = [f"results/figures/{name}.pdf" for name in FIGURES] + ["results/claims.csv"]
